@@ -1,0 +1,95 @@
+"""The authenticator extension point: what every backend (File, Passwd, MySQL) provides.
+
+Methods the session calls
+-------------------------
+``authenticate(login, password)``
+    Check USER/PASS credentials. Return a :class:`MailUser` on success, ``None`` for
+    bad credentials (unknown user and wrong password alike, after doing comparable
+    work so the two cannot be told apart by timing). Raise :class:`AuthUnavailable`
+    when the backend itself fails (database down, unreadable file): the session then
+    answers ``-ERR [SYS/TEMP]``.
+``authenticate_apop(login, timestamp, digest)``
+    Check an APOP digest (RFC 1939 section 7): ``digest`` is the 32 lowercase hex
+    characters the client sent, ``timestamp`` the exact ``<...>`` string of our
+    greeting. Same return/raise contract as ``authenticate``. Compare digests in
+    constant time.
+``supports_apop``
+    True when APOP can work for this backend as configured; the greeting carries an
+    APOP timestamp only then.
+``lock(user)``
+    Take the one-session-per-mailbox lock; return a :class:`MailboxLock` or raise
+    :class:`MailboxInUse`. The default (:meth:`Authenticator.lock`) is a kernel file
+    lock in ``$passwd_lock_dir``; MySQL overrides it with ``GET_LOCK``.
+``close()``
+    Release backend resources (a database connection). Called when the worker exits.
+
+Methods a backend may rely on
+-----------------------------
+``apply_default_domain(login)`` turns ``tommy`` into ``tommy@example.org`` when
+``$default_domain`` / ``--domain`` is set and the login has none of ``@ % +``.
+
+Backends never raise anything but :class:`AuthUnavailable` out of the three
+``authenticate*``/``lock`` calls for backend trouble; anything else is a bug the
+session logs with a traceback and answers with ``-ERR [SYS/TEMP]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from tpops.config import Config
+
+
+class AuthUnavailable(Exception):
+    """The backend could not answer (not a credentials problem). Message is for the log."""
+
+
+class MailboxInUse(Exception):
+    """Another session holds this mailbox's lock."""
+
+
+@dataclass(frozen=True)
+class MailUser:
+    """An authenticated mailbox owner.
+
+    ``login`` is the canonical login (after the default domain was applied); ``maildir``
+    the absolute path of the Maildir; ``uid``/``gid`` the system identity to serve the
+    mailbox as, or ``None`` for "the owner of the Maildir" (virtual users).
+    """
+
+    login: str
+    maildir: str
+    uid: int | None = None
+    gid: int | None = None
+
+
+class MailboxLock(Protocol):
+    """A held mailbox lock; ``release()`` is idempotent. Process death releases it too."""
+
+    def release(self) -> None: ...
+
+
+class Authenticator(Protocol):
+    """What every backend provides; see the module docstring for the contract."""
+
+    name: str
+
+    @property
+    def supports_apop(self) -> bool: ...
+
+    def authenticate(self, login: str, password: bytes) -> MailUser | None: ...
+
+    def authenticate_apop(self, login: str, timestamp: str, digest: str) -> MailUser | None: ...
+
+    def lock(self, user: MailUser) -> MailboxLock: ...
+
+    def close(self) -> None: ...
+
+
+def apply_default_domain(login: str, domain: str | None) -> str:
+    """``login@domain`` when a default domain is set and ``login`` names no domain (@ % +)."""
+    if domain and not any(c in login for c in "@%+"):
+        return f"{login}@{domain}"
+    return login
