@@ -9,7 +9,10 @@ CR, LF and other control characters can never forge or split a log line.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import syslog
+from dataclasses import dataclass
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]|[\ud800-\udfff]")
 
@@ -34,3 +37,139 @@ def escape(text: str | bytes) -> str:
 def get(name: str) -> logging.Logger:
     """The logger for one tpops module (``tpops.<name>``)."""
     return logging.getLogger(f"tpops.{name}")
+
+
+class SyslogHandler(logging.Handler):
+    """Sends records to syslog through the stdlib ``syslog`` module (ident ``tpops``)."""
+
+    _PRIORITIES = (
+        (logging.ERROR, syslog.LOG_ERR),
+        (logging.WARNING, syslog.LOG_WARNING),
+        (logging.INFO, syslog.LOG_INFO),
+        (0, syslog.LOG_DEBUG),
+    )
+
+    def __init__(self, facility: int) -> None:
+        super().__init__()
+        self.facility = facility
+        self.open()
+
+    def open(self) -> None:
+        syslog.openlog("tpops", syslog.LOG_PID | syslog.LOG_NDELAY, self.facility)
+
+    def close(self) -> None:
+        syslog.closelog()
+        super().close()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            priority = next(p for level, p in self._PRIORITIES if record.levelno >= level)
+            message = record.getMessage()
+            if record.exc_info:  # tracebacks go to the error log; syslog gets one line
+                message += f" ({record.exc_info[1]!r})"
+            syslog.syslog(priority, message.replace("\n", " "))
+        except Exception:  # pragma: no cover - logging must never kill a session
+            self.handleError(record)
+
+
+class ReopenableFile:
+    """An append-only log file written one whole line per ``write`` (O_APPEND).
+
+    Concurrent workers appending to the same file never interleave a line, and
+    :meth:`reopen` makes logrotate's rename-then-HUP work.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+        self.reopen()
+
+    def reopen(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        old, self.fd = self.fd, fd
+        if old >= 0:
+            os.close(old)
+
+    def write(self, line: str) -> None:
+        os.write(self.fd, line.encode("utf-8", "surrogateescape"))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _FdHandler(logging.Handler):
+    """Formats records (tracebacks included) into one append per record."""
+
+    def __init__(self, target: ReopenableFile | int) -> None:
+        super().__init__()
+        self.target = target
+        self.setFormatter(logging.Formatter("%(asctime)s tpops[%(process)d]: %(levelname)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record) + "\n"
+            if isinstance(self.target, ReopenableFile):
+                self.target.write(text)
+            else:
+                os.write(self.target, text.encode("utf-8", "surrogateescape"))
+        except Exception:  # pragma: no cover
+            self.handleError(record)
+
+
+@dataclass
+class LogSetup:
+    """The handles :func:`setup` opened, so they can be reopened on SIGHUP and kept across daemonizing."""
+
+    error_log: ReopenableFile | None = None
+    access_log: ReopenableFile | None = None
+    syslog: SyslogHandler | None = None
+
+    def fds(self) -> list[int]:
+        return [f.fd for f in (self.error_log, self.access_log) if f is not None]
+
+    def reopen(self) -> None:
+        for f in (self.error_log, self.access_log):
+            if f is not None:
+                f.reopen()
+
+    def close(self) -> None:
+        for f in (self.error_log, self.access_log):
+            if f is not None:
+                f.close()
+
+
+def setup(
+    *,
+    facility: int | None,
+    error_log: str | None,
+    access_log: str | None,
+    debug: bool,
+    to_stderr: bool,
+) -> LogSetup:
+    """Route the ``tpops`` logger: syslog (info and up, debug with --debug), the error log
+    (warnings, errors and tracebacks) and, in the foreground, stderr. Raises OSError when a
+    log file cannot be opened (a start-up error)."""
+    root = logging.getLogger("tpops")
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.propagate = False
+    result = LogSetup()
+    if error_log:
+        result.error_log = ReopenableFile(error_log)
+        handler = _FdHandler(result.error_log)
+        handler.setLevel(logging.WARNING)
+        root.addHandler(handler)
+    if access_log:
+        result.access_log = ReopenableFile(access_log)
+    if facility is not None:
+        result.syslog = SyslogHandler(facility)
+        root.addHandler(result.syslog)
+    if to_stderr:
+        handler = _FdHandler(2)
+        handler.setLevel(logging.DEBUG if debug else logging.INFO)
+        root.addHandler(handler)
+    return result

@@ -1,0 +1,329 @@
+"""The prefork master: keeps the worker pool sized, reloads on signals, never serves a client.
+
+TServer semantics, made robust (gunicorn's arbiter is the model): the master starts
+``$min_servers`` workers and forks more while fewer than two are idle, up to
+``$max_servers``; workers report busy/idle through a pipe, so a burst is seen at
+once. Signal handlers only queue the signal; the loop reaps, rescales and handles
+SIGTERM/SIGINT (stop), SIGHUP (reload, workers forced off) and SIGUSR1 (reload,
+workers finish their session). Workers idle longer than ``$max_idle`` are retired
+while more than ``$min_servers`` run. Workers that keep failing at start-up stop the
+master instead of fork-looping.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from setproctitle import setproctitle
+
+from tpops import logs
+from tpops.config import Config, ConfigError
+from tpops.worker import BUSY, EXIT_BOOT_FAILED, IDLE, REPORT, Worker
+
+log = logs.get("arbiter")
+
+#: Consecutive workers dying before they could serve that make the master give up.
+MAX_BOOT_FAILURES = 5
+#: How long stop waits for workers before SIGKILL (the whole stop stays under 5 s).
+STOP_GRACE = 4.0
+#: The loop's wake-up interval for ``$max_idle`` checks when nothing happens.
+TICK = 1.0
+
+
+@dataclass
+class WorkerInfo:
+    """The master's view of one worker."""
+
+    pid: int
+    started: float
+    state: int = IDLE
+    since: float = 0.0
+    booted: bool = False
+    retiring: bool = False
+
+
+@dataclass
+class Arbiter:
+    """The master process. ``reload_config()`` returns a fresh Config (or raises ConfigError)."""
+
+    config: Config
+    listeners: list[socket.socket]
+    log_files: logs.LogSetup
+    reload_config: Callable[[], Config]
+    reopen_logs: Callable[[Config], logs.LogSetup]
+    workers: dict[int, WorkerInfo] = field(default_factory=dict)
+    signals: list[int] = field(default_factory=list)
+    boot_failures: int = 0
+    stopping: bool = False
+    exit_status: int = 0
+
+    # -- signal plumbing ---------------------------------------------------
+
+    def _queue_signal(self, signum: int, frame: object) -> None:
+        if len(self.signals) < 16:
+            self.signals.append(signum)
+
+    def run(self) -> int:
+        """The master loop; returns the process exit status."""
+        setproctitle("tpops: master")
+        self.report_r, self.report_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wake_w)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
+            signal.signal(signum, self._queue_signal)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        addresses = ", ".join(_address(s) for s in self.listeners)
+        log.info("tpops master %d listening on %s", os.getpid(), addresses)
+        try:
+            while not self.stopping:
+                self.scale()
+                if self.stopping:
+                    break
+                ready, _, _ = select.select([self.report_r, self.wake_r], [], [], TICK)
+                if self.wake_r in ready:
+                    _drain(self.wake_r)
+                if self.report_r in ready:
+                    self.read_reports()
+                self.handle_signals()
+                self.reap()
+                self.retire_idle()
+        finally:
+            self.shutdown()
+        return self.exit_status
+
+    def handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                log.info("received %s: stopping", signal.Signals(signum).name)
+                self.stopping = True
+            elif signum == signal.SIGHUP:
+                self.reload(force=True)
+            elif signum == signal.SIGUSR1:
+                self.reload(force=False)
+
+    # -- the pool ----------------------------------------------------------
+
+    def scale(self) -> None:
+        """Fork workers: at least $min_servers, two idle while below $max_servers."""
+        while True:
+            active = [w for w in self.workers.values() if not w.retiring]
+            idle = sum(1 for w in active if w.state == IDLE)
+            total = len(self.workers)
+            if total >= self.config.max_servers:
+                return
+            if len(active) >= self.config.min_servers and idle >= 2:
+                return
+            if not self.spawn():
+                return
+
+    def spawn(self) -> bool:
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log.error("cannot fork a worker: %s", exc)
+            return False
+        if pid == 0:  # the child: never return into the master's loop
+            status = 1
+            try:
+                status = self._worker_main()
+            except BaseException:
+                log.exception("worker %d crashed", os.getpid())
+                status = 1
+            finally:
+                os._exit(status)
+        now = time.monotonic()
+        self.workers[pid] = WorkerInfo(pid, now, IDLE, now)
+        return True
+
+    def _worker_main(self) -> int:
+        os.close(self.report_r)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+        signal.set_wakeup_fd(-1)
+        worker = Worker(self.config, self.listeners, self.report_w, self.log_files)
+        return worker.run()
+
+    def read_reports(self) -> None:
+        try:
+            data = os.read(self.report_r, REPORT.size * 512)
+        except BlockingIOError:
+            return
+        now = time.monotonic()
+        for offset in range(0, len(data) - len(data) % REPORT.size, REPORT.size):
+            pid, state = REPORT.unpack_from(data, offset)
+            info = self.workers.get(pid)
+            if info is None:
+                continue
+            if not info.booted:
+                info.booted = True
+                self.boot_failures = 0
+            info.state = state
+            info.since = now
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            info = self.workers.pop(pid, None)
+            if info is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if code == 0 or info.retiring:
+                continue
+            if not info.booted or code == EXIT_BOOT_FAILED:
+                self.boot_failures += 1
+                log.error("worker %d failed to start (exit status %d)", pid, code)
+                if self.boot_failures >= MAX_BOOT_FAILURES:
+                    log.error(
+                        "workers keep failing at start-up (%d in a row): stopping; see the errors above",
+                        self.boot_failures,
+                    )
+                    self.stopping = True
+                    self.exit_status = EXIT_BOOT_FAILED
+            elif code < 0:
+                log.error("worker %d killed by signal %s; replacing it", pid, signal.Signals(-code).name)
+            else:
+                log.error("worker %d exited with status %d; replacing it", pid, code)
+
+    def retire_idle(self) -> None:
+        """Ask workers idle for more than $max_idle to exit while more than $min_servers run."""
+        now = time.monotonic()
+        active = [w for w in self.workers.values() if not w.retiring]
+        surplus = len(active) - self.config.min_servers
+        for info in sorted(active, key=lambda w: w.since):
+            if surplus <= 0:
+                return
+            if info.state == IDLE and info.booted and now - info.since >= self.config.max_idle:
+                self._signal(info, signal.SIGUSR1)
+                info.retiring = True
+                surplus -= 1
+
+    def _signal(self, info: WorkerInfo, signum: int) -> None:
+        try:
+            os.kill(info.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    # -- reload and stop ---------------------------------------------------
+
+    def reload(self, force: bool) -> None:
+        """SIGHUP (force) / SIGUSR1: new configuration, reopened logs, fresh workers."""
+        name = "SIGHUP" if force else "SIGUSR1"
+        try:
+            config = self.reload_config()
+        except (ConfigError, OSError) as exc:
+            log.error("%s: configuration not reloaded, keeping the running one: %s", name, exc)
+            config = self.config
+        if (config.port, config.bind_address) != (self.config.port, self.config.bind_address):
+            log.warning("%s: listening address changes need a restart; still on %s", name,
+                        ", ".join(_address(s) for s in self.listeners))
+        try:
+            self.log_files = self.reopen_logs(config)
+        except OSError as exc:
+            log.error("%s: cannot reopen the logs: %s", name, exc)
+        self.config = config
+        log.info("%s: configuration reloaded, replacing workers", name)
+        for info in self.workers.values():
+            self._signal(info, signal.SIGTERM if force else signal.SIGUSR1)
+            info.retiring = True
+
+    def shutdown(self) -> None:
+        """Stop accepting, end every worker (SIGKILL after STOP_GRACE), reap them all."""
+        for listener in self.listeners:
+            listener.close()
+        for info in self.workers.values():
+            self._signal(info, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        while self.workers and time.monotonic() < deadline:
+            self.reap_quietly()
+            time.sleep(0.02)
+        for info in list(self.workers.values()):
+            log.warning("worker %d did not stop in time: killing it", info.pid)
+            self._signal(info, signal.SIGKILL)
+        while self.workers:
+            try:
+                pid, _ = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            self.workers.pop(pid, None)
+        log.info("tpops master %d stopped", os.getpid())
+
+    def reap_quietly(self) -> None:
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.workers.clear()
+                return
+            if pid == 0:
+                return
+            self.workers.pop(pid, None)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+def _address(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getsockname()[:2]
+    except OSError:
+        return "?"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def make_listeners(config: Config) -> list[socket.socket]:
+    """Bind every ``$bind_address`` (default: all addresses, IPv6 and IPv4) on ``$port``."""
+    addresses = config.bind_addresses()
+    sockets: list[socket.socket] = []
+    try:
+        if not addresses:
+            try:
+                sockets.append(_listen(socket.AF_INET6, ("::", config.port), dual_stack=True))
+            except OSError as exc:
+                if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
+                    raise
+                sockets.append(_listen(socket.AF_INET, ("0.0.0.0", config.port)))
+            return sockets
+        for address in addresses:
+            infos = socket.getaddrinfo(
+                address, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            family, _, _, _, sockaddr = infos[0]
+            sockets.append(_listen(family, sockaddr))
+        return sockets
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+
+
+def _listen(family: int, sockaddr: tuple, dual_stack: bool = False) -> socket.socket:  # type: ignore[type-arg]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
+        sock.bind(sockaddr)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,176 @@
+"""The ``tpops`` command: options, configuration, and the choice of inetd, foreground or daemon mode.
+
+Everything that can fail at start-up (configuration, listening address, log files,
+a pid file held by a live tpops) fails here, on stderr with a non-zero status,
+before the daemon detaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from tpops import __version__, logs
+from tpops.config import DEFAULT_PATH, Config, ConfigError, check_config, format_effective, load_config
+
+EXIT_CONFIG = 2
+EXIT_STARTUP = 1
+
+DESCRIPTION = """\
+tpops: a POP3 server (RFC 1939, RFC 2449) for Maildir mailboxes, a modern rewrite
+of TPOPS. Without --fg or --inetd it detaches and runs as a daemon.
+Signals: SIGTERM stops; SIGHUP reloads the configuration, reopens the logs and
+restarts the workers, forcing clients off; SIGUSR1 does the same but lets busy
+workers finish their session."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tpops",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-f", dest="config_file", metavar="FILE",
+                        help=f"configuration file (default {DEFAULT_PATH}; a missing default file means all defaults)")
+    parser.add_argument("--domain", metavar="DOMAIN",
+                        help="try a login without @, %% or + as LOGIN@DOMAIN ($default_domain)")
+    parser.add_argument("--fg", action="store_true", help="serve in the foreground, logging to stderr too")
+    parser.add_argument("--port", type=int, metavar="PORT", help="TCP port ($port, default 110)")
+    parser.add_argument("--bind", metavar="ADDR", action="append",
+                        help="listen on ADDR only; repeatable ($bind_address, default: all IPv6 and IPv4 addresses)")
+    parser.add_argument("--debug", action="store_true", help="log the protocol trace, secrets masked ($debug)")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--inetd", action="store_true",
+                        help="serve one session on stdin/stdout, as started by inetd ($with_inetd)")
+    parser.add_argument("--user", metavar="USER", help="run the workers as USER, name or number ($user)")
+    parser.add_argument("--group", metavar="GROUP", help="run the workers as GROUP, name or number ($group)")
+    parser.add_argument("--pidfile", metavar="FILE", help="write the master's pid to FILE ($pid_file)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="print the effective settings and exit 0, or the errors and exit 2")
+    return parser
+
+
+def effective_config(options: argparse.Namespace) -> Config:
+    """The file's settings with the command-line options applied on top."""
+    config = load_config(options.config_file)
+    overrides: dict[str, object] = {}
+    if options.domain is not None:
+        overrides["default_domain"] = options.domain
+    if options.port is not None:
+        overrides["port"] = options.port
+    if options.bind:
+        overrides["bind_address"] = ",".join(options.bind)
+    if options.debug:
+        overrides["debug"] = True
+    if options.inetd:
+        overrides["with_inetd"] = True
+    if options.user is not None:
+        overrides["user"] = options.user
+    if options.group is not None:
+        overrides["group"] = options.group
+    if options.pidfile is not None:
+        overrides["pid_file"] = options.pidfile
+    config = dataclasses.replace(config, **overrides)
+    errors = check_config(config)
+    if errors:
+        raise ConfigError([f"command line: {e}" for e in errors])
+    return config
+
+
+def setup_logs(config: Config, *, foreground: bool) -> logs.LogSetup:
+    return logs.setup(
+        facility=config.syslog_facility,
+        error_log=config.error_log,
+        access_log=config.access_log,
+        debug=config.debug,
+        to_stderr=foreground,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
+    if options.version:
+        print(f"tpops {__version__}")
+        return 0
+    try:
+        config = effective_config(options)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+    if options.check_config:
+        sys.stdout.write(format_effective(config))
+        return 0
+    if config.with_inetd:
+        return run_inetd(config)
+    return run_standalone(config, options)
+
+
+def run_inetd(config: Config) -> int:
+    """One session on stdin/stdout; stderr may be the socket, so nothing is logged there."""
+    from tpops.worker import serve_inetd
+
+    try:
+        log_files = setup_logs(config, foreground=False)
+    except OSError as exc:
+        logs.get("cli").error("cannot open a log file: %s", exc)
+        return EXIT_STARTUP
+    return serve_inetd(config, log_files)
+
+
+def run_standalone(config: Config, options: argparse.Namespace) -> int:
+    """The prefork master, in the foreground (--fg) or detached as a daemon."""
+    from tpops.arbiter import Arbiter, make_listeners
+    from tpops.daemonize import PidFile, PidFileError, detach
+
+    foreground = options.fg
+    try:
+        log_files = setup_logs(config, foreground=foreground)
+    except OSError as exc:
+        print(f"tpops: cannot open a log file: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    pid_file = PidFile(config.pid_file) if config.pid_file else None
+    try:
+        if pid_file is not None:
+            pid_file.check()
+        prepare_lock_dir(config)
+        listeners = make_listeners(config)
+    except (OSError, PidFileError, ValueError) as exc:
+        print(f"tpops: cannot start: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+
+    def reload_config() -> Config:
+        return effective_config(options)
+
+    def reopen_logs(new: Config) -> logs.LogSetup:
+        return setup_logs(new, foreground=foreground)
+
+    if not foreground:
+        log_files = detach(config, listeners, log_files, lambda: setup_logs(config, foreground=False))
+    if pid_file is not None:
+        pid_file.write()
+    try:
+        arbiter = Arbiter(config, listeners, log_files, reload_config, reopen_logs)
+        return arbiter.run()
+    finally:
+        if pid_file is not None:
+            pid_file.remove()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def prepare_lock_dir(config: Config) -> None:
+    """Create ``$passwd_lock_dir`` (0700); with ``--user`` it belongs to that user."""
+    from tpops.privileges import lookup_identity
+
+    path = config.passwd_lock_dir
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if os.geteuid() == 0 and config.user is not None:
+        identity = lookup_identity(config.user, config.group)
+        os.chown(path, identity.uid, identity.gid)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

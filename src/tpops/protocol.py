@@ -1,0 +1,212 @@
+"""POP3 wire I/O: a deadline-bounded transport, the command line reader and the reply writer.
+
+One :class:`Transport` works on a TCP socket (standalone mode) and on plain pipes
+(``--inetd`` with stdin/stdout), so the session above it is the same code in both
+modes. Every read and write is bounded by a deadline, and a signal that arrives
+while we wait (the worker's wake-up pipe) interrupts the wait so shutdown is prompt.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import time
+from collections.abc import Callable, Iterable
+
+#: RFC 2449 section 4: a command line is at most 255 octets including the CRLF.
+MAX_COMMAND_OCTETS = 255
+#: How much we read from the client at once (PIPELINING: blocks, not bytes).
+READ_BLOCK = 16 * 1024
+#: Replies are buffered up to this size before they are sent, even mid-pipeline.
+WRITE_BUFFER = 256 * 1024
+
+
+class ConnectionLost(Exception):
+    """The client went away (EOF, reset, broken pipe)."""
+
+
+class Timeout(Exception):
+    """A read or write deadline passed."""
+
+
+class Interrupted(Exception):
+    """The worker was told to stop while we waited for the client."""
+
+
+class LineTooLong:
+    """Marker returned by :meth:`LineReader.read_line` for an over-long command line."""
+
+    __slots__ = ()
+
+
+LINE_TOO_LONG = LineTooLong()
+
+
+class Transport:
+    """Non-blocking byte I/O on a read fd and a write fd (the same fd for a socket).
+
+    ``wake_fd`` is the read end of a pipe that becomes readable when a signal arrives
+    (``signal.set_wakeup_fd``); ``should_stop()`` then says whether to give up waiting.
+    """
+
+    def __init__(
+        self,
+        rfd: int,
+        wfd: int,
+        wake_fd: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        self.rfd = rfd
+        self.wfd = wfd
+        self.wake_fd = wake_fd
+        self.should_stop = should_stop or (lambda: False)
+        for fd in {rfd, wfd}:
+            os.set_blocking(fd, False)
+
+    def _wait(self, fd: int, event: int, deadline: float) -> None:
+        """Block until ``fd`` is ready for ``event``; raise Timeout/Interrupted."""
+        poller = select.poll()
+        poller.register(fd, event)
+        if self.wake_fd is not None:
+            poller.register(self.wake_fd, select.POLLIN)
+        while True:
+            if self.should_stop():
+                raise Interrupted
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Timeout
+            ready = poller.poll(min(remaining, 3600.0) * 1000.0)
+            for rfd, _ in ready:
+                if rfd == self.wake_fd:
+                    _drain(self.wake_fd)
+                else:
+                    return
+            if not ready and time.monotonic() >= deadline:
+                raise Timeout
+
+    def recv(self, deadline: float) -> bytes:
+        """Up to READ_BLOCK octets; raises ConnectionLost at EOF."""
+        while True:
+            try:
+                data = os.read(self.rfd, READ_BLOCK)
+            except BlockingIOError:
+                self._wait(self.rfd, select.POLLIN, deadline)
+                continue
+            except (ConnectionResetError, OSError) as exc:
+                raise ConnectionLost(str(exc)) from None
+            if not data:
+                raise ConnectionLost("end of input")
+            return data
+
+    def send(self, data: bytes | bytearray | memoryview, timeout: float) -> None:
+        """Send everything or raise; the whole call is bounded by ``timeout`` seconds of no progress."""
+        view = memoryview(data)
+        deadline = time.monotonic() + timeout
+        while view:
+            try:
+                sent = os.write(self.wfd, view)
+            except BlockingIOError:
+                self._wait(self.wfd, select.POLLOUT, deadline)
+                continue
+            except OSError as exc:
+                raise ConnectionLost(str(exc)) from None
+            view = view[sent:]
+            deadline = time.monotonic() + timeout
+
+    def pause(self, seconds: float) -> None:
+        """Sleep (the `$error_interval` delay) but wake up for a stop request."""
+        if seconds <= 0:
+            return
+        deadline = time.monotonic() + seconds
+        if self.wake_fd is None:
+            time.sleep(seconds)
+            return
+        while True:
+            if self.should_stop():
+                raise Interrupted
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            ready, _, _ = select.select([self.wake_fd], [], [], remaining)
+            if ready:
+                _drain(self.wake_fd)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+    except OSError as exc:  # pragma: no cover - a closed wake pipe is a bug elsewhere
+        if exc.errno != errno.EBADF:
+            raise
+
+
+class LineReader:
+    """Splits client input into command lines (CRLF or bare LF), bounded in memory.
+
+    A line longer than MAX_COMMAND_OCTETS is discarded as it arrives (never buffered
+    whole) and reported once as LINE_TOO_LONG.
+    """
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.buffer = bytearray()
+        self.discarding = False
+
+    def has_pending_line(self) -> bool:
+        """True when a complete line is already buffered (the client is pipelining)."""
+        return b"\n" in self.buffer
+
+    def read_line(self, deadline: float) -> bytes | LineTooLong:
+        """The next command line without its line ending."""
+        while True:
+            end = self.buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self.buffer[:end])
+                del self.buffer[: end + 1]
+                if self.discarding:
+                    self.discarding = False
+                    return LINE_TOO_LONG
+                if end + 1 > MAX_COMMAND_OCTETS:
+                    return LINE_TOO_LONG
+                return line[:-1] if line.endswith(b"\r") else line
+            if len(self.buffer) > MAX_COMMAND_OCTETS:
+                self.discarding = True
+                del self.buffer[:]
+            self.buffer += self.transport.recv(deadline)
+
+
+class ReplyWriter:
+    """Buffers replies so a pipelined batch of commands goes out in few writes, in order."""
+
+    def __init__(self, transport: Transport, timeout: float) -> None:
+        self.transport = transport
+        self.timeout = timeout
+        self.buffer = bytearray()
+
+    def line(self, text: str) -> None:
+        """One status or data line; CRLF is added here."""
+        self.buffer += text.encode("utf-8", "surrogateescape")
+        self.buffer += b"\r\n"
+        if len(self.buffer) >= WRITE_BUFFER:
+            self.flush()
+
+    def raw(self, chunks: Iterable[bytes]) -> None:
+        """Already-encoded multi-line data (byte-stuffed, CRLF); large chunks go straight out."""
+        for chunk in chunks:
+            if len(chunk) >= WRITE_BUFFER:
+                self.flush()
+                self.transport.send(chunk, self.timeout)
+                continue
+            self.buffer += chunk
+            if len(self.buffer) >= WRITE_BUFFER:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            data = bytes(self.buffer)
+            self.buffer.clear()
+            self.transport.send(data, self.timeout)

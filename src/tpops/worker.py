@@ -1,0 +1,239 @@
+"""A prefork worker: accepts one connection at a time and serves it with a Session.
+
+The worker tells the master (through the report pipe) when it turns busy and idle,
+ends after ``$max_use`` sessions, after a session that changed its identity, or when
+the master tells it to: SIGUSR1 means "finish the current session, then exit"
+(also used for ``$max_idle``), SIGTERM means "stop now" — a session cut that way does
+not enter UPDATE, while one already in UPDATE finishes it. Signal handlers only
+record the request; the wake-up pipe makes a blocked wait notice it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+from dataclasses import dataclass, field
+
+from setproctitle import setproctitle
+
+from tpops import logs
+from tpops.auth import make_authenticator
+from tpops.auth.base import Authenticator
+from tpops.config import Config
+from tpops.privileges import SessionPrivileges, become, lookup_identity
+from tpops.protocol import Transport
+from tpops.session import Session, make_timestamp
+
+log = logs.get("worker")
+
+#: Exit status of a worker that could not start (the master stops instead of fork-looping).
+EXIT_BOOT_FAILED = 3
+
+#: Report-pipe message: (pid, state), small enough to be written atomically.
+REPORT = struct.Struct("=iB")
+IDLE, BUSY = 0, 1
+
+
+def peer_name(address: object) -> str:
+    """The client's address for logs: plain dotted quad for IPv4-mapped IPv6."""
+    if isinstance(address, tuple) and address:
+        host = str(address[0])
+        return host[7:] if host.startswith("::ffff:") and "." in host else host
+    return "unknown"
+
+
+@dataclass
+class StopRequest:
+    """What the signal handlers recorded: ``force`` (SIGTERM) or ``graceful`` (SIGUSR1)."""
+
+    force: bool = False
+    graceful: bool = False
+
+    def on_term(self, signum: int, frame: object) -> None:
+        self.force = True
+
+    def on_usr1(self, signum: int, frame: object) -> None:
+        self.graceful = True
+
+
+@dataclass
+class Worker:
+    """One worker process's life; :meth:`run` returns the process exit status."""
+
+    config: Config
+    listeners: list[socket.socket]
+    report_fd: int | None
+    log_files: logs.LogSetup
+    stop: StopRequest = field(default_factory=StopRequest)
+    sessions: int = 0
+
+    def report(self, state: int) -> None:
+        if self.report_fd is not None:
+            try:
+                os.write(self.report_fd, REPORT.pack(os.getpid(), state))
+            except OSError:  # master gone: we will notice and exit
+                self.stop.graceful = True
+
+    def run(self) -> int:
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGTERM, self.stop.on_term)
+        signal.signal(signal.SIGUSR1, self.stop.on_usr1)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        try:
+            privileges = boot_privileges(self.config)
+            authenticator = make_authenticator(self.config)
+        except Exception as exc:
+            log.error("worker cannot start: %s", exc)
+            return EXIT_BOOT_FAILED
+        setproctitle("tpops: worker idle")
+        self.report(IDLE)
+        poller = select.poll()
+        for listener in self.listeners:
+            poller.register(listener.fileno(), select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
+        by_fd = {listener.fileno(): listener for listener in self.listeners}
+        try:
+            while not (self.stop.force or self.stop.graceful):
+                if self.config.max_use and self.sessions >= self.config.max_use:
+                    break
+                for fd, _ in poller.poll():
+                    if fd == wake_r:
+                        _drain(wake_r)
+                        continue
+                    if self.stop.force or self.stop.graceful:
+                        break
+                    try:
+                        conn, address = by_fd[fd].accept()
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError as exc:
+                        if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                            continue
+                        raise
+                    self.serve(conn, peer_name(address), authenticator, privileges, wake_r)
+                    if privileges.changed:
+                        return 0
+                    break  # re-check the limits before the next accept
+        finally:
+            authenticator.close()
+        return 0
+
+    def serve(
+        self,
+        conn: socket.socket,
+        peer: str,
+        authenticator: Authenticator,
+        privileges: SessionPrivileges,
+        wake_r: int,
+    ) -> None:
+        """Serve one accepted connection to its end."""
+        self.report(BUSY)
+        self.sessions += 1
+        setproctitle(f"tpops: worker {peer}")
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        try:
+            transport = Transport(conn.fileno(), conn.fileno(), wake_r, lambda: self.stop.force)
+            session = Session(
+                transport,
+                peer,
+                self.config,
+                authenticator,
+                serve_as=privileges,
+                on_login=lambda who: setproctitle(f"tpops: worker {who}"),
+                timestamp=make_timestamp(self.config.hostname, self.sessions),
+            )
+            record = session.run()
+            write_access_log(self.log_files, record.access_log_line())
+        finally:
+            conn.close()
+        if not privileges.changed:
+            setproctitle("tpops: worker idle")
+            self.report(IDLE)
+
+
+def boot_privileges(config: Config) -> SessionPrivileges:
+    """Drop to ``--user``/``--group`` for good if given (as root); decide the per-session rule."""
+    if os.geteuid() != 0:
+        return SessionPrivileges(switch_per_session=False)
+    if config.user is not None or config.group is not None:
+        if config.user is None:
+            raise ValueError("--group needs --user")
+        identity = lookup_identity(config.user, config.group)
+        if identity.uid == 0:
+            raise ValueError("refusing to run workers as root (--user is uid 0)")
+        become(identity)
+        return SessionPrivileges(switch_per_session=False)
+    return SessionPrivileges(switch_per_session=True)
+
+
+def write_access_log(log_files: logs.LogSetup, line: str) -> None:
+    if log_files.access_log is not None:
+        try:
+            log_files.access_log.write(line)
+        except OSError as exc:
+            log.error("cannot write the access log: %s", exc)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+def serve_inetd(config: Config, log_files: logs.LogSetup) -> int:
+    """``--inetd``: one session on stdin/stdout (a socket from inetd, or plain pipes)."""
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    stop = StopRequest()
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGTERM, stop.on_term)
+    peer = "stdin"
+    try:
+        sock = socket.socket(fileno=os.dup(0))
+        try:
+            peer = peer_name(sock.getpeername())
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        finally:
+            sock.close()
+    except OSError:
+        pass  # not a socket: plain pipes
+    try:
+        privileges = boot_privileges(config)
+        authenticator = make_authenticator(config)
+    except Exception as exc:
+        log.error("cannot start the session: %s", exc)
+        try:
+            os.write(1, b"-ERR [SYS/TEMP] Server not available.\r\n")
+        except OSError:
+            pass
+        return EXIT_BOOT_FAILED
+    setproctitle(f"tpops: inetd {peer}")
+    try:
+        transport = Transport(0, 1, wake_r, lambda: stop.force)
+        session = Session(
+            transport,
+            peer,
+            config,
+            authenticator,
+            serve_as=privileges,
+            timestamp=make_timestamp(config.hostname, 1),
+        )
+        record = session.run()
+        write_access_log(log_files, record.access_log_line())
+    finally:
+        authenticator.close()
+        sys.stdout.flush()
+    return 0

@@ -1,0 +1,264 @@
+"""Shared fixtures: a real tpops on a free loopback port, Maildirs, users and raw clients.
+
+Tests talk to the real server over the wire. When the suite runs as root (as CI
+does), Maildirs belong to ``nobody`` so sessions are served as an unprivileged user,
+exactly as in production.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+TPOPS = str(Path(sys.executable).with_name("tpops"))
+IS_ROOT = os.geteuid() == 0
+#: The unprivileged owner of test Maildirs when the suite runs as root.
+MAIL_UID = 65534
+MAIL_GID = 65534
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"tpops exited with status {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.settimeout(5)
+                if s.recv(512).startswith(b"+OK"):
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"tpops did not answer on port {port}")
+
+
+def make_message(subject: str = "test", body: str = "Hello.\n", extra_headers: str = "") -> bytes:
+    return (
+        f"From: sender@example.org\nTo: user@example.org\nSubject: {subject}\n{extra_headers}\n{body}"
+    ).encode()
+
+
+class MailEnv:
+    """A directory with a passwd-file, Maildirs, a lock dir, logs and a tpops.conf."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.passwd_file = base / "users"
+        self.lock_dir = base / "locks"
+        self.access_log = base / "access.log"
+        self.error_log = base / "error.log"
+        self.conf = base / "tpops.conf"
+        self.passwd_file.write_text("")
+        self.counter = 0
+        self.settings: dict[str, str] = {
+            "auth_type": "'File'",
+            "auth_file": repr(str(self.passwd_file)),
+            "passwd_lock_dir": repr(str(self.lock_dir)),
+            "access_log": repr(str(self.access_log)),
+            "error_log": repr(str(self.error_log)),
+            "syslog_facility": "nil",
+            "error_interval": "0",
+            "min_servers": "2",
+            "max_servers": "8",
+            "max_idle": "100",
+            "hostname": "'test.example.org'",
+        }
+        self.write_conf()
+
+    def write_conf(self, **overrides: str) -> Path:
+        self.settings.update(overrides)
+        self.conf.write_text("".join(f"${k} = {v}\n" for k, v in self.settings.items()))
+        return self.conf
+
+    def maildir(self, user: str) -> Path:
+        return self.base / "home" / user / "Maildir"
+
+    def add_user(
+        self,
+        name: str,
+        password: str = "secret",
+        messages: list[bytes] | None = None,
+        *,
+        scheme: str = "{PLAIN}",
+        uid: str = "",
+        gid: str = "",
+        extra: str = "",
+    ) -> Path:
+        """A passwd-file entry and a Maildir with ``messages`` in cur/, owned by the mail user."""
+        maildir = self.maildir(name)
+        for sub in ("cur", "new", "tmp"):
+            (maildir / sub).mkdir(parents=True, exist_ok=True)
+        for data in messages or []:
+            self.deliver(name, data, folder="cur")
+        home = maildir.parent
+        stored = password if scheme == "" else f"{scheme}{password}"
+        with self.passwd_file.open("a") as f:
+            f.write(f"{name}:{stored}:{uid}:{gid}::{home}::{extra}\n")
+        self.chown(home)
+        return maildir
+
+    def deliver(self, name: str, data: bytes, folder: str = "new", unique: str | None = None) -> Path:
+        self.counter += 1
+        if unique is None:
+            unique = f"{1700000000 + self.counter}.M{self.counter}P{os.getpid()}.test"
+        path = self.maildir(name) / folder / (unique + (":2," if folder == "cur" else ""))
+        path.write_bytes(data)
+        if IS_ROOT:
+            os.chown(path, MAIL_UID, MAIL_GID)
+        return path
+
+    def chown(self, path: Path) -> None:
+        if IS_ROOT:
+            for root, dirs, files in os.walk(path):
+                os.chown(root, MAIL_UID, MAIL_GID)
+                for n in files:
+                    os.chown(os.path.join(root, n), MAIL_UID, MAIL_GID)
+
+    def messages(self, name: str) -> list[Path]:
+        md = self.maildir(name)
+        return sorted(p for sub in ("cur", "new") for p in (md / sub).iterdir())
+
+
+@pytest.fixture
+def mail_env() -> Iterator[MailEnv]:
+    base = Path(tempfile.mkdtemp(prefix="tpops-test-"))
+    base.chmod(0o755)
+    try:
+        yield MailEnv(base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+class Server:
+    """A real ``tpops --fg`` on a free loopback port."""
+
+    def __init__(self, env: MailEnv, *extra_args: str, port: int | None = None) -> None:
+        self.env = env
+        self.port = port or free_port()
+        self.args = [TPOPS, "--fg", "-f", str(env.conf), "--port", str(self.port), "--bind", "127.0.0.1", *extra_args]
+        self.stderr_path = env.base / f"stderr-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Server:
+        self.stderr = self.stderr_path.open("wb")
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=self.stderr, stderr=self.stderr)
+        try:
+            wait_for_port(self.port, self.proc)
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}\n{self.output()}") from None
+        return self
+
+    def output(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def server(mail_env: MailEnv) -> Iterator[Server]:
+    srv = Server(mail_env).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+class RawClient:
+    """Exact bytes over a socket: send lines, read status lines and multi-line bodies."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.readline()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def cmd(self, line: str | bytes) -> bytes:
+        if isinstance(line, str):
+            line = line.encode()
+        self.send(line + b"\r\n")
+        return self.readline()
+
+    def readline(self) -> bytes:
+        line = self.file.readline()
+        if not line:
+            raise ConnectionError("connection closed")
+        assert line.endswith(b"\r\n"), line
+        return line[:-2]
+
+    def read_body(self) -> bytes:
+        """The raw multi-line body up to (not including) the terminating ``.CRLF``."""
+        chunks = []
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise ConnectionError("connection closed mid-body")
+            if line == b".\r\n":
+                return b"".join(chunks)
+            chunks.append(line)
+
+    def multi(self, line: str) -> tuple[bytes, bytes]:
+        status = self.cmd(line)
+        return status, (self.read_body() if status.startswith(b"+OK") else b"")
+
+    def login(self, user: str, password: str = "secret") -> bytes:
+        assert self.cmd(f"USER {user}").startswith(b"+OK")
+        return self.cmd(f"PASS {password}")
+
+    def closed(self) -> bool:
+        """True when the server has closed the connection (EOF)."""
+        try:
+            return self.file.read(1) == b""
+        except (ConnectionResetError, TimeoutError):
+            return True
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def unstuff(body: bytes) -> bytes:
+    """Undo byte-stuffing of a multi-line body."""
+    lines = body.split(b"\r\n")
+    return b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
+
+
+def run_inetd(env: MailEnv, data: bytes, *extra: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
+    """``tpops --inetd`` on plain pipes: feed ``data`` and collect everything it answers."""
+    return subprocess.run(
+        [TPOPS, "--inetd", "-f", str(env.conf), *extra],
+        input=data,
+        capture_output=True,
+        timeout=timeout,
+    )
