@@ -44,6 +44,9 @@ def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: floa
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
                 s.settimeout(5)
                 if s.recv(512).startswith(b"+OK"):
+                    s.sendall(b"QUIT\r\n")
+                    while s.recv(512):  # wait for the close: the probe's access-log line is written
+                        pass
                     return
         except OSError:
             time.sleep(0.05)

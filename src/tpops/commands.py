@@ -128,7 +128,7 @@ def _with_message(fn: Callable[[Session, int, Message, list[str]], Reply]) -> Ha
 
 def cmd_user(session: Session, args: list[str]) -> Reply:
     """USER name: remember the name for PASS; tells nothing about whether it exists."""
-    session.pending_user = args[0]
+    session.pending_user = session.attempted_login = args[0]
     return ok("Send your password.")
 
 

@@ -189,6 +189,9 @@ class Session:
         """QUIT in TRANSACTION: the UPDATE state removes what DELE marked."""
         self.state = State.UPDATE
         result = self.mailbox.commit()
+        if self.lock is not None:  # before the reply: a client may reconnect the moment it reads it
+            self.lock.release()
+            self.lock = None
         count, octets = self.mailbox_totals()
         self.record.end_msgs, self.record.end_octets = count, octets
         log.info(
@@ -241,6 +244,8 @@ class Session:
             if self.lock is not None:
                 self.lock.release()
             self.record.end = time.time()
+            if not self.record.logged_in:
+                self.record.login = self.attempted_login
             self.record.dropped_privileges = self.dropped_privileges
             if self.state is State.TRANSACTION:
                 log.info("%s disconnected without QUIT (%s): nothing deleted", self.login_name, reason)
