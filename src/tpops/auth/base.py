@@ -35,6 +35,7 @@ session logs with a traceback and answers with ``-ERR [SYS/TEMP]``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -93,3 +94,28 @@ def apply_default_domain(login: str, domain: str | None) -> str:
     if domain and not any(c in login for c in "@%+"):
         return f"{login}@{domain}"
     return login
+
+
+class LockingAuthenticator:
+    """Base for backends whose mailbox lock is the default kernel file lock (File, Passwd).
+
+    ``lock()`` takes an exclusive ``flock`` in ``lock_dir`` (``$passwd_lock_dir``),
+    keyed by the Maildir's real path, so two logins or two paths naming one Maildir
+    share one lock. A lock directory that cannot be used is backend trouble
+    (:class:`AuthUnavailable`), not a busy mailbox.
+    """
+
+    def __init__(self, lock_dir: str) -> None:
+        self._lock_dir = lock_dir
+
+    def lock(self, user: MailUser) -> MailboxLock:
+        """Take the one-session-per-mailbox file lock, or raise :class:`MailboxInUse`."""
+        from tpops.mailbox.lock import acquire  # imported late: written alongside, optional here
+
+        try:
+            return acquire(self._lock_dir, os.path.realpath(user.maildir))
+        except OSError as e:
+            raise AuthUnavailable(f"cannot lock in {self._lock_dir}: {e.strerror or e}") from e
+
+    def close(self) -> None:
+        """Nothing to release: file locks die with their holder."""

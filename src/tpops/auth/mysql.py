@@ -1,0 +1,357 @@
+"""The MySQL backend (``$auth_type = 'MySQL'``): users from a MySQL/MariaDB table, GET_LOCK mailbox locks.
+
+``$mysql_auth_query`` keeps the 2003 server's form: ``%s`` stands for the login,
+bare or quoted (``'%s'`` / ``"%s"``). It is turned into a query with one bound
+parameter, so the login is always data, never SQL. ``%%`` is a literal percent
+(as with the old server's sprintf), and so is any other lone ``%``. The query's
+columns are taken by position: ``login, passwd, uid, maildir``. The ``uid`` column
+is the schema's auto-increment row id, not a system uid: it is ignored, and the
+session runs as ``--user``/``--group`` or as the Maildir's owner
+(``MailUser.uid``/``gid`` are None).
+
+``passwd`` may be clear text (the 2003 schema's rows), ``{SCHEME}value`` or a bare
+crypt hash (see :mod:`tpops.auth.hashes`); APOP works for clear-text and ``{PLAIN}``
+rows. ``maildir`` is used as stored (trailing slash or not) and must be absolute.
+
+Each authenticator (one per worker process) owns one connection, opened at first
+use with short timeouts; a connection lost to a server restart is reopened once,
+transparently. A dead, hung or firewalled server gives :class:`AuthUnavailable`
+within 5 seconds. The mailbox lock is ``GET_LOCK`` on that connection, so every
+tpops host sharing the database sees one lock, and the server drops it when the
+worker (its connection) dies. A lock taken on a connection that is later lost is
+gone with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+import MySQLdb
+
+from tpops.auth import hashes
+from tpops.auth.base import (
+    AuthUnavailable,
+    MailboxInUse,
+    MailboxLock,
+    MailUser,
+    apply_default_domain,
+)
+from tpops.logs import escape, get
+
+if TYPE_CHECKING:
+    from tpops.config import Config
+
+log = get("auth.mysql")
+
+DEFAULT_QUERY = 'select login,passwd,uid,maildir from user where login="%s"'
+#: Seconds for connect, each read and each write on the connection.
+TIMEOUT = 3
+#: connect timeout of the one reconnect after a lost connection (a restarted server answers fast).
+RETRY_CONNECT_TIMEOUT = 1
+#: A lost connection is retried only if it failed this fast (a timeout is not retried).
+RETRY_WITHIN = 1.0
+#: A query is sent only if its connection was up this soon after the call began, so that
+#: connect + query stay under 5 s.
+QUERY_START_BY = 1.9
+#: Client/server errors meaning "this connection is unusable" (gone away, lost, refused, killed).
+CONNECTION_ERRORS = frozenset({1053, 1927, 2002, 2003, 2006, 2013, 2014, 2026, 2055, 4031})
+#: "Illegal mix of collations": the login cannot even be expressed in the column's charset.
+COLLATION_ERRORS = frozenset({1267, 1270, 1271})
+LOCK_PREFIX = "tpops:"
+
+_TOKEN = re.compile(r"""%%|(['"])%s\1|%s|%""")
+
+
+def compile_query(query: str) -> str:
+    """``$mysql_auth_query`` as a MySQLdb query with one ``%s`` parameter for the login.
+
+    Raises ValueError when the query has no login placeholder, several, or one inside
+    a larger string literal (``'%s@example.org'``: use ``CONCAT(%s, '@example.org')``).
+    """
+    parts: list[str] = []
+    count = 0
+    pos = 0
+    for match in _TOKEN.finditer(query):
+        parts.append(query[pos:match.start()])
+        token = match.group()
+        if token in ("%%", "%"):
+            parts.append("%%")
+        else:
+            count += 1
+            if token == "%s" and (
+                query[match.start() - 1 : match.start()] in ("'", '"', "`")
+                or query[match.end() : match.end() + 1] in ("'", '"', "`")
+            ):
+                raise ValueError(
+                    "$mysql_auth_query: the login placeholder must be a whole string literal "
+                    "('%s') or bare (%s), not part of one; use CONCAT(%s, '...') instead"
+                )
+            parts.append("%s")
+        pos = match.end()
+    parts.append(query[pos:])
+    if count != 1:
+        raise ValueError(
+            f"$mysql_auth_query must contain the login placeholder %s exactly once (found {count})"
+        )
+    return "".join(parts)
+
+
+def lock_name(maildir: str) -> str:
+    """The GET_LOCK name of a Maildir (at most 64 characters, the server's limit)."""
+    normal = os.path.normpath(maildir).encode("utf-8", "surrogateescape")
+    return LOCK_PREFIX + hashlib.sha1(normal, usedforsecurity=False).hexdigest()
+
+
+def _text(value: Any) -> str | None:
+    """A column value as text (binary columns decoded), None for NULL."""
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "surrogateescape")
+    return str(value)
+
+
+def _describe(error: MySQLdb.Error) -> str:
+    """An error's code and message for a log line (client data inside it escaped)."""
+    args: tuple[Any, ...] = tuple(getattr(error, "args", ()))
+    if len(args) >= 2:
+        return f"({args[0]}) {escape(str(args[1]))}"
+    return escape(str(error))
+
+
+def _code(error: MySQLdb.Error) -> int | None:
+    """The numeric MySQL error code, if any."""
+    args: tuple[Any, ...] = tuple(getattr(error, "args", ()))
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+class _Lock:
+    """A held GET_LOCK; ``release()`` is idempotent and ignores a lost connection."""
+
+    def __init__(self, owner: MySQLAuthenticator, conn: Any, name: str) -> None:
+        self._owner = owner
+        self._conn = conn
+        self._name = name
+        self._released = False
+
+    def release(self) -> None:
+        """RELEASE_LOCK on the connection that took it (nothing if that connection is gone)."""
+        if not self._released:
+            self._released = True
+            self._owner._release(self._conn, self._name)
+
+
+class MySQLAuthenticator:
+    """Users from ``$mysql_auth_query``; one lazily opened connection; GET_LOCK mailbox locks."""
+
+    name = "MySQL"
+
+    def __init__(self, config: Config) -> None:
+        self._query = compile_query(config.mysql_auth_query or DEFAULT_QUERY)
+        self._domain: str | None = config.default_domain
+        params: dict[str, Any] = {
+            "read_timeout": TIMEOUT,
+            "write_timeout": TIMEOUT,
+            "charset": "utf8mb4",
+            "autocommit": True,
+        }
+        if config.mysql_socket:
+            params["unix_socket"] = config.mysql_socket
+            params["host"] = "localhost"
+            self._where = f"socket {config.mysql_socket}"
+        else:
+            params["host"] = config.mysql_server or "localhost"
+            params["port"] = int(config.mysql_port or 3306)
+            self._where = f"{params['host']}:{params['port']}"
+        if config.mysql_user:
+            params["user"] = config.mysql_user
+        params["password"] = config.mysql_pass or ""
+        if config.mysql_db:
+            params["database"] = config.mysql_db
+        self._params = params
+        self._conn: Any = None
+        self._conn_pid = 0
+        self._held: set[str] = set()
+
+    @property
+    def supports_apop(self) -> bool:
+        """Always: APOP works for rows with clear-text passwords."""
+        return True
+
+    # -- the connection -------------------------------------------------------------
+
+    def _current(self) -> Any:
+        """This process's open connection, or None (a connection inherited over fork is dropped, not closed)."""
+        if self._conn is not None and self._conn_pid != os.getpid():
+            self._conn = None
+            self._held.clear()
+        return self._conn
+
+    def _drop(self) -> None:
+        """Forget the connection (its locks are gone with it)."""
+        conn, self._conn = self._conn, None
+        self._held.clear()
+        if conn is not None:
+            try:
+                conn.close()
+            except MySQLdb.Error:
+                pass
+
+    def _open(self, connect_timeout: int, start: float) -> Any:
+        """A new connection, or AuthUnavailable. Too slow to leave time for a query: AuthUnavailable too."""
+        try:
+            conn = MySQLdb.connect(connect_timeout=connect_timeout, **self._params)
+        except MySQLdb.Error as e:
+            raise AuthUnavailable(f"MySQL: cannot connect to {self._where}: {_describe(e)}") from e
+        self._conn, self._conn_pid = conn, os.getpid()
+        self._held.clear()
+        elapsed = time.monotonic() - start
+        if elapsed > QUERY_START_BY:
+            raise AuthUnavailable(f"MySQL: connecting to {self._where} took {elapsed:.1f} s; not querying")
+        return conn
+
+    @staticmethod
+    def _execute(conn: Any, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Run one statement and fetch all its rows."""
+        cursor = conn.cursor()
+        try:
+            cursor.execute(sql, args)
+            return list(cursor.fetchall())
+        finally:
+            cursor.close()
+
+    def _run(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Run a statement on our connection; reconnect and retry once if the server went away."""
+        start = time.monotonic()
+        conn = self._current()
+        fresh = conn is None
+        if conn is None:
+            conn = self._open(TIMEOUT, start)
+        try:
+            return self._execute(conn, sql, args)
+        except MySQLdb.Error as e:
+            code = _code(e)
+            if code in COLLATION_ERRORS:
+                raise
+            if code not in CONNECTION_ERRORS:
+                raise AuthUnavailable(f"MySQL: query failed on {self._where}: {_describe(e)}") from e
+            self._drop()
+            if fresh or time.monotonic() - start > RETRY_WITHIN:
+                raise AuthUnavailable(f"MySQL: lost connection to {self._where}: {_describe(e)}") from e
+            log.info("MySQL: connection to %s lost (%s); reconnecting", self._where, _describe(e))
+        conn = self._open(RETRY_CONNECT_TIMEOUT, start)
+        try:
+            return self._execute(conn, sql, args)
+        except MySQLdb.Error as e:
+            if _code(e) in COLLATION_ERRORS:
+                raise
+            if _code(e) in CONNECTION_ERRORS:
+                self._drop()
+            raise AuthUnavailable(f"MySQL: query failed on {self._where}: {_describe(e)}") from e
+
+    def close(self) -> None:
+        """Close the connection (the server then drops this worker's locks)."""
+        if self._current() is not None:
+            self._drop()
+
+    # -- authentication -------------------------------------------------------------
+
+    def _lookup(self, login: str) -> tuple[str, str] | None:
+        """``(passwd, maildir)`` of a login, None (logged) when it has no usable row."""
+        try:
+            login.encode("utf-8")
+        except UnicodeEncodeError:
+            log.info("login %s refused: not UTF-8", escape(login))
+            return None
+        try:
+            rows = self._run(self._query, (login,))
+        except MySQLdb.Error as e:  # collation: the login is not expressible in the column's charset
+            log.info("login %s refused: no such user (%s)", escape(login), _describe(e))
+            return None
+        if not rows:
+            log.info("login %s refused: no such user", escape(login))
+            return None
+        if len(rows) > 1:
+            log.warning("login %s refused: $mysql_auth_query returned %d rows", escape(login), len(rows))
+            return None
+        row = rows[0]
+        if len(row) < 4:
+            raise AuthUnavailable(
+                f"MySQL: $mysql_auth_query returns {len(row)} columns; it must return login, passwd, uid, maildir"
+            )
+        stored, maildir = _text(row[1]), _text(row[3])
+        if not stored:
+            log.warning("login %s refused: empty or NULL passwd", escape(login))
+            return None
+        if not maildir or not os.path.isabs(maildir):
+            log.warning("login %s refused: maildir %s is not an absolute path", escape(login),
+                        escape(maildir or ""))
+            return None
+        return stored, maildir
+
+    def authenticate(self, login: str, password: bytes) -> MailUser | None:
+        """USER/PASS against the row of ``$mysql_auth_query``; None for bad credentials."""
+        login = apply_default_domain(login, self._domain)
+        found = self._lookup(login)
+        if found is None:
+            hashes.dummy_verify(password)
+            return None
+        stored, maildir = found
+        if hashes.plain_secret(stored, plain_ok=True) is not None:
+            hashes.dummy_verify(password)  # a clear-text row costs what a hashed one does
+        if not hashes.verify_password(password, stored, plain_ok=True):
+            log.info("login %s refused: wrong password", escape(login))
+            return None
+        return MailUser(login, maildir)
+
+    def authenticate_apop(self, login: str, timestamp: str, digest: str) -> MailUser | None:
+        """APOP: rows with a clear-text (or ``{PLAIN}``) password only."""
+        login = apply_default_domain(login, self._domain)
+        found = self._lookup(login)
+        if found is None:
+            return None
+        stored, maildir = found
+        secret = hashes.plain_secret(stored, plain_ok=True)
+        if secret is None:
+            log.info("APOP login %s refused: the stored password is a hash, APOP needs clear text",
+                     escape(login))
+            return None
+        if not hashes.apop_digest_ok(timestamp, secret, digest):
+            log.info("APOP login %s refused: wrong digest", escape(login))
+            return None
+        return MailUser(login, maildir)
+
+    # -- locking --------------------------------------------------------------------
+
+    def lock(self, user: MailUser) -> MailboxLock:
+        """``GET_LOCK`` (no wait) named after the Maildir; MailboxInUse when another session has it."""
+        name = lock_name(user.maildir)
+        if self._current() is not None and name in self._held:
+            raise MailboxInUse(user.maildir)  # GET_LOCK is re-entrant per connection; we are not
+        try:
+            rows = self._run("SELECT GET_LOCK(%s, 0)", (name,))
+        except MySQLdb.Error as e:
+            raise AuthUnavailable(f"MySQL: GET_LOCK failed: {_describe(e)}") from e
+        result = rows[0][0] if rows and rows[0] else None
+        if result is None:
+            raise AuthUnavailable(f"MySQL: GET_LOCK({name}) returned NULL")
+        if int(result) != 1:
+            raise MailboxInUse(user.maildir)
+        self._held.add(name)
+        return _Lock(self, self._conn, name)
+
+    def _release(self, conn: Any, name: str) -> None:
+        """RELEASE_LOCK if ``conn`` is still our live connection; errors ignored (the lock dies with it)."""
+        if conn is None or conn is not self._current():
+            return
+        self._held.discard(name)
+        try:
+            self._execute(conn, "SELECT RELEASE_LOCK(%s)", (name,))
+        except MySQLdb.Error as e:
+            log.info("MySQL: RELEASE_LOCK failed (%s); the lock ends with the connection", _describe(e))
+            if _code(e) in CONNECTION_ERRORS:
+                self._drop()
