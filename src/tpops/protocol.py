@@ -194,6 +194,15 @@ class ReplyWriter:
         if len(self.buffer) >= WRITE_BUFFER:
             self.flush()
 
+    def lines(self, lines: Iterable[str]) -> None:
+        """Many data lines at once (LIST, UIDL on big mailboxes): one encode, one append."""
+        text = "\r\n".join(lines)
+        if text:
+            self.buffer += text.encode("utf-8", "surrogateescape")
+            self.buffer += b"\r\n"
+        if len(self.buffer) >= WRITE_BUFFER:
+            self.flush()
+
     def raw(self, chunks: Iterable[bytes]) -> None:
         """Already-encoded multi-line data (byte-stuffed, CRLF); large chunks go straight out."""
         for chunk in chunks:

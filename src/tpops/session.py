@@ -298,8 +298,7 @@ class Session:
             log.debug("S: %s", logs.escape(reply.status_line()))
         self.writer.line(reply.status_line())
         if reply.lines is not None:
-            for line in reply.lines:
-                self.writer.line(line)
+            self.writer.lines(reply.lines)
             self.writer.line(".")
         elif reply.data is not None:
             self.writer.raw(reply.data)

@@ -60,7 +60,8 @@ log = get("mailbox")
 #: Name of the size cache in the Maildir root.
 SIZE_CACHE_NAME = "tpops-sizecache"
 #: First line of the size cache; a file starting otherwise is ignored and rewritten.
-SIZE_CACHE_HEADER = b"tpops-sizecache 1\n"
+#: Version 2: lines are in delivery order, so an unchanged Maildir is listed from the cache alone.
+SIZE_CACHE_HEADER = b"tpops-sizecache 2\n"
 #: Maildir++ quota file in the Maildir root; deletions are appended to it.
 MAILDIRSIZE_NAME = "maildirsize"
 #: Info suffix a reader adds when moving a message from new/ to cur/ (Maildir spec).
@@ -70,6 +71,7 @@ UIDL_MAX_OCTETS = 70
 
 _LEADING_NUMBER = re.compile(r"[0-9]*")
 _CACHE_LINE = re.compile(r"([^\n]*) ([0-9]{1,18})\n")
+_PLAIN_UIDL = re.compile(r"[\x21-\x7e]{1,%d}" % 70)
 _SIZE_FIELD = re.compile(r",([SW])=([0-9]+)")
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -109,12 +111,7 @@ def unique_name(name: str) -> str:
 
 def uidl_for(unique: str) -> str:
     """The UIDL for a unique name: itself when RFC 1939 allows it, else its hex SHA-1."""
-    if (
-        0 < len(unique) <= UIDL_MAX_OCTETS
-        and unique.isascii()
-        and unique.isprintable()  # ASCII printable is 0x20-0x7E ...
-        and " " not in unique  # ... and 0x20 is not allowed
-    ):
+    if _PLAIN_UIDL.fullmatch(unique):
         return unique
     return hashlib.sha1(os.fsencode(unique)).hexdigest()
 
@@ -283,9 +280,12 @@ class _Sizer:
             return
         if self.extended:
             known, exact = self.known, self.exact
-            for unique in present:
-                if unique not in exact and unique in known:
-                    exact[unique] = known[unique]
+            merged = {}
+            for unique in present:  # delivery order, as the cache format requires
+                octets = exact.get(unique, known.get(unique))
+                if octets is not None:
+                    merged[unique] = octets
+            self.exact = merged
         self.cache.save(self.exact)
 
 
@@ -341,6 +341,10 @@ class Maildir:
         """
         cur = os.path.join(path, "cur")
         _move_new_to_cur(path, cur)
+        if not (maildir_extended or maildir_use_filesize):
+            unchanged = _from_cache(path, cur)
+            if unchanged is not None:
+                return cls(path, unchanged)
         # (delivery time, unique name, name): names are unique within a directory.
         listing = [delivery_order_key(entry.name) for entry in _message_entries(cur)]
         listing.sort()
@@ -418,6 +422,27 @@ class Maildir:
         if removed_files:
             _record_quota(self.path, removed_bytes, removed_files)
         return result
+
+
+def _from_cache(root: str, cur: str) -> list[Message] | None:
+    """The snapshot straight from the size cache when ``cur/`` holds exactly the cached
+    messages (the usual later login): no sorting, no sizing, one directory listing.
+
+    Any difference — a new, gone or renamed message, a non-message entry — returns
+    None and the full scan decides.
+    """
+    try:
+        names = [n for n in os.listdir(cur) if n[0] != "."]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    cache = _SizeCache(root)
+    entries = cache.entries
+    if not cache.valid or len(names) != len(entries) or not names:
+        return None
+    by_unique = {n.partition(":")[0]: n for n in names}
+    if len(by_unique) != len(names) or by_unique.keys() != entries.keys():
+        return None
+    return [Message(uidl_for(u), by_unique[u], octets) for u, octets in entries.items()]
 
 
 def _open_in(cur: str, name: str) -> int | None:
