@@ -522,3 +522,45 @@ def test_public_helpers_agree_with_snapshot(tmp_path: Path) -> None:
     assert maildir_module.delivery_order_key("123abc.x") == (123, "123abc.x", "123abc.x")
     # Non-ASCII digits are not a delivery time.
     assert maildir_module.delivery_order_key("\u0663.x") == (0, "\u0663.x", "\u0663.x")
+
+
+# --- the unchanged-Maildir fast path ----------------------------------------------------
+
+
+def _snapshot(md: Maildir) -> list[tuple[str, str, int]]:
+    return [(m.uid, m.name, m.octets) for m in md.messages]
+
+
+def test_fast_path_matches_full_scan_through_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_maildir(tmp_path)
+    rng = random.Random(7)
+    for i in rng.sample(range(1000), 40):
+        put(root, "cur", f"{1700000000 + i}.M{i}.host:2,", BODY * (i % 5 + 1))
+    put(root, "cur", "nonumber.host:2,S")
+    first = _snapshot(Maildir.open(str(root)))
+    calls: list[int] = []
+    real = maildir_module._from_cache
+
+    def spy(*args: object) -> object:
+        result = real(*args)  # type: ignore[arg-type]
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(maildir_module, "_from_cache", spy)
+    assert _snapshot(Maildir.open(str(root))) == first
+    assert calls[-1] is True  # unchanged: served from the cache
+    # a flag change, a delivery and a stray directory each force the full scan,
+    # whose result the fast path must then reproduce exactly
+    victim = root / "cur" / first[3][1]
+    victim.rename(victim.with_name(victim.name + "S"))
+    put(root, "new", "1600000000.early.host")
+    (root / "cur" / "1800000000.dir.host").mkdir()
+    full = _snapshot(Maildir.open(str(root)))
+    assert calls[-1] is False
+    assert [u for u, _, _ in full][:2] == ["nonumber.host", "1600000000.early.host"]
+    assert len(full) == len(first) + 1
+    (root / "cur" / "1800000000.dir.host").rmdir()
+    again = _snapshot(Maildir.open(str(root)))
+    assert again == full
+    assert _snapshot(Maildir.open(str(root))) == full
+    assert calls[-1] is True
