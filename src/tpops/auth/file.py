@@ -235,9 +235,9 @@ class FileAuthenticator(LockingAuthenticator):
         if entry is None:
             hashes.dummy_verify(password)
             return None
-        if hashes.plain_secret(entry.stored) is not None:
-            hashes.dummy_verify(password)  # a clear-text entry costs what a hashed one does
         if not hashes.verify_password(password, entry.stored):
+            if hashes.plain_secret(entry.stored) is not None:
+                hashes.dummy_verify(password)  # a failed clear-text check costs what an unknown user does
             log.info("login %s refused: wrong password", escape(login))
             return None
         return MailUser(login, entry.maildir, entry.uid, entry.gid)

@@ -301,9 +301,9 @@ class MySQLAuthenticator:
             hashes.dummy_verify(password)
             return None
         stored, maildir = found
-        if hashes.plain_secret(stored, plain_ok=True) is not None:
-            hashes.dummy_verify(password)  # a clear-text row costs what a hashed one does
         if not hashes.verify_password(password, stored, plain_ok=True):
+            if hashes.plain_secret(stored, plain_ok=True) is not None:
+                hashes.dummy_verify(password)  # a failed clear-text check costs what an unknown user does
             log.info("login %s refused: wrong password", escape(login))
             return None
         return MailUser(login, maildir)
