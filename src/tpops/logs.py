@@ -34,6 +34,15 @@ def escape(text: str | bytes) -> str:
     return _UNSAFE.sub(_escape_char, text)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """A log message kept to one line: control characters left unescaped by a caller
+    (a bug) are escaped here, as a last line of defence against forged log lines."""
+    return _CONTROL.sub(_escape_char, text)
+
+
 def get(name: str) -> logging.Logger:
     """The logger for one tpops module (``tpops.<name>``)."""
     return logging.getLogger(f"tpops.{name}")
@@ -67,7 +76,7 @@ class SyslogHandler(logging.Handler):
             message = record.getMessage()
             if record.exc_info:  # tracebacks go to the error log; syslog gets one line
                 message += f" ({record.exc_info[1]!r})"
-            syslog.syslog(priority, message.replace("\n", " "))
+            syslog.syslog(priority, one_line(message))
         except Exception:  # pragma: no cover - logging must never kill a session
             self.handleError(record)
 
@@ -99,13 +108,21 @@ class ReopenableFile:
             self.fd = -1
 
 
+class _OneLineFormatter(logging.Formatter):
+    """The message on one line; a traceback (error log only) follows on its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
+
+
 class _FdHandler(logging.Handler):
     """Formats records (tracebacks included) into one append per record."""
 
     def __init__(self, target: ReopenableFile | int) -> None:
         super().__init__()
         self.target = target
-        self.setFormatter(logging.Formatter("%(asctime)s tpops[%(process)d]: %(levelname)s %(message)s"))
+        self.setFormatter(_OneLineFormatter("%(asctime)s tpops[%(process)d]: %(levelname)s %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -149,22 +166,31 @@ def setup(
     to_stderr: bool,
 ) -> LogSetup:
     """Route the ``tpops`` logger: syslog (info and up, debug with --debug), the error log
-    (warnings, errors and tracebacks) and, in the foreground, stderr. Raises OSError when a
-    log file cannot be opened (a start-up error)."""
+    (warnings, errors and tracebacks) and, in the foreground, stderr.
+
+    The files are opened before anything is changed: when one cannot be opened this
+    raises OSError (a start-up error, or a failed reopen on SIGHUP) and the handlers in
+    place keep working. The caller closes the previous :class:`LogSetup`'s files.
+    """
+    result = LogSetup()
+    try:
+        if error_log:
+            result.error_log = ReopenableFile(error_log)
+        if access_log:
+            result.access_log = ReopenableFile(access_log)
+    except BaseException:
+        result.close()
+        raise
     root = logging.getLogger("tpops")
     for handler in list(root.handlers):
         root.removeHandler(handler)
-        handler.close()
+        handler.close()  # the old SyslogHandler's closelog() comes before the new openlog()
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     root.propagate = False
-    result = LogSetup()
-    if error_log:
-        result.error_log = ReopenableFile(error_log)
+    if result.error_log is not None:
         handler = _FdHandler(result.error_log)
         handler.setLevel(logging.WARNING)
         root.addHandler(handler)
-    if access_log:
-        result.access_log = ReopenableFile(access_log)
     if facility is not None:
         result.syslog = SyslogHandler(facility)
         root.addHandler(result.syslog)
