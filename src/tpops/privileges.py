@@ -98,9 +98,14 @@ class SessionPrivileges:
             if os.geteuid() == 0:
                 raise Refused("would serve the mailbox as root")
             return False
+        if self.changed:  # an earlier drop failed half-way: never open a mailbox here
+            raise Refused("this process already changed its identity")
         identity = mailbox_owner(user)
         if identity.uid == 0:
             raise Refused("would serve the mailbox as root (uid 0)")
         self.changed = True
-        become(identity)
+        try:
+            become(identity)
+        except OSError as exc:
+            raise Refused(f"cannot switch to uid {identity.uid} gid {identity.gid}: {exc}") from exc
         return True
