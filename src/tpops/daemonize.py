@@ -36,7 +36,7 @@ class PidFile:
             text = ""
         except OSError as exc:
             raise PidFileError(f"cannot read pid file {self.path}: {exc.strerror}") from None
-        if text.isdigit() and _is_tpops(int(text)):
+        if text.isdigit() and int(text) != os.getpid() and _is_tpops(int(text)):
             raise PidFileError(f"tpops is already running with pid {text} (pid file {self.path})")
         directory = os.path.dirname(self.path)
         if not os.access(directory, os.W_OK):
@@ -66,7 +66,12 @@ class PidFile:
 
 
 def _is_tpops(pid: int) -> bool:
-    """True when ``pid`` is alive and is a tpops process (not a recycled pid)."""
+    """True when ``pid`` is alive and is a tpops master (not a recycled pid).
+
+    A running master's title is ``tpops: master``; one still starting up runs the
+    ``tpops`` script. Anything else (a shell, an editor with "tpops" in a file name)
+    means the pid file is stale.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -76,9 +81,14 @@ def _is_tpops(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read()
+    except FileNotFoundError:
+        return False
     except OSError:
         return True  # alive and we cannot tell: be safe
-    return b"tpops" in cmdline
+    if cmdline.startswith(b"tpops: master"):
+        return True
+    argv = cmdline.split(b"\0")[:2]
+    return any(os.path.basename(arg) == b"tpops" for arg in argv)
 
 
 def detach(
@@ -89,20 +99,19 @@ def detach(
 ) -> logs.LogSetup:
     """Become a daemon (new session, umask 022, chdir /), keeping sockets and log files.
 
-    stdin/stdout go to /dev/null and stderr to ``$error_log`` (or /dev/null). The logs
+    stdin, stdout and stderr go to /dev/null; the caller then points stderr at
+    ``$error_log`` (see ``tpops.cli``) so it follows the file across reopens. The logs
     (syslog included) were opened once to prove they can be; they are closed before
     the fork-and-close dance and opened again after it.
     """
     if log_files.syslog is not None:
         log_files.syslog.close()
     log_files.close()
-    error_stream = open(config.error_log, "a", buffering=1) if config.error_log else None  # noqa: SIM115
     context = daemon.DaemonContext(
         working_directory="/",
         umask=0o022,
         detach_process=True,
         files_preserve=[s.fileno() for s in listeners],
-        stderr=error_stream,
         signal_map={},
     )
     context.open()
