@@ -23,7 +23,7 @@ from setproctitle import setproctitle
 
 from tpops import logs
 from tpops.auth import make_authenticator
-from tpops.auth.base import Authenticator
+from tpops.auth.base import Authenticator, LockingAuthenticator
 from tpops.config import Config
 from tpops.privileges import SessionPrivileges, become, lookup_identity
 from tpops.protocol import Transport
@@ -33,6 +33,9 @@ log = logs.get("worker")
 
 #: Exit status of a worker that could not start (the master stops instead of fork-looping).
 EXIT_BOOT_FAILED = 3
+
+#: Signals the master blocks around fork() and a new worker unblocks once its handlers are set.
+MASTER_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD})
 
 #: Report-pipe message: (pid, state), small enough to be written atomically.
 REPORT = struct.Struct("=iB")
@@ -76,7 +79,9 @@ class Worker:
         if self.report_fd is not None:
             try:
                 os.write(self.report_fd, REPORT.pack(os.getpid(), state))
-            except OSError:  # master gone: we will notice and exit
+            except BlockingIOError:  # the master is behind: it re-learns our state at the next report
+                pass
+            except OSError:  # EPIPE: the master is gone; finish up and exit
                 self.stop.graceful = True
 
     def run(self) -> int:
@@ -87,9 +92,12 @@ class Worker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # The master blocks these around fork(): one sent before this point is pending
+        # and reaches the handlers above now, instead of the master's inherited queue.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
+        setproctitle("tpops: worker starting")
         try:
-            privileges = boot_privileges(self.config)
-            authenticator = make_authenticator(self.config)
+            privileges, authenticator = boot(self.config)
         except Exception as exc:
             log.error("worker cannot start: %s", exc)
             return EXIT_BOOT_FAILED
@@ -99,6 +107,8 @@ class Worker:
         for listener in self.listeners:
             poller.register(listener.fileno(), select.POLLIN)
         poller.register(wake_r, select.POLLIN)
+        if self.report_fd is not None:  # POLLERR on the write end: the master died
+            poller.register(self.report_fd, 0)
         by_fd = {listener.fileno(): listener for listener in self.listeners}
         try:
             while not (self.stop.force or self.stop.graceful):
@@ -108,6 +118,10 @@ class Worker:
                     if fd == wake_r:
                         _drain(wake_r)
                         continue
+                    if fd == self.report_fd:
+                        log.error("worker %d: the master is gone, exiting", os.getpid())
+                        self.stop.graceful = True
+                        break
                     if self.stop.force or self.stop.graceful:
                         break
                     try:
@@ -162,6 +176,92 @@ class Worker:
             self.report(IDLE)
 
 
+def boot(config: Config) -> tuple[SessionPrivileges, Authenticator]:
+    """What every worker does before its first accept: privileges, backend, lock directory.
+
+    Raises (ValueError, OSError, ImportError) with a message for the log when the
+    worker cannot serve at all; the master then counts a boot failure.
+    """
+    # Import everything while still root: after the drop the interpreter's own files may
+    # be out of reach (as with a Python under /root), and nothing else should be loaded
+    # from disk by an unprivileged process anyway.
+    authenticator = make_authenticator(config)
+    try:
+        import tpops.mailbox.lock  # noqa: F401 - imported late by LockingAuthenticator.lock
+
+        privileges = boot_privileges(config)
+        if isinstance(authenticator, LockingAuthenticator):
+            check_lock_dir(config.passwd_lock_dir)
+    except BaseException:
+        authenticator.close()
+        raise
+    return privileges, authenticator
+
+
+def warm_up(config: Config) -> None:
+    """Import in the master what every worker's boot imports, so forked workers share it
+    (a worker then starts in a few milliseconds instead of importing the backend each)."""
+    try:
+        make_authenticator(config).close()
+        import tpops.mailbox.lock  # noqa: F401
+    except Exception:  # the workers' boot reports it properly
+        pass
+
+
+def check_lock_dir(path: str) -> None:
+    """Refuse to start when ``$passwd_lock_dir`` cannot be used as this process's identity:
+    otherwise every login would fail later with ``-ERR [SYS/TEMP]``."""
+    uid = os.geteuid()
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:  # created at the first login; its parent must allow that
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"$passwd_lock_dir {path} is missing and cannot be created as uid {uid}") from None
+        return
+    except OSError as exc:
+        raise ValueError(f"$passwd_lock_dir {path} is not usable as uid {uid}: {exc.strerror}") from None
+    if st.st_uid != uid:
+        raise ValueError(f"$passwd_lock_dir {path} belongs to uid {st.st_uid}, workers run as uid {uid}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"$passwd_lock_dir {path} is not writable as uid {uid}")
+
+
+def preflight(config: Config) -> str | None:
+    """Boot a throw-away worker in a child process: None if it could, else the reason.
+
+    Run by the master before it detaches (so the error reaches stderr) and before it
+    accepts a reloaded configuration. A child, because the boot drops privileges for good.
+    """
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # the child: never return into the caller
+        status = EXIT_BOOT_FAILED
+        try:
+            os.close(read_fd)
+            _, authenticator = boot(config)
+            authenticator.close()
+            status = 0
+        except BaseException as exc:
+            try:
+                os.write(write_fd, str(exc).encode("utf-8", "replace")[:4000] or b"unknown error")
+            except BaseException:
+                pass
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    try:
+        chunks = []
+        while chunk := os.read(read_fd, 4096):
+            chunks.append(chunk)
+    finally:
+        os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) == 0:
+        return None
+    return b"".join(chunks).decode("utf-8", "replace") or f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
 def boot_privileges(config: Config) -> SessionPrivileges:
     """Drop to ``--user``/``--group`` for good if given (as root); decide the per-session rule."""
     if os.geteuid() != 0:
@@ -211,8 +311,7 @@ def serve_inetd(config: Config, log_files: logs.LogSetup) -> int:
     except OSError:
         pass  # not a socket: plain pipes
     try:
-        privileges = boot_privileges(config)
-        authenticator = make_authenticator(config)
+        privileges, authenticator = boot(config)
     except Exception as exc:
         log.error("cannot start the session: %s", exc)
         try:
