@@ -12,11 +12,14 @@ master instead of fork-looping.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import gc
 import os
 import select
 import signal
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +28,7 @@ from setproctitle import setproctitle
 
 from tpops import logs
 from tpops.config import Config, ConfigError
-from tpops.worker import BUSY, EXIT_BOOT_FAILED, IDLE, REPORT, Worker
+from tpops.worker import EXIT_BOOT_FAILED, IDLE, MASTER_SIGNALS, REPORT, Worker, warm_up
 
 log = logs.get("arbiter")
 
@@ -33,6 +36,8 @@ log = logs.get("arbiter")
 MAX_BOOT_FAILURES = 5
 #: How long stop waits for workers before SIGKILL (the whole stop stays under 5 s).
 STOP_GRACE = 4.0
+#: Idle workers kept ready while fewer than $max_servers run (TServer's rule).
+SPARE_WORKERS = 2
 #: The loop's wake-up interval for ``$max_idle`` checks when nothing happens.
 TICK = 1.0
 
@@ -67,7 +72,9 @@ class Arbiter:
     # -- signal plumbing ---------------------------------------------------
 
     def _queue_signal(self, signum: int, frame: object) -> None:
-        if len(self.signals) < 16:
+        # Only record it (the loop does the work). A signal already queued is not queued
+        # twice, so a storm of SIGCHLD can never push out a SIGTERM.
+        if signum not in self.signals:
             self.signals.append(signum)
 
     def run(self) -> int:
@@ -76,9 +83,11 @@ class Arbiter:
         self.report_r, self.report_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
+        for signum in MASTER_SIGNALS:
             signal.signal(signum, self._queue_signal)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        warm_up(self.config)
+        gc.freeze()  # workers share the master's objects: no collection copies their pages
         addresses = ", ".join(_address(s) for s in self.listeners)
         log.info("tpops master %d listening on %s", os.getpid(), addresses)
         try:
@@ -112,22 +121,33 @@ class Arbiter:
     # -- the pool ----------------------------------------------------------
 
     def scale(self) -> None:
-        """Fork workers: at least $min_servers, two idle while below $max_servers."""
+        """Fork workers: at least $min_servers, and while below $max_servers two idle ones
+        plus one for each connection already waiting in the listen queue (a burst is met
+        with as many workers at once, not two per round trip)."""
+        waiting = None
         while True:
             active = [w for w in self.workers.values() if not w.retiring]
             idle = sum(1 for w in active if w.state == IDLE)
             total = len(self.workers)
             if total >= self.config.max_servers:
                 return
-            if len(active) >= self.config.min_servers and idle >= 2:
-                return
+            if len(active) >= self.config.min_servers and idle >= SPARE_WORKERS:
+                if waiting is None:
+                    waiting = waiting_connections(self.listeners)
+                if idle >= SPARE_WORKERS + waiting:
+                    return
             if not self.spawn():
                 return
 
     def spawn(self) -> bool:
+        # Blocked across fork(): a signal meant for the new worker waits until the worker
+        # has its own handlers (it unblocks them), instead of landing in the master's queue
+        # it inherited, where nobody would ever look at it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
         try:
             pid = os.fork()
         except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
             log.error("cannot fork a worker: %s", exc)
             return False
         if pid == 0:  # the child: never return into the master's loop
@@ -139,6 +159,7 @@ class Arbiter:
                 status = 1
             finally:
                 os._exit(status)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
         now = time.monotonic()
         self.workers[pid] = WorkerInfo(pid, now, IDLE, now)
         return True
@@ -148,14 +169,22 @@ class Arbiter:
         os.close(self.wake_r)
         os.close(self.wake_w)
         signal.set_wakeup_fd(-1)
+        self.signals.clear()
         worker = Worker(self.config, self.listeners, self.report_w, self.log_files)
         return worker.run()
 
     def read_reports(self) -> None:
-        try:
-            data = os.read(self.report_r, REPORT.size * 512)
-        except BlockingIOError:
-            return
+        """Drain the report pipe (so workers never find it full) and update the pool's view."""
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(self.report_r, REPORT.size * 4096)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        data = b"".join(chunks)
         now = time.monotonic()
         for offset in range(0, len(data) - len(data) % REPORT.size, REPORT.size):
             pid, state = REPORT.unpack_from(data, offset)
@@ -219,24 +248,36 @@ class Arbiter:
     # -- reload and stop ---------------------------------------------------
 
     def reload(self, force: bool) -> None:
-        """SIGHUP (force) / SIGUSR1: new configuration, reopened logs, fresh workers."""
+        """SIGHUP (force) / SIGUSR1: new configuration, reopened logs, fresh workers.
+
+        A configuration that does not load (or whose workers could not start) is logged
+        and the running one kept; the logs are reopened and the workers replaced either
+        way, so logrotate's rename-then-signal always works.
+        """
         name = "SIGHUP" if force else "SIGUSR1"
         try:
             config = self.reload_config()
-        except (ConfigError, OSError) as exc:
-            log.error("%s: configuration not reloaded, keeping the running one: %s", name, exc)
+        except (ConfigError, OSError, ValueError) as exc:
+            log.error("%s: configuration not reloaded, keeping the running one: %s", name, _one_line(exc))
             config = self.config
         if (config.port, config.bind_address) != (self.config.port, self.config.bind_address):
-            log.warning("%s: listening address changes need a restart; still on %s", name,
+            log.warning("%s: a new $port or $bind_address needs a restart; still listening on %s", name,
                         ", ".join(_address(s) for s in self.listeners))
+            config = dataclasses.replace(config, port=self.config.port, bind_address=self.config.bind_address)
         try:
-            self.log_files = self.reopen_logs(config)
+            new_logs = self.reopen_logs(config)
         except OSError as exc:
-            log.error("%s: cannot reopen the logs: %s", name, exc)
+            log.error("%s: cannot reopen the logs, keeping the open ones: %s", name, exc)
+        else:
+            old_logs, self.log_files = self.log_files, new_logs
+            old_logs.close()  # the workers being replaced keep their own copies until they exit
         self.config = config
+        warm_up(config)
+        gc.freeze()
         log.info("%s: configuration reloaded, replacing workers", name)
         for info in self.workers.values():
-            self._signal(info, signal.SIGTERM if force else signal.SIGUSR1)
+            if not info.retiring or force:
+                self._signal(info, signal.SIGTERM if force else signal.SIGUSR1)
             info.retiring = True
 
     def shutdown(self) -> None:
@@ -270,6 +311,28 @@ class Arbiter:
             if pid == 0:
                 return
             self.workers.pop(pid, None)
+
+
+#: ``struct tcp_info`` up to ``tcpi_unacked``, which on a listening socket is the number
+#: of connections waiting to be accepted (Linux).
+_TCP_INFO = struct.Struct("=8B5I")
+
+
+def waiting_connections(listeners: list[socket.socket]) -> int:
+    """Connections in the listen queues, not yet accepted by a worker (0 where unknown)."""
+    total = 0
+    for sock in listeners:
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO.size)
+        except (OSError, AttributeError):
+            continue
+        if len(info) >= _TCP_INFO.size:
+            total += _TCP_INFO.unpack_from(info)[-1]
+    return total
+
+
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(str(exc).splitlines())
 
 
 def _drain(fd: int) -> None:
