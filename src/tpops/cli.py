@@ -136,20 +136,26 @@ def run_standalone(config: Config, options: argparse.Namespace) -> int:
     try:
         if pid_file is not None:
             pid_file.check()
-        prepare_lock_dir(config)
+        prepare_workers(config)
         listeners = make_listeners(config)
     except (OSError, PidFileError, ValueError) as exc:
         print(f"tpops: cannot start: {exc}", file=sys.stderr)
         return EXIT_STARTUP
 
     def reload_config() -> Config:
-        return effective_config(options)
+        new = effective_config(options)
+        prepare_workers(new)
+        return new
 
     def reopen_logs(new: Config) -> logs.LogSetup:
-        return setup_logs(new, foreground=foreground)
+        reopened = setup_logs(new, foreground=foreground)
+        if not foreground:
+            _stderr_to(reopened)
+        return reopened
 
     if not foreground:
         log_files = detach(config, listeners, log_files, lambda: setup_logs(config, foreground=False))
+        _stderr_to(log_files)
     if pid_file is not None:
         pid_file.write()
     try:
@@ -159,6 +165,24 @@ def run_standalone(config: Config, options: argparse.Namespace) -> int:
         if pid_file is not None:
             pid_file.remove()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def prepare_workers(config: Config) -> None:
+    """The lock directory, then a throw-away worker boot: raises ValueError if workers
+    could not start, so the error is reported before detaching (or before a reload is
+    accepted) rather than by a master that gives up after forking."""
+    from tpops.worker import preflight
+
+    prepare_lock_dir(config)
+    reason = preflight(config)
+    if reason is not None:
+        raise ValueError(f"workers cannot start: {reason}")
+
+
+def _stderr_to(log_files: logs.LogSetup) -> None:
+    """A daemon's stderr (uncaught tracebacks) is ``$error_log``, the file now at that path."""
+    if log_files.error_log is not None:
+        os.dup2(log_files.error_log.fd, 2)
 
 
 def prepare_lock_dir(config: Config) -> None:
