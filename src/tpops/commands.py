@@ -127,7 +127,10 @@ def _with_message(fn: Callable[[Session, int, Message, list[str]], Reply]) -> Ha
 
 
 def cmd_user(session: Session, args: list[str]) -> Reply:
-    """USER name: remember the name for PASS; tells nothing about whether it exists."""
+    """USER name: remember the name for PASS; tells nothing about whether it exists.
+
+    The name is the rest of the line, as Dovecot takes it: a login is data, spaces included.
+    """
     session.pending_user = session.attempted_login = args[0]
     return ok("Send your password.")
 
@@ -142,10 +145,12 @@ def cmd_pass(session: Session, args: list[str]) -> Reply:
 
 
 def cmd_apop(session: Session, args: list[str]) -> Reply:
-    """APOP name digest (RFC 1939 section 7)."""
+    """APOP name digest (RFC 1939 section 7); the digest is the last word, the name may have spaces."""
     if session.apop_timestamp is None:
         return bad("APOP is not available.")
-    login, digest = args
+    login, _, digest = args[0].rpartition(" ")
+    if not login or not digest:
+        return bad("Missing argument for APOP.")
     stamp = session.apop_timestamp
     return session.log_in(login, lambda auth: auth.authenticate_apop(login, stamp, digest))
 
@@ -257,9 +262,9 @@ def cmd_quit_transaction(session: Session, args: list[str]) -> Reply:
 
 
 AUTHORIZATION_COMMANDS: dict[str, Command] = {
-    "USER": Command(cmd_user, 1, 1),
+    "USER": Command(cmd_user, 1, None),
     "PASS": Command(cmd_pass, 1, None),
-    "APOP": Command(cmd_apop, 2, 2),
+    "APOP": Command(cmd_apop, 1, None),
     "CAPA": Command(cmd_capa),
     "QUIT": Command(cmd_quit_auth),
 }

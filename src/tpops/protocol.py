@@ -14,7 +14,8 @@ import select
 import time
 from collections.abc import Callable, Iterable
 
-#: RFC 2449 section 4: a command line is at most 255 octets including the CRLF.
+#: RFC 2449 section 4 caps a command at 255 octets including the CRLF; we accept 255
+#: octets plus the line end, so a 250-octet login still fits after "USER ".
 MAX_COMMAND_OCTETS = 255
 #: How much we read from the client at once (PIPELINING: blocks, not bytes).
 READ_BLOCK = 16 * 1024
@@ -147,7 +148,7 @@ def _drain(fd: int) -> None:
 class LineReader:
     """Splits client input into command lines (CRLF or bare LF), bounded in memory.
 
-    A line longer than MAX_COMMAND_OCTETS is discarded as it arrives (never buffered
+    A line longer than MAX_COMMAND_OCTETS (line end excluded) is discarded as it arrives (never buffered
     whole) and reported once as LINE_TOO_LONG.
     """
 
@@ -170,10 +171,12 @@ class LineReader:
                 if self.discarding:
                     self.discarding = False
                     return LINE_TOO_LONG
-                if end + 1 > MAX_COMMAND_OCTETS:
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                if len(line) > MAX_COMMAND_OCTETS:
                     return LINE_TOO_LONG
-                return line[:-1] if line.endswith(b"\r") else line
-            if len(self.buffer) > MAX_COMMAND_OCTETS:
+                return line
+            if len(self.buffer) > MAX_COMMAND_OCTETS + 1:  # room for the CR of a CRLF
                 self.discarding = True
                 del self.buffer[:]
             self.buffer += self.transport.recv(deadline)

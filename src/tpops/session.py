@@ -55,12 +55,13 @@ class SessionRecord:
 
     def access_log_line(self) -> str:
         """The seed's format: ``IP START END LOGIN s_msgs s_octets e_msgs e_octets``."""
+        name = logs.escape(self.login or "").replace(" ", "\\x20")  # LOGIN is one field
         if self.logged_in:
-            login = logs.escape(self.login or "")
+            login = name
         elif self.login is None:
             login = "()"
         else:
-            login = f"({logs.escape(self.login)})"
+            login = f"({name})"
         fmt = "%Y/%m/%d %H:%M:%S"
         return (
             f"{self.peer} {time.strftime(fmt, time.localtime(self.start))} "

@@ -260,8 +260,12 @@ class MySQLAuthenticator:
 
     # -- authentication -------------------------------------------------------------
 
-    def _lookup(self, login: str) -> tuple[str, str] | None:
-        """``(passwd, maildir)`` of a login, None (logged) when it has no usable row."""
+    def _lookup(self, login: str) -> tuple[str, str, str] | None:
+        """``(row login, passwd, maildir)`` of a login, None (logged) when it has no usable row.
+
+        The row's login names the session: a case- or accent-insensitive collation may
+        match ``TOMMY`` to ``tommy``, and logs and locks must see one account.
+        """
         try:
             login.encode("utf-8")
         except UnicodeEncodeError:
@@ -291,7 +295,7 @@ class MySQLAuthenticator:
             log.warning("login %s refused: maildir %s is not an absolute path", escape(login),
                         escape(maildir or ""))
             return None
-        return stored, maildir
+        return _text(row[0]) or login, stored, maildir
 
     def authenticate(self, login: str, password: bytes) -> MailUser | None:
         """USER/PASS against the row of ``$mysql_auth_query``; None for bad credentials."""
@@ -300,13 +304,13 @@ class MySQLAuthenticator:
         if found is None:
             hashes.dummy_verify(password)
             return None
-        stored, maildir = found
+        canonical, stored, maildir = found
         if not hashes.verify_password(password, stored, plain_ok=True):
             if hashes.plain_secret(stored, plain_ok=True) is not None:
                 hashes.dummy_verify(password)  # a failed clear-text check costs what an unknown user does
             log.info("login %s refused: wrong password", escape(login))
             return None
-        return MailUser(login, maildir)
+        return MailUser(canonical, maildir)
 
     def authenticate_apop(self, login: str, timestamp: str, digest: str) -> MailUser | None:
         """APOP: rows with a clear-text (or ``{PLAIN}``) password only."""
@@ -314,7 +318,7 @@ class MySQLAuthenticator:
         found = self._lookup(login)
         if found is None:
             return None
-        stored, maildir = found
+        canonical, stored, maildir = found
         secret = hashes.plain_secret(stored, plain_ok=True)
         if secret is None:
             log.info("APOP login %s refused: the stored password is a hash, APOP needs clear text",
@@ -323,7 +327,7 @@ class MySQLAuthenticator:
         if not hashes.apop_digest_ok(timestamp, secret, digest):
             log.info("APOP login %s refused: wrong digest", escape(login))
             return None
-        return MailUser(login, maildir)
+        return MailUser(canonical, maildir)
 
     # -- locking --------------------------------------------------------------------
 
