@@ -32,8 +32,9 @@ from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 #: Default read size for streaming: large enough that per-chunk overhead is negligible,
-#: small enough that a session's memory stays bounded.
-DEFAULT_CHUNK_OCTETS = 256 * 1024
+#: small enough that a session's memory stays bounded, and under malloc's mmap
+#: threshold so a small message costs no mmap/munmap pair.
+DEFAULT_CHUNK_OCTETS = 64 * 1024
 
 #: Read size for :func:`wire_size_fd`: most messages fit in one read, and it stays
 #: under malloc's mmap threshold so sizing thousands of small files stays cheap.

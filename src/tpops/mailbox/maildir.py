@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 import re
 import tempfile
@@ -384,7 +385,7 @@ class Maildir:
             ):
                 raise MessageGone(msg.name)
             msg.name = relocated
-        return os.fdopen(fd, "rb")
+        return io.FileIO(fd, "rb")  # unbuffered: the encoder reads big chunks itself
 
     def commit(self) -> CommitResult:
         """UPDATE: unlink every message marked deleted; report what happened.
@@ -451,7 +452,7 @@ def _open_in(cur: str, name: str) -> int | None:
     A symlink put in its place is not the message we listed (O_NOFOLLOW: ELOOP).
     """
     try:
-        return os.open(os.path.join(cur, name), _OPEN_FLAGS)
+        return os.open(f"{cur}/{name}", _OPEN_FLAGS)
     except FileNotFoundError:
         return None
     except OSError as e:
