@@ -36,7 +36,8 @@ the results are kept in ``tpops-sizecache`` in the Maildir root, keyed by unique
 reads one file. A Maildir++ / Dovecot ``,W=<n>`` in the name (the size with CRLF line
 ends) also answers without reading, after checking the last octet, since a message
 not ending in LF gets a CRLF appended. Two settings trade exactness for speed, as in
-TPOPS: ``maildir_extended`` trusts ``,S=<n>`` (the file size) and
+TPOPS: ``maildir_extended`` trusts ``,W=<n>`` without the final-newline check, else
+``,S=<n>`` (the file size), and
 ``maildir_use_filesize`` uses the file's size from ``stat``; neither is exact when the
 stored message has bare LF line ends, and their results are not cached.
 """
@@ -261,8 +262,12 @@ class _Sizer:
 
         Raises FileNotFoundError if the file vanished, other OSError if unreadable.
         """
-        if self.extended and ",S=" in unique:
-            return size_fields(unique)["S"]
+        if self.extended and ("," in unique):
+            fields = size_fields(unique)
+            if "W" in fields:  # trusted as is: no check of the final newline
+                return fields["W"]
+            if "S" in fields:
+                return fields["S"]
         if self.use_filesize:
             return os.lstat(os.path.join(self.cur, name)).st_size
         octets = self.known.get(unique)
