@@ -233,8 +233,8 @@ def test_maildir_extended_trusts_s_field(tmp_path: Path) -> None:
 
 def test_maildir_extended_trusts_w_without_the_final_newline_check(tmp_path: Path) -> None:
     root = make_maildir(tmp_path)
-    put(root, "cur", "1.a.host,S=4,W=5:2,", b"abcd")  # no final LF: 6 octets on the wire
-    assert [m.octets for m in Maildir.open(str(root), maildir_extended=True).messages] == [5]
+    put(root, "cur", "1.a.host,S=4,W=4:2,", b"abcd")  # no final LF: 6 octets on the wire
+    assert [m.octets for m in Maildir.open(str(root), maildir_extended=True).messages] == [4]
     assert [m.octets for m in Maildir.open(str(root)).messages] == [6]
 
 
