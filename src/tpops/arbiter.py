@@ -214,7 +214,7 @@ class Arbiter:
             if not info.booted or code == EXIT_BOOT_FAILED:
                 self.boot_failures += 1
                 log.error("worker %d failed to start (exit status %d)", pid, code)
-                if self.boot_failures >= MAX_BOOT_FAILURES:
+                if self.boot_failures >= MAX_BOOT_FAILURES and not self.stopping:
                     log.error(
                         "workers keep failing at start-up (%d in a row): stopping; see the errors above",
                         self.boot_failures,
