@@ -265,3 +265,212 @@ def run_inetd(env: MailEnv, data: bytes, *extra: str, timeout: float = 30) -> su
         capture_output=True,
         timeout=timeout,
     )
+
+
+# -- processes, pools, syslog: helpers for the daemon tests (issue 3) ------------------
+
+#: Arguments that keep workers alive across sessions: as root, ``--user nobody`` (the
+#: virtual-mail set-up; without it a worker ends after each privilege-dropping login).
+POOL_ARGS: tuple[str, ...] = ("--user", "nobody") if IS_ROOT else ()
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it returns something truthy (returned); fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def proc_title(pid: int) -> str | None:
+    """The process title (``/proc/PID/cmdline`` as setproctitle leaves it); None when gone."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.split(b"\0")[0].decode(errors="replace").strip()
+
+
+def proc_children(pid: int) -> list[int]:
+    """Live (not zombie) children of ``pid``, from /proc."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.append(int(entry))
+    return children
+
+
+def worker_titles(master: int) -> dict[int, str]:
+    """The master's workers (children titled ``tpops: worker ...``): pid -> title."""
+    out = {}
+    for pid in proc_children(master):
+        title = proc_title(pid)
+        if title and title.startswith("tpops: worker"):
+            out[pid] = title
+    return out
+
+
+def idle_workers(master: int) -> set[int]:
+    return {pid for pid, title in worker_titles(master).items() if title == "tpops: worker idle"}
+
+
+def worker_serving(master: int, who: str, timeout: float = 5.0) -> int:
+    """The pid of the worker whose title is ``tpops: worker WHO`` (e.g. ``alice@127.0.0.1``)."""
+    def find() -> int | None:
+        for pid, title in worker_titles(master).items():
+            if title == f"tpops: worker {who}":
+                return pid
+        return None
+    return wait_for(find, timeout, what=f"a worker serving {who}")
+
+
+def proc_ids(pid: int) -> dict[str, list[int]]:
+    """``Uid``, ``Gid`` (real, effective, saved, fs) and ``Groups`` from /proc/PID/status."""
+    out: dict[str, list[int]] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Uid", "Gid", "Groups"):
+            out[key] = [int(v) for v in value.split()]
+    return out
+
+
+def gone(pid: int) -> bool:
+    """True when ``pid`` has exited (no process, or a zombie waiting to be reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+class SyslogCatcher:
+    """A /dev/log stand-in: an AF_UNIX datagram socket collecting what tpops sends to syslog."""
+
+    def __init__(self, path: Path) -> None:
+        import threading
+
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        os.chmod(path, 0o666)  # sessions served as nobody log too
+        self.sock.settimeout(0.1)
+        self.messages: list[str] = []
+        self.lock = threading.Lock()
+        self.running = True
+        self.thread = threading.Thread(target=self._collect, daemon=True)
+        self.thread.start()
+
+    def _collect(self) -> None:
+        while self.running:
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self.lock:
+                self.messages.append(data.decode("utf-8", "surrogateescape"))
+
+    def lines(self) -> list[str]:
+        with self.lock:
+            return list(self.messages)
+
+    def wait_for(self, text: str, timeout: float = 5.0) -> str:
+        """The first message containing ``text``."""
+        def find() -> str | None:
+            return next((m for m in self.lines() if text in m), None)
+        return wait_for(find, timeout, what=f"syslog message with {text!r}")
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join()
+        self.sock.close()
+
+
+#: Run a command in a private mount namespace whose /dev is a small tmpfs holding the
+#: usual device nodes (bind-mounted from the real /dev) and ``log``, a symlink to the test's
+#: syslog socket. Nothing outside the namespace changes; it vanishes with its processes.
+_PRIVATE_DEV = r"""
+set -e
+real=$1; log=$2; shift 2
+mount --rbind /dev "$real"
+mount -t tmpfs -o mode=755,size=64k tpops-test-dev /dev
+for n in null zero full random urandom tty; do
+  if [ -e "$real/$n" ]; then : > "/dev/$n"; mount --bind "$real/$n" "/dev/$n"; fi
+done
+ln -s /proc/self/fd /dev/fd
+ln -s "$log" /dev/log
+umount -l "$real"
+exec "$@"
+"""
+
+
+def with_dev_log(base: Path, log_socket: Path, argv: list[str]) -> list[str]:
+    """``argv`` run where /dev/log is ``log_socket`` (needs root: ``unshare --mount``)."""
+    real = base / "realdev"
+    real.mkdir(exist_ok=True)
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _PRIVATE_DEV,
+            "sh", str(real), str(log_socket), *argv]
+
+
+class SyslogServer(Server):
+    """``tpops --fg`` whose syslog goes to a :class:`SyslogCatcher` (root only)."""
+
+    def __init__(self, env: MailEnv, *extra_args: str, port: int | None = None) -> None:
+        super().__init__(env, *extra_args, port=port)
+        self.syslog = SyslogCatcher(env.base / "syslog.sock")
+        self.args = with_dev_log(env.base, self.syslog.path, self.args)
+
+    def stop(self) -> int | None:
+        try:
+            return super().stop()
+        finally:
+            self.syslog.close()
+
+
+def _unreachable_ancestor(path: str) -> tuple[str, str] | None:
+    """(dir, child) when ``dir``, an ancestor of ``path``, cannot be searched by others."""
+    parts = Path(os.path.realpath(path)).parts
+    for i in range(1, len(parts)):
+        directory = os.path.join(*parts[:i])
+        if not os.stat(directory).st_mode & 0o001:
+            return directory, parts[i]
+    return None
+
+
+#: Run a command as another (unprivileged) uid/gid in a private mount namespace where the
+#: Python interpreter stays reachable: when it lives under a directory others cannot
+#: search (a pyenv in /root), that directory is covered by a tmpfs holding only the
+#: interpreter's tree. Nothing changes outside the namespace.
+_AS_USER = r"""
+set -e
+uid=$1; gid=$2; real=$3; blocked=$4; child=$5; shift 5
+if [ -n "$blocked" ]; then
+  mount --rbind "$blocked" "$real"
+  mount -t tmpfs -o mode=755,size=64k tpops-test-hide "$blocked"
+  mkdir -p "$blocked/$child"
+  mount --rbind "$real/$child" "$blocked/$child"
+  umount -l "$real"
+fi
+exec setpriv --reuid="$uid" --regid="$gid" --clear-groups -- "$@"
+"""
+
+
+def as_user(base: Path, uid: int, gid: int, argv: list[str]) -> list[str]:
+    """``argv`` run as ``uid``/``gid`` (needs root), with the interpreter reachable."""
+    hide = _unreachable_ancestor(sys.base_prefix) or ("", "")
+    real = base / "realhide"
+    real.mkdir(exist_ok=True)
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _AS_USER,
+            "sh", str(uid), str(gid), str(real), hide[0], hide[1], *argv]
