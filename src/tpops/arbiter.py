@@ -110,6 +110,8 @@ class Arbiter:
     def handle_signals(self) -> None:
         while self.signals:
             signum = self.signals.pop(0)
+            if self.stopping:  # a reload queued behind SIGTERM would only fork to no end
+                continue
             if signum in (signal.SIGTERM, signal.SIGINT):
                 log.info("received %s: stopping", signal.Signals(signum).name)
                 self.stopping = True
