@@ -1,0 +1,133 @@
+"""The privilege ladder, checked in /proc: sessions served as the mailbox owner, --user
+workers, uid 0 refused, and a server run by an unprivileged user."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.conftest import (
+    IS_ROOT,
+    MAIL_GID,
+    MAIL_UID,
+    MailEnv,
+    RawClient,
+    Server,
+    as_user,
+    gone,
+    idle_workers,
+    make_message,
+    proc_ids,
+    wait_for,
+    worker_serving,
+    worker_titles,
+)
+
+pytestmark = pytest.mark.skipif(not IS_ROOT, reason="needs root: changes identities")
+
+
+def assert_runs_as(pid: int, uid: int, gid: int) -> None:
+    ids = proc_ids(pid)
+    assert ids["Uid"] == [uid] * 4, ids  # real, effective, saved, filesystem
+    assert ids["Gid"] == [gid] * 4, ids
+    assert ids["Groups"] == [], ids
+
+
+def test_root_without_user_serves_each_session_as_the_mailbox_owner(mail_env: MailEnv) -> None:
+    mail_env.add_user("owned", messages=[make_message()])  # no ids in the file: the Maildir's owner
+    mail_env.add_user("numbered", messages=[make_message()], uid="12345", gid="23456")
+    home = mail_env.maildir("numbered").parent
+    for path in [home, *home.rglob("*")]:
+        os.chown(path, 12345, 23456)
+    srv = Server(mail_env).start()
+    master = srv.proc.pid
+    try:
+        assert_runs_as(master, 0, 0)
+        for user, uid, gid in (("owned", MAIL_UID, MAIL_GID), ("numbered", 12345, 23456)):
+            idle_before = wait_for(lambda: idle_workers(master), what="idle workers")
+            assert all(proc_ids(p)["Uid"] == [0] * 4 for p in idle_before)  # they authenticate as root
+            c = RawClient(srv.port)
+            assert c.login(user).startswith(b"+OK Logged in, 1 messages")
+            pid = worker_serving(master, f"{user}@127.0.0.1")
+            assert_runs_as(pid, uid, gid)
+            assert c.cmd("DELE 1").startswith(b"+OK")
+            assert c.cmd("QUIT") == b"+OK Bye, 1 messages deleted, 0 left."
+            c.close()
+            # It can never be root again, so it ends and a fresh worker takes its place.
+            wait_for(lambda: gone(pid), what="the worker to end after the session")
+            wait_for(lambda: len(idle_workers(master) - {pid}) >= 2, what="replacement workers")
+            assert mail_env.messages(user) == []
+    finally:
+        srv.stop()
+
+
+def test_user_and_group_run_workers_for_good(mail_env: MailEnv) -> None:
+    mail_env.add_user("vera", messages=[make_message(), make_message()])
+    for args, gid in ((["--user", "nobody", "--group", "nogroup"], MAIL_GID), (["--user", "65534", "--group", "4242"], 4242)):
+        srv = Server(mail_env, *args).start()
+        master = srv.proc.pid
+        try:
+            assert_runs_as(master, 0, 0)
+            workers = wait_for(lambda: idle_workers(master), what="idle workers")
+            for pid in workers:
+                assert_runs_as(pid, MAIL_UID, gid)
+            c = RawClient(srv.port)
+            assert c.login("vera").startswith(b"+OK")
+            pid = worker_serving(master, "vera@127.0.0.1")
+            assert_runs_as(pid, MAIL_UID, gid)
+            assert c.cmd("QUIT").startswith(b"+OK Bye")
+            c.close()
+            wait_for(lambda: worker_titles(master).get(pid) == "tpops: worker idle", what="the same worker idle again")
+        finally:
+            srv.stop()
+
+
+def test_a_session_that_would_run_as_root_is_refused(mail_env: MailEnv) -> None:
+    mail_env.add_user("rooted", messages=[make_message()], uid="0", gid="0")
+    mail_env.add_user("rootowned", messages=[make_message()])
+    home = mail_env.maildir("rootowned").parent
+    for path in [home, *home.rglob("*")]:
+        os.chown(path, 0, 0)
+    srv = Server(mail_env).start()
+    master = srv.proc.pid
+    try:
+        c = RawClient(srv.port)
+        # A File line naming uid 0 never authenticates (the backend refuses the line) ...
+        assert c.login("rooted") == b"-ERR [AUTH] Authentication failed."
+        # ... and a Maildir owned by root, with no ids in the line, is refused after login.
+        assert c.login("rootowned") == b"-ERR [SYS/PERM] This mailbox cannot be served."
+        pid = worker_serving(master, "127.0.0.1")
+        assert_runs_as(pid, 0, 0)  # nothing was switched: the worker may serve on
+        assert c.cmd("QUIT").startswith(b"+OK")
+        c.close()
+    finally:
+        srv.stop()
+    log = mail_env.error_log.read_text()
+    assert "refusing to serve rootowned from 127.0.0.1: would serve the mailbox as root (uid 0)" in log
+    assert len(mail_env.messages("rooted")) == len(mail_env.messages("rootowned")) == 1
+
+
+def test_not_root_runs_everything_as_the_invoking_user(mail_env: MailEnv) -> None:
+    mail_env.add_user("nora", messages=[make_message(), make_message()])
+    mail_env.chown(mail_env.base)  # the whole set-up belongs to nobody, who starts tpops
+    srv = Server(mail_env)
+    srv.args = as_user(mail_env.base, MAIL_UID, MAIL_GID, srv.args)
+    srv.start()
+    master = srv.proc.pid
+    try:
+        assert_runs_as(master, MAIL_UID, MAIL_GID)
+        for pid in wait_for(lambda: idle_workers(master), what="idle workers"):
+            assert_runs_as(pid, MAIL_UID, MAIL_GID)
+        c = RawClient(srv.port)
+        assert c.login("nora").startswith(b"+OK Logged in, 2 messages")
+        pid = worker_serving(master, "nora@127.0.0.1")
+        assert_runs_as(pid, MAIL_UID, MAIL_GID)
+        assert c.cmd("DELE 2").startswith(b"+OK")
+        assert c.cmd("QUIT") == b"+OK Bye, 1 messages deleted, 1 left."
+        c.close()
+        wait_for(lambda: worker_titles(master).get(pid) == "tpops: worker idle", what="the worker serving again")
+    finally:
+        srv.stop()
+    assert len(mail_env.messages("nora")) == 1
+    assert mail_env.lock_dir.stat().st_uid == MAIL_UID
