@@ -1,0 +1,286 @@
+"""Syslog, the access log and the error log as an admin (and fail2ban) reads them: exact
+lines, secrets never written, client control characters escaped, reopened on signals."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import signal
+import threading
+import time
+
+import pytest
+
+from tests.conftest import (
+    IS_ROOT,
+    POOL_ARGS,
+    MailEnv,
+    RawClient,
+    Server,
+    SyslogServer,
+    gone,
+    idle_workers,
+    make_message,
+    proc_title,
+    wait_for,
+    worker_titles,
+)
+
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: a private /dev/log (unshare --mount)")
+
+#: glibc's syslog(3) datagram: <PRI>Mmm dd hh:mm:ss tpops[PID]: message
+SYSLOG_LINE = re.compile(r"<(\d+)>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d tpops\[(\d+)\]: (.*)", re.S)
+MAIL_INFO = (2 << 3) | 6  # LOG_MAIL | LOG_INFO
+MAIL_WARNING = (2 << 3) | 4
+#: The access log's format: IP START END LOGIN s_msgs s_octets e_msgs e_octets
+STAMP = r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d"
+ACCESS_LINE = re.compile(rf"127\.0\.0\.1 ({STAMP}) ({STAMP}) (\S+) (\d+) (\d+) (\d+) (\d+)")
+
+
+def syslog_records(srv: SyslogServer) -> list[tuple[int, int, str]]:
+    """(priority, pid, message) of every datagram, each checked against the syslog format."""
+    out = []
+    for datagram in srv.syslog.lines():
+        match = SYSLOG_LINE.fullmatch(datagram)
+        assert match, datagram
+        out.append((int(match.group(1)), int(match.group(2)), match.group(3)))
+    return out
+
+
+def syslog_server(env: MailEnv, *args: str) -> SyslogServer:
+    env.write_conf(syslog_facility="Syslog::LOG_MAIL")
+    return SyslogServer(env, *args).start()  # type: ignore[return-value]
+
+
+@needs_root
+def test_syslog_lines(mail_env: MailEnv) -> None:
+    mail_env.add_user("alice", messages=[make_message("one"), make_message("two")])
+    srv = syslog_server(mail_env, *POOL_ARGS)
+    try:
+        c = RawClient(srv.port)
+        assert c.cmd("USER mallory").startswith(b"+OK")
+        assert c.cmd("PASS guess").startswith(b"-ERR [AUTH]")
+        c.cmd("QUIT")
+        c.close()
+        c = RawClient(srv.port)
+        assert c.login("alice").startswith(b"+OK Logged in, 2 messages")
+        size = int(c.cmd("LIST 1").split()[2])
+        other = RawClient(srv.port)
+        assert other.login("alice").startswith(b"-ERR [IN-USE]")
+        other.cmd("QUIT")
+        other.close()
+        assert c.cmd("DELE 1").startswith(b"+OK")
+        assert c.cmd("QUIT").startswith(b"+OK Bye")
+        c.close()
+        srv.syslog.wait_for("logout: alice")
+        # After SIGHUP (syslog reopened by the master), new workers still reach syslog.
+        old = set(worker_titles(srv.proc.pid))
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: all(gone(p) for p in old) and idle_workers(srv.proc.pid), what="fresh workers")
+        c = RawClient(srv.port)
+        c.cmd("QUIT")
+        c.close()
+        wait_for(lambda: sum("disconnect from 127.0.0.1 (quit)" in m for m in srv.syslog.lines()) >= 4,
+                 what="the post-reload session in syslog")
+    finally:
+        srv.stop()
+    records = syslog_records(srv)
+    messages = [(pri, msg) for pri, _, msg in records]
+    expected = [
+        (MAIL_INFO, "connect from 127.0.0.1"),
+        (MAIL_WARNING, "authentication failed: mallory from 127.0.0.1"),  # fail2ban: ^authentication failed: \S+ from <HOST>$
+        (MAIL_INFO, f"login: alice has 2 messages ({2 * size} octets) from 127.0.0.1"),
+        (MAIL_WARNING, "cannot lock for alice from 127.0.0.1: mailbox in use"),
+        (MAIL_INFO, f"logout: alice deleted 1 messages ({size} octets), 1 messages ({size} octets) left"),
+        (MAIL_INFO, "disconnect from 127.0.0.1 (quit)"),
+        (MAIL_INFO, "SIGHUP: configuration reloaded, replacing workers"),
+    ]
+    for item in expected:
+        assert item in messages, item
+    master = srv.proc.pid
+    assert (MAIL_INFO, master, f"tpops master {master} stopped") in records
+    assert any(pid != master for _, pid, msg in records if msg.startswith("login: alice"))
+
+
+@needs_root
+def test_debug_trace_masks_every_secret(mail_env: MailEnv) -> None:
+    password, wrong = "S3cret-Passw0rd", "Wr0ng-Guess-77"
+    mail_env.add_user("dave", password=password, messages=[make_message()])
+    srv = syslog_server(mail_env, "--debug", *POOL_ARGS)
+    titles: list[str] = []
+    try:
+        c = RawClient(srv.port)
+        assert c.cmd("USER dave").startswith(b"+OK")
+        assert c.cmd(f"PASS {wrong}").startswith(b"-ERR [AUTH]")
+        assert c.cmd("USER dave").startswith(b"+OK")
+        assert c.cmd(f"pass {password}").startswith(b"+OK Logged in")
+        titles += [proc_title(p) or "" for p in worker_titles(srv.proc.pid)]
+        c.cmd("QUIT")
+        c.close()
+        c = RawClient(srv.port)
+        stamp = c.greeting.split()[-1].decode()
+        digest = hashlib.md5((stamp + password).encode()).hexdigest()
+        assert c.cmd(f"APOP dave {digest}").startswith(b"+OK Logged in")
+        titles += [proc_title(p) or "" for p in worker_titles(srv.proc.pid)]
+        c.cmd("QUIT")
+        c.close()
+        srv.syslog.wait_for("C: APOP dave ****")
+        srv.syslog.wait_for("logout: dave")
+    finally:
+        srv.stop()
+    syslog_text = "\n".join(srv.syslog.lines())
+    for line in ("C: USER dave", "C: PASS ****", "C: APOP dave ****", "S: +OK Logged in, 1 messages"):
+        assert line in syslog_text, line
+    everything = {
+        "syslog": syslog_text,
+        "stderr": srv.output(),
+        "error log": mail_env.error_log.read_text(),
+        "access log": mail_env.access_log.read_text(),
+        "titles": "\n".join(titles),
+    }
+    assert "tpops: worker dave@127.0.0.1" in everything["titles"]
+    for where, text in everything.items():
+        for secret in (password, wrong, digest):
+            assert secret not in text, f"a secret in the {where}"
+
+
+#: A login carrying CR, NUL, ESC, DEL and other control characters (LF would end the line).
+NASTY_LOGIN = b"evil\rINFO forged\x00\x1b[2J\x7f\x01\x08"
+NASTY_ESCAPED = r"evil\x0dINFO forged\x00\x1b[2J\x7f\x01\x08"
+
+
+def _assert_one_line_each(text: str, where: str) -> None:
+    for line in text.split("\n"):
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", line), f"raw control character in the {where}: {line!r}"
+
+
+def _nasty_session(port: int) -> None:
+    c = RawClient(port)
+    assert c.cmd(b"USER " + NASTY_LOGIN).startswith(b"+OK")
+    assert c.cmd("PASS whatever").startswith(b"-ERR [AUTH]")
+    assert c.cmd(b"NO\rOP\x1b[2J").startswith(b"-ERR")
+    c.cmd("QUIT")
+    c.close()
+
+
+def test_client_control_characters_are_escaped_in_files(mail_env: MailEnv) -> None:
+    srv = Server(mail_env, "--debug").start()
+    try:
+        _nasty_session(srv.port)
+    finally:
+        srv.stop()
+    access = mail_env.access_log.read_text()
+    assert " ({}) 0 0 0 0\n".format(NASTY_ESCAPED.replace(" ", r"\x20")) in access  # LOGIN is one field
+    error_log = mail_env.error_log.read_text()
+    assert f"authentication failed: {NASTY_ESCAPED} from 127.0.0.1" in error_log
+    assert r"C: NO\x0dOP\x1b[2J" in srv.output()
+    for where, text in (("access log", access), ("error log", error_log), ("stderr", srv.output())):
+        _assert_one_line_each(text, where)
+
+
+@needs_root
+def test_client_control_characters_are_escaped_in_syslog(mail_env: MailEnv) -> None:
+    srv = syslog_server(mail_env, "--debug")
+    try:
+        _nasty_session(srv.port)
+        srv.syslog.wait_for("disconnect from 127.0.0.1")
+    finally:
+        srv.stop()
+    messages = [msg for _, _, msg in syslog_records(srv)]
+    assert f"authentication failed: {NASTY_ESCAPED} from 127.0.0.1" in messages
+    assert r"C: NO\x0dOP\x1b[2J" in messages
+    for message in messages:
+        _assert_one_line_each(message, "syslog")
+
+
+@pytest.mark.timeout(60)
+def test_access_log_lines_exact_with_many_workers_appending(mail_env: MailEnv) -> None:
+    users = [f"acc{i}" for i in range(24)]
+    for user in users:
+        mail_env.add_user(user, messages=[make_message(), make_message()])
+    srv = Server(mail_env, *POOL_ARGS).start()
+    size = 0
+    try:
+        c = RawClient(srv.port)
+        assert c.login(users[0]).startswith(b"+OK")
+        size = int(c.cmd("LIST 1").split()[2])
+        c.cmd("QUIT")
+        c.close()
+        began = time.time()
+        errors: list[BaseException] = []
+
+        def sessions(user: str) -> None:
+            try:
+                for _ in range(2):
+                    c = RawClient(srv.port)  # never logs in
+                    c.cmd("QUIT")
+                    c.close()
+                    c = RawClient(srv.port)  # fails
+                    c.cmd(f"USER {user}")
+                    assert c.cmd("PASS nope").startswith(b"-ERR")
+                    c.cmd("QUIT")
+                    c.close()
+                c = RawClient(srv.port)
+                assert c.login(user).startswith(b"+OK")
+                assert c.cmd("DELE 1").startswith(b"+OK")
+                assert c.cmd("QUIT").startswith(b"+OK Bye")
+                c.close()
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=sessions, args=(u,)) for u in users]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors[:3]
+        ended = time.time()
+    finally:
+        srv.stop()
+    lines = mail_env.access_log.read_text().split("\n")
+    assert lines.pop() == ""  # the file ends with a newline
+    fields = []
+    for line in lines:
+        match = ACCESS_LINE.fullmatch(line)
+        assert match, f"not an access-log line (interleaved?): {line!r}"
+        fields.append(match.groups())
+    lines_for = {(f[2], f[3], f[4], f[5], f[6]) for f in fields}
+    counts: dict[str, int] = {}
+    for f in fields:
+        counts[f[2]] = counts.get(f[2], 0) + 1
+        assert f[0] <= f[1]  # START <= END (same format, sorts as text)
+    assert counts["()"] == 2 * len(users) + 1  # + the readiness probe
+    for user in users:
+        assert counts[f"({user})"] == 2
+        assert (user, "2", str(2 * size), "1", str(size)) in lines_for
+        assert counts[user] == (2 if user == users[0] else 1)
+    stamps = [time.mktime(time.strptime(f[1], "%Y/%m/%d %H:%M:%S")) for f in fields[-10:]]
+    assert all(began - 2 <= s <= ended + 2 for s in stamps)  # local time, as the seed wrote it
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR1], ids=lambda s: s.name)
+def test_logs_are_reopened_after_rename(mail_env: MailEnv, signum: int) -> None:
+    mail_env.add_user("rolf", messages=[make_message()])
+    srv = Server(mail_env, *POOL_ARGS).start()
+    master = srv.proc.pid
+    rotated_access = mail_env.base / "access.log.1"
+    rotated_error = mail_env.base / "error.log.1"
+    try:
+        old = wait_for(lambda: idle_workers(master), what="idle workers")
+        mail_env.access_log.rename(rotated_access)
+        mail_env.error_log.rename(rotated_error)
+        srv.proc.send_signal(signum)
+        wait_for(lambda: all(gone(p) for p in old) and len(idle_workers(master)) >= 2, what="fresh workers")
+        assert mail_env.access_log.exists() and mail_env.error_log.exists()
+        c = RawClient(srv.port)
+        c.cmd("USER rolf")
+        assert c.cmd("PASS wrong").startswith(b"-ERR")
+        assert c.login("rolf").startswith(b"+OK")
+        assert c.cmd("QUIT").startswith(b"+OK Bye")
+        c.close()
+    finally:
+        srv.stop()
+    assert " rolf 1 " in mail_env.access_log.read_text()
+    assert " rolf " not in rotated_access.read_text()
+    assert "authentication failed: rolf from 127.0.0.1" in mail_env.error_log.read_text()
+    assert "authentication failed" not in rotated_error.read_text()
