@@ -121,7 +121,8 @@ def test_sighup_reloads_reopens_logs_and_forces_clients_off(mail_env: MailEnv) -
         old_workers = set(worker_titles(master))
         mail_env.access_log.rename(mail_env.base / "access.log.1")
         mail_env.error_log.rename(mail_env.base / "error.log.1")
-        mail_env.write_conf(auth_file=repr(str(users2)), min_servers="3", max_servers="3", port=str(free_port()))
+        mail_env.write_conf(auth_file=repr(str(users2)), min_servers="3", max_servers="3", port=str(free_port()),
+                            error_interval="1")
         srv.proc.send_signal(signal.SIGHUP)
         assert alice.readline() == SHUTTING_DOWN
         assert alice.closed()
@@ -131,7 +132,9 @@ def test_sighup_reloads_reopens_logs_and_forces_clients_off(mail_env: MailEnv) -
         # The new auth file is in force.
         c = RawClient(srv.port)
         assert c.cmd("USER alice").startswith(b"+OK")
+        began = time.monotonic()
         assert c.cmd("PASS secret").startswith(b"-ERR [AUTH]")
+        assert time.monotonic() - began >= 0.9  # the new $error_interval delays a failed login
         assert c.login("bob").startswith(b"+OK Logged in, 1 messages")
         clients.append(c)
         # $max_servers = 3: a fourth client waits in the listen backlog until one leaves.
