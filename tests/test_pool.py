@@ -284,3 +284,40 @@ def test_unusable_lock_dir_is_a_start_up_error(mail_env: MailEnv) -> None:
                           "--user", "nobody"], capture_output=True, text=True, timeout=20)
     assert out.returncode == 1
     assert f"tpops: cannot start: workers cannot start: $passwd_lock_dir {private / 'locks'}" in out.stderr
+
+
+class _BrokenBackend:
+    """An authenticator that fails before the session even starts (a bug in a backend)."""
+
+    name = "broken"
+
+    @property
+    def supports_apop(self) -> bool:
+        raise ImportError("cannot import name 'metadata'")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_worker_survives_an_error_outside_the_session(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from setproctitle import getproctitle, setproctitle
+
+    from tpops import logs
+    from tpops.config import Config
+    from tpops.privileges import SessionPrivileges
+    from tpops.worker import Worker
+
+    title = getproctitle()
+    server_end, client_end = socket.socketpair()
+    wake_r, wake_w = os.pipe()
+    try:
+        worker = Worker(Config(), [], None, logs.LogSetup())
+        worker.serve(server_end, "192.0.2.1", _BrokenBackend(), SessionPrivileges(False), wake_r)  # type: ignore[arg-type]
+        client_end.settimeout(5)
+        assert client_end.recv(200) == b"-ERR [SYS/TEMP] Internal server error.\r\n"
+        assert client_end.recv(200) == b""  # closed, and serve() returned: the worker lives on
+    finally:
+        setproctitle(title)
+        client_end.close()
+        os.close(wake_r)
+        os.close(wake_w)

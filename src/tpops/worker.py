@@ -169,6 +169,15 @@ class Worker:
             )
             record = session.run()
             write_access_log(self.log_files, record.access_log_line())
+        except Exception:
+            # A bug outside the session loop (it catches its own): this client gets a
+            # short error, the worker lives on. Dying here would turn one bad input
+            # into a crash, and a fork, per connection.
+            log.exception("internal error serving %s", peer)
+            try:
+                conn.send(b"-ERR [SYS/TEMP] Internal server error.\r\n", socket.MSG_DONTWAIT)
+            except OSError:
+                pass
         finally:
             conn.close()
         if not privileges.changed:
