@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -321,3 +322,28 @@ def test_a_worker_survives_an_error_outside_the_session(tmp_path) -> None:  # ty
         client_end.close()
         os.close(wake_r)
         os.close(wake_w)
+
+
+def test_listens_on_every_bind_address_close_on_exec(mail_env: MailEnv) -> None:
+    mail_env.add_user("ivy", messages=[make_message()])
+    srv = start(mail_env, "--bind", "::1", *POOL_ARGS)
+    master = srv.proc.pid
+    try:
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            with socket.socket(family) as s:
+                s.settimeout(5)
+                s.connect((host, srv.port))
+                assert s.recv(100).startswith(b"+OK tpops ready.")
+                s.sendall(b"QUIT\r\n")
+        listening = []
+        for fd in os.listdir(f"/proc/{master}/fd"):
+            target = os.readlink(f"/proc/{master}/fd/{fd}")
+            if target.startswith("socket:"):
+                fdinfo = Path(f"/proc/{master}/fdinfo/{fd}").read_text().splitlines()
+                flags = int(next(line.split()[1] for line in fdinfo if line.startswith("flags:")), 8)
+                listening.append(flags)
+        assert len(listening) >= 2
+        assert all(flags & os.O_CLOEXEC for flags in listening)  # never inherited by programs run later
+    finally:
+        srv.stop()
+    assert "listening on 127.0.0.1:%d, [::1]:%d" % (srv.port, srv.port) in srv.output()
