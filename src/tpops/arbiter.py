@@ -3,11 +3,12 @@
 TServer semantics, made robust (gunicorn's arbiter is the model): the master starts
 ``$min_servers`` workers and forks more while fewer than two are idle, up to
 ``$max_servers``; workers report busy/idle through a pipe, so a burst is seen at
-once. Signal handlers only queue the signal; the loop reaps, rescales and handles
-SIGTERM/SIGINT (stop), SIGHUP (reload, workers forced off) and SIGUSR1 (reload,
-workers finish their session). Workers idle longer than ``$max_idle`` are retired
-while more than ``$min_servers`` run. Workers that keep failing at start-up stop the
-master instead of fork-looping.
+once, and the master then forks one more worker for each connection waiting in the
+listen queue. Signal handlers only queue the signal; the loop reaps, rescales and
+handles SIGTERM/SIGINT (stop), SIGHUP (reload, workers forced off) and SIGUSR1
+(reload, workers finish their session). Workers idle longer than ``$max_idle`` are
+retired while more than ``$min_servers`` run. Workers that keep failing at start-up
+stop the master instead of fork-looping; workers whose master died exit by themselves.
 """
 
 from __future__ import annotations

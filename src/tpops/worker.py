@@ -5,7 +5,14 @@ ends after ``$max_use`` sessions, after a session that changed its identity, or 
 the master tells it to: SIGUSR1 means "finish the current session, then exit"
 (also used for ``$max_idle``), SIGTERM means "stop now" — a session cut that way does
 not enter UPDATE, while one already in UPDATE finishes it. Signal handlers only
-record the request; the wake-up pipe makes a blocked wait notice it.
+record the request; the wake-up pipe makes a blocked wait notice it. A worker whose
+master died (the report pipe's reader is gone) finishes its session and exits, so
+orphans never keep the port.
+
+Before its first accept a worker boots (:func:`boot`): backend built and modules
+imported while still root, then ``--user`` applied for good, then the lock directory
+checked as the identity that will use it. The master runs the same boot once in a
+throw-away child (:func:`preflight`) before detaching and before accepting a reload.
 """
 
 from __future__ import annotations
