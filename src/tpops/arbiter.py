@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from setproctitle import setproctitle
 
 from tpops import logs
+from tpops.auth.base import Authenticator
 from tpops.config import Config, ConfigError
 from tpops.worker import EXIT_BOOT_FAILED, IDLE, MASTER_SIGNALS, REPORT, Worker, warm_up
 
@@ -69,6 +70,8 @@ class Arbiter:
     boot_failures: int = 0
     stopping: bool = False
     exit_status: int = 0
+    #: The backend prepared in the master (user list read, modules imported), inherited by workers.
+    authenticator: Authenticator | None = None
 
     # -- signal plumbing ---------------------------------------------------
 
@@ -87,7 +90,7 @@ class Arbiter:
         for signum in MASTER_SIGNALS:
             signal.signal(signum, self._queue_signal)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        warm_up(self.config)
+        self.authenticator = warm_up(self.config)
         gc.freeze()  # workers share the master's objects: no collection copies their pages
         addresses = ", ".join(_address(s) for s in self.listeners)
         log.info("tpops master %d listening on %s", os.getpid(), addresses)
@@ -173,7 +176,7 @@ class Arbiter:
         os.close(self.wake_w)
         signal.set_wakeup_fd(-1)
         self.signals.clear()
-        worker = Worker(self.config, self.listeners, self.report_w, self.log_files)
+        worker = Worker(self.config, self.listeners, self.report_w, self.log_files, self.authenticator)
         return worker.run()
 
     def read_reports(self) -> None:
@@ -275,7 +278,7 @@ class Arbiter:
             old_logs, self.log_files = self.log_files, new_logs
             old_logs.close()  # the workers being replaced keep their own copies until they exit
         self.config = config
-        warm_up(config)
+        self.authenticator = warm_up(config)
         gc.freeze()
         log.info("%s: configuration reloaded, replacing workers", name)
         for info in self.workers.values():

@@ -79,6 +79,7 @@ class Worker:
     listeners: list[socket.socket]
     report_fd: int | None
     log_files: logs.LogSetup
+    authenticator: Authenticator | None = None  # the master's prepared one, if it has one
     stop: StopRequest = field(default_factory=StopRequest)
     sessions: int = 0
 
@@ -104,7 +105,7 @@ class Worker:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
         setproctitle("tpops: worker starting")
         try:
-            privileges, authenticator = boot(self.config)
+            privileges, authenticator = boot(self.config, self.authenticator)
         except Exception as exc:
             log.error("worker cannot start: %s", exc)
             return EXIT_BOOT_FAILED
@@ -192,7 +193,7 @@ class Worker:
             self.report(IDLE)
 
 
-def boot(config: Config) -> tuple[SessionPrivileges, Authenticator]:
+def boot(config: Config, authenticator: Authenticator | None = None) -> tuple[SessionPrivileges, Authenticator]:
     """What every worker does before its first accept: privileges, backend, lock directory.
 
     Raises (ValueError, OSError, ImportError) with a message for the log when the
@@ -201,10 +202,9 @@ def boot(config: Config) -> tuple[SessionPrivileges, Authenticator]:
     # Import everything while still root: after the drop the interpreter's own files may
     # be out of reach (as with a Python under /root), and nothing else should be loaded
     # from disk by an unprivileged process anyway.
-    authenticator = make_authenticator(config)
+    if authenticator is None:
+        authenticator = prepared_authenticator(config)
     try:
-        import tpops.mailbox.lock  # noqa: F401 - imported late by LockingAuthenticator.lock
-
         privileges = boot_privileges(config)
         if isinstance(authenticator, LockingAuthenticator):
             check_lock_dir(config.passwd_lock_dir)
@@ -214,14 +214,21 @@ def boot(config: Config) -> tuple[SessionPrivileges, Authenticator]:
     return privileges, authenticator
 
 
-def warm_up(config: Config) -> None:
-    """Import in the master what every worker's boot imports, so forked workers share it
-    (a worker then starts in a few milliseconds instead of importing the backend each)."""
+def prepared_authenticator(config: Config) -> Authenticator:
+    """The backend, built and prepared (files read, modules imported) while still root."""
+    authenticator = make_authenticator(config)
+    authenticator.prepare()
+    return authenticator
+
+
+def warm_up(config: Config) -> Authenticator | None:
+    """The master's prepared backend, inherited by every worker it forks: a worker then
+    starts in a few milliseconds and never re-reads the user list on its first login.
+    None when it cannot be built (each worker's boot then reports why)."""
     try:
-        make_authenticator(config).close()
-        import tpops.mailbox.lock  # noqa: F401
-    except Exception:  # the workers' boot reports it properly
-        pass
+        return prepared_authenticator(config)
+    except Exception:
+        return None
 
 
 def check_lock_dir(path: str) -> None:

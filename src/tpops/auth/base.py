@@ -20,6 +20,11 @@ Methods the session calls
     Take the one-session-per-mailbox lock; return a :class:`MailboxLock` or raise
     :class:`MailboxInUse`. The default (:meth:`Authenticator.lock`) is a kernel file
     lock in ``$passwd_lock_dir``; MySQL overrides it with ``GET_LOCK``.
+``prepare()``
+    Load now what the workers will need: read files, import hash handlers. Called once
+    in the master, as root, before workers are forked (and again after a reload), so a
+    worker neither re-reads the user list on its first login nor imports code after it
+    dropped privileges. Must not open connections: they would be shared across fork.
 ``close()``
     Release backend resources (a database connection). Called when the worker exits.
 
@@ -86,6 +91,8 @@ class Authenticator(Protocol):
 
     def lock(self, user: MailUser) -> MailboxLock: ...
 
+    def prepare(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -116,6 +123,13 @@ class LockingAuthenticator:
             return acquire(self._lock_dir, os.path.realpath(user.maildir))
         except OSError as e:
             raise AuthUnavailable(f"cannot lock in {self._lock_dir}: {e.strerror or e}") from e
+
+    def prepare(self) -> None:
+        """Import the hash handlers and the lock module while still root (see the module docstring)."""
+        from tpops.auth import hashes
+        from tpops.mailbox import lock  # noqa: F401
+
+        hashes.preload()
 
     def close(self) -> None:
         """Nothing to release: file locks die with their holder."""

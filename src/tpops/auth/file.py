@@ -209,12 +209,21 @@ class FileAuthenticator(LockingAuthenticator):
         self._table = _Table(key, users, apop)
         return self._table
 
+    def prepare(self) -> None:
+        """Handlers imported and the user list read, so forked workers share both."""
+        super().prepare()
+        try:
+            self._users()
+        except AuthUnavailable as e:  # the first login reports it again
+            log.error("%s", e)
+
     @property
     def supports_apop(self) -> bool:
-        """True when some entry has a clear-text (``{PLAIN}``) password; False when the file is unreadable."""
+        """True when some entry has a clear-text (``{PLAIN}``) password; False when the file
+        cannot be read (the login that follows reports why)."""
         try:
             return self._users().apop
-        except AuthUnavailable as e:
+        except Exception as e:  # a greeting must never fail
             log.error("%s", e)
             return False
 

@@ -182,6 +182,28 @@ def identify(stored: str, *, plain_ok: bool = False) -> str | None:
     return "plain" if plain_ok and stored else None
 
 
+def preload() -> None:
+    """Import every hash handler, its backend and crypt(3) now.
+
+    Called while still root, before workers fork: an unprivileged worker may be unable to
+    read the interpreter's files (a Python under /root), and forked workers then share
+    the loaded code instead of each importing it on its first login.
+    """
+    names = {s.handler for s in SCHEMES.values() if s.handler} | set(BARE_HANDLERS) | set(CRYPT_HANDLERS)
+    for name in sorted(names):
+        handler = getattr(passlib_hash, name)
+        get_backend = getattr(handler, "get_backend", None)
+        if get_backend is not None:
+            try:
+                get_backend()
+            except passlib_exc.MissingBackendError:
+                log.debug("no backend for %s: those hashes will be refused", name)
+    try:
+        _crypt_module()
+    except ImportError as e:
+        log.warning("%s", e)
+
+
 def _crypt_module() -> ModuleType:
     """The crypt(3) binding: stdlib ``crypt`` before Python 3.13, the ``crypt_r`` package after."""
     with warnings.catch_warnings():

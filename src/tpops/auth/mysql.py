@@ -253,6 +253,10 @@ class MySQLAuthenticator:
                 self._drop()
             raise AuthUnavailable(f"MySQL: query failed on {self._where}: {_describe(e)}") from e
 
+    def prepare(self) -> None:
+        """Hash handlers imported before workers fork; no connection (it would be shared)."""
+        hashes.preload()
+
     def close(self) -> None:
         """Close the connection (the server then drops this worker's locks)."""
         if self._current() is not None:

@@ -190,6 +190,15 @@ class PasswdAuthenticator(LockingAuthenticator):
         self._shadow_path = shadow_path
         self._secrets: _Secrets | None = None
 
+    def prepare(self) -> None:
+        """Handlers and crypt(3) imported; the APOP secrets read (and berkeleydb loaded) as root."""
+        super().prepare()
+        if self._apop_path is not None:
+            try:
+                self._apop_secrets()
+            except AuthUnavailable as e:  # the first APOP login reports it again
+                log.error("%s", e)
+
     @property
     def supports_apop(self) -> bool:
         """True when ``$apop_passwd_file`` is set."""
