@@ -24,7 +24,15 @@ from tpops.auth.base import MailUser
 
 
 class Refused(Exception):
-    """This session must not be served (it would run as root, or has no owner)."""
+    """This session must not be served (it would run as root, or has no owner).
+
+    ``final`` is True when the process can serve nobody else either (an identity switch
+    failed half-way): the session then closes the connection.
+    """
+
+    def __init__(self, reason: str, *, final: bool = False) -> None:
+        super().__init__(reason)
+        self.final = final
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +107,7 @@ class SessionPrivileges:
                 raise Refused("would serve the mailbox as root")
             return False
         if self.changed:  # an earlier drop failed half-way: never open a mailbox here
-            raise Refused("this process already changed its identity")
+            raise Refused("this process already changed its identity", final=True)
         identity = mailbox_owner(user)
         if identity.uid == 0:
             raise Refused("would serve the mailbox as root (uid 0)")
@@ -107,5 +115,5 @@ class SessionPrivileges:
         try:
             become(identity)
         except OSError as exc:
-            raise Refused(f"cannot switch to uid {identity.uid} gid {identity.gid}: {exc}") from exc
+            raise Refused(f"cannot switch to uid {identity.uid} gid {identity.gid}: {exc}", final=True) from exc
         return True

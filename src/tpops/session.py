@@ -167,7 +167,7 @@ class Session:
         except Refused as exc:
             lock.release()
             log.error("refusing to serve %s from %s: %s", name, self.peer, exc)
-            return err("This mailbox cannot be served.", "SYS/PERM", close=self.dropped_privileges)
+            return err("This mailbox cannot be served.", "SYS/PERM", close=self.dropped_privileges or exc.final)
         except OSError as exc:
             lock.release()
             log.error("cannot open the mailbox of %s (%s): %s", name, logs.escape(user.maildir), exc)

@@ -32,6 +32,7 @@ from tpops import logs
 from tpops.auth import make_authenticator
 from tpops.auth.base import Authenticator, LockingAuthenticator
 from tpops.config import Config
+from tpops.mailbox.lock import ensure_lock_dir
 from tpops.privileges import SessionPrivileges, become, lookup_identity
 from tpops.protocol import Transport
 from tpops.session import Session, make_timestamp
@@ -232,22 +233,15 @@ def warm_up(config: Config) -> Authenticator | None:
 
 
 def check_lock_dir(path: str) -> None:
-    """Refuse to start when ``$passwd_lock_dir`` cannot be used as this process's identity:
-    otherwise every login would fail later with ``-ERR [SYS/TEMP]``."""
-    uid = os.geteuid()
+    """Refuse to start when ``$passwd_lock_dir`` cannot be used as this process's identity
+    (the rules of :func:`tpops.mailbox.lock.ensure_lock_dir`): otherwise every login would
+    fail later with ``-ERR [SYS/TEMP]``."""
     try:
-        st = os.stat(path)
-    except FileNotFoundError:  # created at the first login; its parent must allow that
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise ValueError(f"$passwd_lock_dir {path} is missing and cannot be created as uid {uid}") from None
-        return
+        ensure_lock_dir(path)
     except OSError as exc:
-        raise ValueError(f"$passwd_lock_dir {path} is not usable as uid {uid}: {exc.strerror}") from None
-    if st.st_uid != uid:
-        raise ValueError(f"$passwd_lock_dir {path} belongs to uid {st.st_uid}, workers run as uid {uid}")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"$passwd_lock_dir {path} is not writable as uid {uid}")
+        raise ValueError(
+            f"$passwd_lock_dir {path} is not usable as uid {os.geteuid()}: {exc.strerror or exc}"
+        ) from None
 
 
 def preflight(config: Config) -> str | None:

@@ -101,7 +101,7 @@ def lock_file_name(key: str) -> str:
     return f"tpops-{digest}.lock"
 
 
-def _ensure_lock_dir(lock_dir: str) -> None:
+def ensure_lock_dir(lock_dir: str) -> None:
     """Create ``lock_dir`` (0700) if missing; refuse one another user could write to.
 
     Raises :class:`PermissionError` for an unsafe directory and :class:`OSError` when it
@@ -128,7 +128,7 @@ def acquire(lock_dir: str, key: str) -> FileMailboxLock:
     lock directory or file is unusable (missing parent, unsafe directory, a symlink in
     place of the lock file).
     """
-    _ensure_lock_dir(lock_dir)
+    ensure_lock_dir(lock_dir)
     path = os.path.join(lock_dir, lock_file_name(key))
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(path, flags, LOCK_FILE_MODE)
