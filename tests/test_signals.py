@@ -3,7 +3,6 @@ deleted that was not QUIT, reloads that take effect, bad reloads that change not
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import threading

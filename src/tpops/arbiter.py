@@ -30,6 +30,7 @@ from setproctitle import setproctitle
 from tpops import logs
 from tpops.auth.base import Authenticator
 from tpops.config import Config, ConfigError
+from tpops.protocol import drain
 from tpops.worker import EXIT_BOOT_FAILED, IDLE, MASTER_SIGNALS, REPORT, Worker, warm_up
 
 log = logs.get("arbiter")
@@ -101,7 +102,7 @@ class Arbiter:
                     break
                 ready, _, _ = select.select([self.report_r, self.wake_r], [], [], TICK)
                 if self.wake_r in ready:
-                    _drain(self.wake_r)
+                    drain(self.wake_r)
                 if self.report_r in ready:
                     self.read_reports()
                 self.handle_signals()
@@ -339,14 +340,6 @@ def waiting_connections(listeners: list[socket.socket]) -> int:
 
 def _one_line(exc: BaseException) -> str:
     return "; ".join(str(exc).splitlines())
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except (BlockingIOError, InterruptedError):
-        pass
 
 
 def _address(sock: socket.socket) -> str:

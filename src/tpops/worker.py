@@ -34,7 +34,7 @@ from tpops.auth.base import Authenticator, LockingAuthenticator
 from tpops.config import Config
 from tpops.mailbox.lock import ensure_lock_dir
 from tpops.privileges import SessionPrivileges, become, lookup_identity
-from tpops.protocol import Transport
+from tpops.protocol import Transport, drain
 from tpops.session import Session, make_timestamp
 
 log = logs.get("worker")
@@ -125,7 +125,7 @@ class Worker:
                     break
                 for fd, _ in poller.poll():
                     if fd == wake_r:
-                        _drain(wake_r)
+                        drain(wake_r)
                         continue
                     if fd == self.report_fd:
                         log.error("worker %d: the master is gone, exiting", os.getpid())
@@ -300,14 +300,6 @@ def write_access_log(log_files: logs.LogSetup, line: str) -> None:
             log_files.access_log.write(line)
         except OSError as exc:
             log.error("cannot write the access log: %s", exc)
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 512):
-            pass
-    except (BlockingIOError, InterruptedError):
-        pass
 
 
 def serve_inetd(config: Config, log_files: logs.LogSetup) -> int:

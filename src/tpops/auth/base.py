@@ -42,10 +42,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from tpops.config import Config
+from typing import Protocol
 
 
 class AuthUnavailable(Exception):
