@@ -242,3 +242,29 @@ def test_works_on_real_file(tmp_path: os.PathLike[str]) -> None:
         assert b"".join(iter_wire_chunks(reader)) == b"Subject: x\r\n\r\n..hello\r\nworld\r\n"
     with open(path, "rb") as f:
         assert wire_size(f) == len(b"Subject: x\r\n\r\n.hello\r\nworld\r\n")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b".", b"..\n", b"a\r", b"a\r\n.b", b"x\n" * 5, b"\r\n.\r\n", b"no newline", b"\x00.\n.\x00"],
+)
+def test_encode_whole_equals_streaming(data: bytes) -> None:
+    from tpops.mailbox.encode import encode_whole, wire_message
+
+    streamed = b"".join(iter_wire_chunks(io.BytesIO(data)))
+    assert encode_whole(data) == streamed
+    assert b"".join(wire_message(io.BytesIO(data))) == streamed
+
+
+def test_wire_message_streams_large_messages_and_closes() -> None:
+    from tpops.mailbox.encode import DEFAULT_CHUNK_OCTETS, wire_message
+
+    data = (b".line\n" * (3 * DEFAULT_CHUNK_OCTETS // 6)) + b"tail"
+    f = io.BytesIO(data)
+    chunks = list(wire_message(f))
+    assert len(chunks) > 1  # streamed, not read whole
+    assert b"".join(chunks) == b"".join(iter_wire_chunks(io.BytesIO(data)))
+    assert f.closed
+    small = io.BytesIO(b"short\n")
+    assert list(wire_message(small)) == [b"short\r\n"]
+    assert small.closed

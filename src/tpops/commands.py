@@ -10,13 +10,13 @@ Index spaces: ``msn`` is the 1-based message number the client sees; ``index`` i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
 from tpops import __version__
-from tpops.mailbox.encode import iter_wire_chunks
+from tpops.mailbox.encode import wire_message
 from tpops.mailbox.maildir import Message, MessageGone
 
 if TYPE_CHECKING:
@@ -229,13 +229,13 @@ def _send_message(session: Session, msn: int, msg: Message, body_lines: int | No
     except OSError as exc:
         session.log.error("cannot open message %d of %s: %s", msn, session.login_name, exc.strerror)
         return err(f"Cannot read message {msn}.", "SYS/TEMP")
-    return ok(text, data=_closing(f, iter_wire_chunks(f, body_lines)))
-
-
-def _closing(f, chunks: Iterator[bytes]) -> Iterator[bytes]:  # type: ignore[no-untyped-def]
-    """Yield the chunks and close the file however the iteration ends."""
-    with f:
-        yield from chunks
+    try:
+        data = wire_message(f, body_lines)
+    except OSError as exc:
+        f.close()
+        session.log.error("cannot read message %d of %s: %s", msn, session.login_name, exc.strerror)
+        return err(f"Cannot read message {msn}.", "SYS/TEMP")
+    return ok(text, data=data)
 
 
 @_with_message

@@ -27,8 +27,9 @@ result.
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
 #: Default read size for streaming: large enough that per-chunk overhead is negligible,
@@ -52,6 +53,62 @@ def _reads(f: BinaryIO, chunk_size: int) -> Iterator[bytes]:
         yield chunk
 
 
+def _convert(chunk: bytes) -> bytes:
+    """CRLF line ends and stuffed dots after every line end inside ``chunk``.
+
+    A "." at the very start of the chunk is the caller's business (it depends on what
+    came before), as is a CR at its very end (it depends on what follows).
+    """
+    if b"\r" not in chunk:
+        out = chunk.replace(b"\n", b"\r\n")
+    elif chunk.count(b"\n") == chunk.count(b"\r\n"):
+        out = chunk  # already CRLF throughout (bare CRs are data)
+    else:
+        out = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    # Every LF in ``out`` now follows a CR, so CRLF"." finds exactly the lines to
+    # stuff; split+join is about twice as fast as replace when there are many.
+    return b"\r\n..".join(out.split(b"\r\n."))
+
+
+def encode_whole(data: bytes) -> bytes:
+    """A whole message held in memory, as :func:`iter_wire_chunks` would send it."""
+    if not data:
+        return b""
+    out = _convert(data)  # a CR at the very end stays data, and gets the CRLF below
+    if out[0] == 0x2E:  # "."
+        out = b"." + out
+    if out[-1] != _LF:
+        out += b"\r\n"
+    return out
+
+
+def wire_message(f: BinaryIO, body_lines: int | None = None) -> Iterable[bytes]:
+    """What RETR (``body_lines=None``) or TOP sends for the message in ``f``; ``f`` is
+    closed when the chunks have been consumed (or at once).
+
+    The usual small message is read and encoded in one piece, which spares the
+    generator chain per message when a client pipelines thousands of RETRs; anything
+    larger streams through :func:`iter_wire_chunks` with bounded memory.
+    """
+    if body_lines is not None:
+        return _closing(f, iter_wire_chunks(f, body_lines))
+    first = f.read(DEFAULT_CHUNK_OCTETS)
+    if len(first) < DEFAULT_CHUNK_OCTETS:
+        second = f.read(DEFAULT_CHUNK_OCTETS)
+        if not second:  # end of file: the whole message is in ``first``
+            f.close()
+            return (encode_whole(first),) if first else ()
+        first += second
+    raw = itertools.chain((first,), _reads(f, DEFAULT_CHUNK_OCTETS))
+    return _closing(f, _normalise(raw))
+
+
+def _closing(f: BinaryIO, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Yield the chunks and close the file however the iteration ends."""
+    with f:
+        yield from chunks
+
+
 def _normalise(raw: Iterator[bytes]) -> Iterator[bytes]:
     """Turn raw message chunks into wire chunks: CRLF line ends, byte-stuffed dots.
 
@@ -70,15 +127,7 @@ def _normalise(raw: Iterator[bytes]) -> Iterator[bytes]:
             chunk = chunk[:-1]
             if not chunk:
                 continue
-        if b"\r" not in chunk:
-            out = chunk.replace(b"\n", b"\r\n")
-        elif chunk.count(b"\n") == chunk.count(b"\r\n"):
-            out = chunk  # already CRLF throughout (bare CRs are data)
-        else:
-            out = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        # Every LF in ``out`` now follows a CR, so CRLF"." finds exactly the lines to
-        # stuff; split+join is about twice as fast as replace when there are many.
-        out = b"\r\n..".join(out.split(b"\r\n."))
+        out = _convert(chunk)
         if at_line_start and out[0] == 0x2E:  # "."
             out = b"." + out
         at_line_start = out[-1] == _LF
