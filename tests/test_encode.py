@@ -253,18 +253,37 @@ def test_encode_whole_equals_streaming(data: bytes) -> None:
 
     streamed = b"".join(iter_wire_chunks(io.BytesIO(data)))
     assert encode_whole(data) == streamed
-    assert b"".join(wire_message(io.BytesIO(data))) == streamed
+    assert b"".join(wire_message(_fd_of(data))) == streamed
 
 
-def test_wire_message_streams_large_messages_and_closes() -> None:
+def _fd_of(data: bytes) -> int:
+    """A read descriptor on a temporary file holding ``data``."""
+    with tempfile.TemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        return os.open(f"/proc/self/fd/{f.fileno()}", os.O_RDONLY)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("factor", [1, 3])
+def test_wire_message_streams_large_messages_and_closes(factor: int) -> None:
     from tpops.mailbox.encode import DEFAULT_CHUNK_OCTETS, wire_message
 
-    data = (b".line\n" * (3 * DEFAULT_CHUNK_OCTETS // 6)) + b"tail"
-    f = io.BytesIO(data)
-    chunks = list(wire_message(f))
-    assert len(chunks) > 1  # streamed, not read whole
-    assert b"".join(chunks) == b"".join(iter_wire_chunks(io.BytesIO(data)))
-    assert f.closed
-    small = io.BytesIO(b"short\n")
+    for data in ((b".line\n" * (factor * DEFAULT_CHUNK_OCTETS // 6)) + b"tail", b"x" * DEFAULT_CHUNK_OCTETS):
+        fd = _fd_of(data)
+        chunks = list(wire_message(fd))
+        assert b"".join(chunks) == b"".join(iter_wire_chunks(io.BytesIO(data)))
+        assert not _is_open(fd)
+    small = _fd_of(b"short\n")
     assert list(wire_message(small)) == [b"short\r\n"]
-    assert small.closed
+    assert not _is_open(small)
+    top = _fd_of(b"H: v\n\nb1\nb2\n")
+    assert b"".join(wire_message(top, 1)) == b"H: v\r\n\r\nb1\r\n"
+    assert not _is_open(top)

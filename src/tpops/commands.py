@@ -222,7 +222,7 @@ def _top(session: Session, msn: int, msg: Message, rest: list[str]) -> Reply:
 
 def _send_message(session: Session, msn: int, msg: Message, body_lines: int | None, text: str) -> Reply:
     try:
-        f = session.mailbox.open_message(msg)
+        fd = session.mailbox.open_message_fd(msg)
     except MessageGone:
         session.log.info("message %d (%s) of %s vanished during the session", msn, msg.uid, session.login_name)
         return err(f"Message {msn} no longer exists.")
@@ -230,9 +230,8 @@ def _send_message(session: Session, msn: int, msg: Message, body_lines: int | No
         session.log.error("cannot open message %d of %s: %s", msn, session.login_name, exc.strerror)
         return err(f"Cannot read message {msn}.", "SYS/TEMP")
     try:
-        data = wire_message(f, body_lines)
+        data = wire_message(fd, body_lines)
     except OSError as exc:
-        f.close()
         session.log.error("cannot read message %d of %s: %s", msn, session.login_name, exc.strerror)
         return err(f"Cannot read message {msn}.", "SYS/TEMP")
     return ok(text, data=data)

@@ -27,6 +27,7 @@ result.
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -82,25 +83,32 @@ def encode_whole(data: bytes) -> bytes:
     return out
 
 
-def wire_message(f: BinaryIO, body_lines: int | None = None) -> Iterable[bytes]:
-    """What RETR (``body_lines=None``) or TOP sends for the message in ``f``; ``f`` is
-    closed when the chunks have been consumed (or at once).
+def wire_message(fd: int, body_lines: int | None = None) -> Iterable[bytes]:
+    """What RETR (``body_lines=None``) or TOP sends for the message open on ``fd``; the
+    descriptor is closed when the chunks have been consumed (or at once).
 
-    The usual small message is read and encoded in one piece, which spares the
-    generator chain per message when a client pipelines thousands of RETRs; anything
-    larger streams through :func:`iter_wire_chunks` with bounded memory.
+    The usual small message is read with two plain ``os.read`` calls and encoded in one
+    piece, which spares a file object and a generator chain per message when a client
+    pipelines thousands of RETRs; anything larger streams through
+    :func:`iter_wire_chunks` with bounded memory.
     """
-    if body_lines is not None:
-        return _closing(f, iter_wire_chunks(f, body_lines))
-    first = f.read(DEFAULT_CHUNK_OCTETS)
-    if len(first) < DEFAULT_CHUNK_OCTETS:
-        second = f.read(DEFAULT_CHUNK_OCTETS)
-        if not second:  # end of file: the whole message is in ``first``
-            f.close()
+    if body_lines is None:
+        try:
+            first = os.read(fd, DEFAULT_CHUNK_OCTETS)
+            # a short first read is checked for the end of the file, a full one is not
+            rest = os.read(fd, DEFAULT_CHUNK_OCTETS) if len(first) < DEFAULT_CHUNK_OCTETS else None
+        except BaseException:
+            os.close(fd)
+            raise
+        if rest == b"":  # end of file: the whole message is in ``first``
+            os.close(fd)
             return (encode_whole(first),) if first else ()
-        first += second
-    raw = itertools.chain((first,), _reads(f, DEFAULT_CHUNK_OCTETS))
-    return _closing(f, _normalise(raw))
+        f = io.FileIO(fd, "rb")
+        head = (first,) if rest is None else (first, rest)
+        raw = itertools.chain(head, _reads(f, DEFAULT_CHUNK_OCTETS))
+        return _closing(f, _normalise(raw))
+    f = io.FileIO(fd, "rb")
+    return _closing(f, iter_wire_chunks(f, body_lines))
 
 
 def _closing(f: BinaryIO, chunks: Iterator[bytes]) -> Iterator[bytes]:

@@ -374,7 +374,11 @@ class Maildir:
         return cls(path, messages)
 
     def open_message(self, msg: Message) -> BinaryIO:
-        """The message's file, opened for reading.
+        """The message's file, opened for reading (see :meth:`open_message_fd`)."""
+        return io.FileIO(self.open_message_fd(msg), "rb")  # unbuffered: readers read big chunks
+
+    def open_message_fd(self, msg: Message) -> int:
+        """A read descriptor on the message's file (the caller closes it).
 
         If another reader renamed it (changed its flags) since the snapshot, it is found
         again by unique name and ``msg.name`` is updated. Raises :class:`MessageGone`
@@ -390,7 +394,7 @@ class Maildir:
             ):
                 raise MessageGone(msg.name)
             msg.name = relocated
-        return io.FileIO(fd, "rb")  # unbuffered: the encoder reads big chunks itself
+        return fd
 
     def commit(self) -> CommitResult:
         """UPDATE: unlink every message marked deleted; report what happened.
