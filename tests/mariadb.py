@@ -81,6 +81,23 @@ def _program(*names: str) -> str:
                        "apt-get install mariadb-server")
 
 
+def _all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` is in the stopped state (``T``) per /proc."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return False
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except FileNotFoundError:
+            continue  # a thread that ended meanwhile
+        if stat[stat.rindex(")") + 2] not in "Tt":
+            return False
+    return True
+
+
 class PrivateMariaDB:
     """A ``mariadbd`` of our own in a temporary directory, on a free loopback port.
 
@@ -168,6 +185,13 @@ class PrivateMariaDB:
         assert self.process is not None
         self.process.send_signal(signal.SIGSTOP)
         self._paused = True
+        # The stop reaches each of mariadbd's threads on its own schedule: wait until every
+        # one is stopped, or a query sent right now may still be answered.
+        deadline = time.monotonic() + 10
+        while not _all_threads_stopped(self.process.pid):
+            if time.monotonic() > deadline:
+                raise RuntimeError("mariadbd did not stop within 10 s of SIGSTOP")
+            time.sleep(0.01)
 
     def resume(self) -> None:
         """SIGCONT a paused server."""
