@@ -53,6 +53,14 @@ def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: floa
     raise RuntimeError(f"tpops did not answer on port {port}")
 
 
+def chown_tree(path: Path, uid: int, gid: int) -> None:
+    """``path``, the directories below it and their files to ``uid``/``gid``."""
+    for root, dirs, files in os.walk(path):
+        os.chown(root, uid, gid)
+        for n in files:
+            os.chown(os.path.join(root, n), uid, gid)
+
+
 def make_message(subject: str = "test", body: str = "Hello.\n", extra_headers: str = "") -> bytes:
     return (
         f"From: sender@example.org\nTo: user@example.org\nSubject: {subject}\n{extra_headers}\n{body}"
@@ -128,12 +136,10 @@ class MailEnv:
             os.chown(path, MAIL_UID, MAIL_GID)
         return path
 
-    def chown(self, path: Path) -> None:
+    def chown(self, path: Path, uid: int = MAIL_UID, gid: int = MAIL_GID) -> None:
+        """``path`` and everything below it to ``uid``/``gid`` (the mail user's by default); only as root."""
         if IS_ROOT:
-            for root, dirs, files in os.walk(path):
-                os.chown(root, MAIL_UID, MAIL_GID)
-                for n in files:
-                    os.chown(os.path.join(root, n), MAIL_UID, MAIL_GID)
+            chown_tree(path, uid, gid)
 
     def messages(self, name: str) -> list[Path]:
         md = self.maildir(name)
@@ -295,9 +301,8 @@ def proc_title(pid: int) -> str | None:
     return raw.split(b"\0")[0].decode(errors="replace").strip()
 
 
-def proc_children(pid: int) -> list[int]:
-    """Live (not zombie) children of ``pid``, from /proc."""
-    children = []
+def _proc_stats() -> Iterator[tuple[int, str, int]]:
+    """(pid, state, ppid) of every process in /proc (those gone while reading are skipped)."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -306,9 +311,17 @@ def proc_children(pid: int) -> list[int]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            children.append(int(entry))
-    return children
+        yield int(entry), fields[0], int(fields[1])
+
+
+def proc_children(pid: int) -> list[int]:
+    """Live (not zombie) children of ``pid``, from /proc."""
+    return [child for child, state, ppid in _proc_stats() if ppid == pid and state != "Z"]
+
+
+def zombie_children(pid: int) -> list[int]:
+    """Exited children of ``pid`` not reaped yet (zombies), from /proc."""
+    return [child for child, state, ppid in _proc_stats() if ppid == pid and state == "Z"]
 
 
 def worker_titles(master: int) -> dict[int, str]:

@@ -10,7 +10,6 @@ import hashlib
 import logging
 import os
 import pwd
-import secrets
 import stat
 import subprocess
 import sys
@@ -24,6 +23,8 @@ from tpops.auth.base import AuthUnavailable, MailUser
 from tpops.auth.passwd import PasswdAuthenticator, shadow_refusal
 from tpops.config import Config
 
+from tests.sysusers import Accounts, run, shadow_hash
+
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create system users; CI runs as root")
 TS = "<4711.1234567890@pop.example.org>"
 
@@ -32,50 +33,10 @@ def apop(secret: str, ts: str = TS) -> str:
     return hashlib.md5((ts + secret).encode()).hexdigest()
 
 
-def run(*args: str, input: str | None = None) -> str:
-    result = subprocess.run(args, input=input, capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed: {result.stderr}")
-    return result.stdout
-
-
-def shadow_hash(name: str) -> str:
-    for entry in Path("/etc/shadow").read_text().splitlines():
-        fields = entry.split(":")
-        if fields[0] == name:
-            return fields[1]
-    raise KeyError(name)
-
-
-class Accounts:
-    """Throwaway system accounts ``tpt<random><role>``, each with its own password."""
-
-    def __init__(self) -> None:
-        self.prefix = "tpt" + secrets.token_hex(3)
-        self.made: list[str] = []
-        self.passwords: dict[str, str] = {}
-
-    def name(self, role: str) -> str:
-        return self.prefix + role
-
-    def add(self, role: str, *chpasswd_args: str, badname: bool = False) -> str:
-        name = self.name(role)
-        run("useradd", "-m", "-s", "/usr/sbin/nologin", *(["--badname"] if badname else []), name)
-        self.made.append(name)
-        password = "pw-" + secrets.token_urlsafe(12)
-        run("chpasswd", *chpasswd_args, input=f"{name}:{password}\n")
-        self.passwords[name] = password
-        return name
-
-    def remove_all(self) -> None:
-        for name in self.made:
-            subprocess.run(["userdel", "-r", name], capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def accounts() -> Iterator[Accounts]:
     assert os.geteuid() == 0, "only tests marked needs_root use system accounts"
-    acc = Accounts()
+    acc = Accounts("tpt")
     try:
         acc.add("yes")  # Debian 12: PAM's pam_unix writes yescrypt
         acc.add("sha", "-c", "SHA512")

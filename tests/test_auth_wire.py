@@ -9,8 +9,8 @@ accounts (yescrypt, SHA-512, locked, expired) with both APOP file formats and
 ``--domain``, which identity a session runs as, equal replies and delays for an
 unknown user and a wrong password, and hostile logins in the logs.
 
-System accounts are created with useradd/chpasswd and removed with ``userdel -r``,
-so the Passwd tests need root (CI runs as root).
+System accounts are created with useradd/chpasswd and removed with ``userdel -r``
+(tests/sysusers.py), so the Passwd tests need root (CI runs as root).
 """
 
 from __future__ import annotations
@@ -18,16 +18,14 @@ from __future__ import annotations
 import hashlib
 import os
 import poplib
-import pwd
 import re
-import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +33,19 @@ import pytest
 from passlib import hash as ph
 
 from tests import mariadb
-from tests.conftest import IS_ROOT, MAIL_GID, MAIL_UID, MailEnv, RawClient, Server, make_message
+from tests.conftest import (
+    IS_ROOT,
+    MAIL_GID,
+    MAIL_UID,
+    MailEnv,
+    RawClient,
+    Server,
+    make_message,
+    proc_ids,
+    wait_for,
+    worker_serving,
+)
+from tests.sysusers import Accounts, run, shadow_hash
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_SQL = REPO.parent / "shared/seed/tpops_auth-mysql.sql.orig"
@@ -99,42 +109,10 @@ def count_messages(maildir: Path) -> int:
     return sum(1 for sub in ("cur", "new") for _ in (maildir / sub).iterdir())
 
 
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def worker_serving(srv: Server, login: str) -> int:
-    """The pid of the master's worker whose title shows ``login`` (set once logged in)."""
-    assert srv.proc is not None
-    master = srv.proc.pid
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        for child in Path(f"/proc/{master}/task/{master}/children").read_text().split():
-            try:
-                title = Path(f"/proc/{child}/cmdline").read_bytes()
-            except FileNotFoundError:
-                continue
-            if f"{login}@127.0.0.1".encode() in title:
-                return int(child)
-        time.sleep(0.05)
-    raise AssertionError(f"no worker of {master} serving {login}")
-
-
-def process_ids(pid: int) -> tuple[list[int], list[int], list[int]]:
-    """Real/effective/saved/fs uids, the same gids, and the supplementary groups of ``pid``."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return (
-        [int(x) for x in fields["Uid"].split()],
-        [int(x) for x in fields["Gid"].split()],
-        [int(x) for x in fields["Groups"].split()],
-    )
-
-
 def assert_session_identity(srv: Server, login: str, uid: int, gid: int) -> None:
-    uids, gids, groups = process_ids(worker_serving(srv, login))
+    assert srv.proc is not None
+    ids = proc_ids(worker_serving(srv.proc.pid, f"{login}@127.0.0.1"))
+    uids, gids, groups = ids["Uid"], ids["Gid"], ids["Groups"]
     assert uids == [uid] * 4, f"{login}: session runs with uids {uids}, expected {uid}"
     assert gids == [gid] * 4, f"{login}: session runs with gids {gids}, expected {gid}"
     if IS_ROOT:
@@ -182,16 +160,33 @@ def quit_and_wait(c: RawClient) -> None:
     c.close()
 
 
+class Site:
+    """A fresh MailEnv (configuration, logs, locks) and, once started, the tpops serving it."""
+
+    def __init__(self) -> None:
+        self.env = new_env()
+        self.server: Server | None = None
+
+    @property
+    def tpops(self) -> Server:
+        assert self.server is not None, "the site's tpops is not started"
+        return self.server
+
+    @property
+    def port(self) -> int:
+        return self.tpops.port
+
+
 # ------------------------------------------------------------------ MySQL sites
 
 
-class MySQLSite:
+class MySQLSite(Site):
     """A database, a MailEnv whose Maildirs the rows point at, and a tpops serving them."""
 
     def __init__(self, srv: mariadb.Server, db: str, query: str | None) -> None:
+        super().__init__()
         self.srv = srv
         self.db = db
-        self.env = new_env()
         self.env.write_conf(
             auth_type="'MySQL'",
             mysql_server=repr(srv.host),
@@ -204,16 +199,6 @@ class MySQLSite:
             assert "\\" not in query and '"' not in query and "#" not in query
             self.env.write_conf(mysql_auth_query=f'"{query}"')
         self.rows = 0
-        self.server: Server | None = None
-
-    @property
-    def tpops(self) -> Server:
-        assert self.server is not None, "the site's tpops is not started"
-        return self.server
-
-    @property
-    def port(self) -> int:
-        return self.tpops.port
 
     def add(self, login: str, passwd: str, messages: list[bytes] | None = None, *, slash: bool = True) -> Path:
         """A row for ``login`` and its Maildir (stored with or without the trailing slash)."""
@@ -347,7 +332,7 @@ def test_mysql_session_is_named_by_the_rows_login(new_site: MySQLSite) -> None:
             assert reply.startswith(b"+OK Logged in"), reply
         finally:
             quit_and_wait(c)
-        wait_for(lambda: len(new_site.env.access_log.read_bytes().splitlines()) > lines, "the access-log line")
+        wait_for(lambda: len(new_site.env.access_log.read_bytes().splitlines()) > lines, 5.0, what="the access-log line")
         named[spelling] = new_site.env.access_log.read_text().splitlines()[lines].split()[5]
     assert all(name == "plainpfx" for name in named.values()), f"sessions of row 'plainpfx' logged as {named}"
 
@@ -452,8 +437,8 @@ def test_two_instances_share_the_mailbox_lock(new_site: MySQLSite) -> None:
         assert reply == b"-ERR [IN-USE] Mailbox is locked by another POP3 session."
         first.close()
         second.close()  # gone without QUIT: its session ends and releases the lock
-        wait_for(lambda: try_login(new_site.port, "shared", "sharedpw").startswith(b"+OK"),
-                 "the lock of a session that hung up to be released")
+        wait_for(lambda: try_login(new_site.port, "shared", "sharedpw").startswith(b"+OK"), 5.0,
+                 what="the lock of a session that hung up to be released")
     finally:
         other.stop()
     log = new_site.env.error_log.read_text(errors="replace")
@@ -535,89 +520,23 @@ def test_hung_database_answers_sys_temp_within_5_seconds(
 # ------------------------------------------------------------------ Passwd
 
 
-def run(*args: str, input: str | None = None) -> str:
-    result = subprocess.run(args, input=input, capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed: {result.stderr}")
-    return result.stdout
-
-
-def shadow_hash(name: str) -> str:
-    for entry in Path("/etc/shadow").read_text().splitlines():
-        fields = entry.split(":")
-        if fields[0] == name:
-            return fields[1]
-    raise KeyError(name)
-
-
-class Accounts:
-    """Throwaway system accounts ``tpw<random><role>``, each with a password and a ~/Maildir."""
-
-    def __init__(self) -> None:
-        self.prefix = "tpw" + secrets.token_hex(3)
-        self.made: list[str] = []
-        self.passwords: dict[str, str] = {}
-
-    def name(self, role: str) -> str:
-        return self.prefix + role
-
-    def add(self, role: str, *chpasswd_args: str, messages: list[bytes] | None = None, badname: bool = False) -> str:
-        name = self.name(role)
-        run("useradd", "-m", "-s", "/usr/sbin/nologin", *(["--badname"] if badname else []), name)
-        self.made.append(name)
-        password = "pw-" + secrets.token_urlsafe(12)
-        run("chpasswd", *chpasswd_args, input=f"{name}:{password}\n")
-        self.passwords[name] = password
-        entry = pwd.getpwnam(name)
-        maildir = Path(entry.pw_dir) / "Maildir"
-        for sub in ("cur", "new", "tmp"):
-            (maildir / sub).mkdir(parents=True, exist_ok=True)
-        for i, data in enumerate(messages or []):
-            (maildir / "new" / f"{1700000000 + i}.M{i}P{os.getpid()}.wire").write_bytes(data)
-        for root, dirs, files in os.walk(maildir):
-            for path in [root, *(os.path.join(root, f) for f in files)]:
-                os.chown(path, entry.pw_uid, entry.pw_gid)
-        return name
-
-    def maildir(self, name: str) -> Path:
-        return Path(pwd.getpwnam(name).pw_dir) / "Maildir"
-
-    def ids(self, name: str) -> tuple[int, int]:
-        entry = pwd.getpwnam(name)
-        return entry.pw_uid, entry.pw_gid
-
-    def remove_all(self) -> None:
-        for name in self.made:
-            subprocess.run(["userdel", "-r", name], capture_output=True)
-
-
 YES_MSGS = [make_message(f"yes{i}", f"yescrypt body {i}\n") for i in range(2)]
 
 
-class PasswdSite:
+class PasswdSite(Site):
     """System accounts, an env for logs and locks, a text APOP file, and a Passwd tpops."""
 
     def __init__(self, accounts: Accounts) -> None:
+        super().__init__()
         self.accounts = accounts
-        self.env = new_env()
         self.apop_text = self.env.base / "apop-secrets"
         self.env.write_conf(auth_type="'Passwd'", apop_passwd_file=repr(str(self.apop_text)))
-        self.server: Server | None = None
-
-    @property
-    def tpops(self) -> Server:
-        assert self.server is not None, "the site's tpops is not started"
-        return self.server
-
-    @property
-    def port(self) -> int:
-        return self.tpops.port
 
 
 @pytest.fixture(scope="module")
 def passwd_site() -> Iterator[PasswdSite]:
     assert os.geteuid() == 0, "only tests marked needs_root use system accounts"
-    accounts = Accounts()
+    accounts = Accounts("tpw")
     site = PasswdSite(accounts)
     try:
         accounts.add("yes", messages=YES_MSGS)  # Debian 12: yescrypt by default
@@ -936,7 +855,7 @@ def test_hostile_logins_are_data(request: pytest.FixtureRequest, backend: str) -
         text = t.env.access_log.read_text(encoding="utf-8", errors="replace")
         return all(w in text for w in wanted)
 
-    wait_for(all_logged, "every hostile login in the access log")
+    wait_for(all_logged, 5.0, what="every hostile login in the access log")
     access, errors = t.env.access_log.read_bytes(), t.env.error_log.read_bytes()
     for data in (access, errors):
         assert b"\r" not in data and b"\x00" not in data and b"\x1b" not in data

@@ -26,6 +26,7 @@ from tests.conftest import (
     proc_title,
     wait_for,
     wait_for_port,
+    zombie_children,
 )
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -50,20 +51,11 @@ def subreaper() -> Iterator[None]:
 
 def reap_orphans() -> None:
     """Reap the exited intermediate processes of the double fork that were handed to us."""
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in zombie_children(os.getpid()):
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] == "Z" and int(fields[1]) == me:
-            try:
-                os.waitpid(int(entry), os.WNOHANG)
-            except ChildProcessError:
-                pass
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
 
 
 class Daemon:

@@ -6,12 +6,11 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import MailEnv, RawClient, Server, make_message, unstuff
+from tests.conftest import MailEnv, RawClient, Server, make_message, unstuff, worker_serving
 
 
 def expected_wire(data: bytes) -> bytes:
@@ -123,21 +122,6 @@ def test_fetchmail_downloads_everything(mail_env: MailEnv, server: Server, tmp_p
     assert mail_env.messages("fm") == []  # 'no keep': deleted at QUIT
 
 
-def _worker_serving(master: int, login: str) -> int:
-    """The pid of the master's worker whose title shows ``login``."""
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        for child in Path(f"/proc/{master}/task/{master}/children").read_text().split():
-            try:
-                title = Path(f"/proc/{child}/cmdline").read_bytes()
-            except FileNotFoundError:
-                continue
-            if login.encode() in title:
-                return int(child)
-        time.sleep(0.05)
-    raise AssertionError(f"no worker serving {login}")
-
-
 def test_kill_9_mid_retr_deletes_nothing_and_frees_lock(mail_env: MailEnv, server: Server) -> None:
     big = b"Subject: big\n\n" + (b"z" * 999 + b"\n") * 30_000
     mail_env.add_user("victim", messages=[big, make_message()])
@@ -148,7 +132,7 @@ def test_kill_9_mid_retr_deletes_nothing_and_frees_lock(mail_env: MailEnv, serve
     assert c.readline().startswith(b"+OK")
     c.file.read(10_000)  # mid-transfer
     assert server.proc is not None
-    os.kill(_worker_serving(server.proc.pid, "victim"), signal.SIGKILL)
+    os.kill(worker_serving(server.proc.pid, "victim@127.0.0.1"), signal.SIGKILL)
     with pytest.raises((ConnectionError, OSError)):  # the connection dies with the worker
         while c.file.read(1 << 16):
             pass
@@ -232,7 +216,7 @@ def test_200mb_message_streams_with_bounded_memory(mail_env: MailEnv, server: Se
     c.send(b"RETR 1\r\n")
     assert c.readline() == f"+OK {raw_size + lines} octets".encode()
     assert server.proc is not None
-    worker = _worker_serving(server.proc.pid, "huge")
+    worker = worker_serving(server.proc.pid, "huge@127.0.0.1")
     received = 0
     peak_kb = 0
     stuffed = 0

@@ -3,8 +3,6 @@ workers, uid 0 refused, and a server run by an unprivileged user."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from tests.conftest import (
@@ -37,9 +35,7 @@ def assert_runs_as(pid: int, uid: int, gid: int) -> None:
 def test_root_without_user_serves_each_session_as_the_mailbox_owner(mail_env: MailEnv) -> None:
     mail_env.add_user("owned", messages=[make_message()])  # no ids in the file: the Maildir's owner
     mail_env.add_user("numbered", messages=[make_message()], uid="12345", gid="23456")
-    home = mail_env.maildir("numbered").parent
-    for path in [home, *home.rglob("*")]:
-        os.chown(path, 12345, 23456)
+    mail_env.chown(mail_env.maildir("numbered").parent, 12345, 23456)
     srv = Server(mail_env).start()
     master = srv.proc.pid
     try:
@@ -86,9 +82,7 @@ def test_user_and_group_run_workers_for_good(mail_env: MailEnv) -> None:
 def test_a_session_that_would_run_as_root_is_refused(mail_env: MailEnv) -> None:
     mail_env.add_user("rooted", messages=[make_message()], uid="0", gid="0")
     mail_env.add_user("rootowned", messages=[make_message()])
-    home = mail_env.maildir("rootowned").parent
-    for path in [home, *home.rglob("*")]:
-        os.chown(path, 0, 0)
+    mail_env.chown(mail_env.maildir("rootowned").parent, 0, 0)
     srv = Server(mail_env).start()
     master = srv.proc.pid
     try:

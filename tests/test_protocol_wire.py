@@ -277,21 +277,24 @@ def test_long_line_rejected_then_session_continues(alice: MailEnv, server: Serve
     c.cmd("QUIT")
 
 
-def test_bare_lf_accepted(alice: MailEnv, server: Server) -> None:
-    c = RawClient(server.port)
-    c.send(b"USER alice\nPASS secret\nSTAT\n")
+def pipelined_login(c: RawClient, *more: bytes, eol: bytes = b"\r\n") -> None:
+    """USER alice, PASS secret, STAT and then ``more`` in one write, each line ended by ``eol``;
+    checks the replies to the first three (the replies to ``more`` are the caller's to read)."""
+    c.send(eol.join([b"USER alice", b"PASS secret", b"STAT", *more]) + eol)
     assert c.readline().startswith(b"+OK")
     assert c.readline().startswith(b"+OK Logged in")
     assert c.readline().startswith(b"+OK 3 ")
+
+
+def test_bare_lf_accepted(alice: MailEnv, server: Server) -> None:
+    c = RawClient(server.port)
+    pipelined_login(c, eol=b"\n")
     c.cmd("QUIT")
 
 
 def test_pipelining_replies_in_order(alice: MailEnv, server: Server) -> None:
     c = RawClient(server.port)
-    c.send(b"USER alice\r\nPASS secret\r\nSTAT\r\nLIST\r\nRETR 1\r\nNOOP\r\nUIDL 1\r\nQUIT\r\n")
-    assert c.readline().startswith(b"+OK")
-    assert c.readline().startswith(b"+OK Logged in")
-    assert c.readline().startswith(b"+OK 3 ")
+    pipelined_login(c, b"LIST", b"RETR 1", b"NOOP", b"UIDL 1", b"QUIT")
     assert c.readline().startswith(b"+OK 3 messages")
     assert c.read_body().count(b"\r\n") == 3
     assert c.readline().startswith(b"+OK ")
