@@ -18,6 +18,7 @@ from tpops.auth.base import (
     MailUser,
     apply_default_domain,
 )
+from tpops.config import AUTH_TYPES  # one list of the accepted $auth_type values
 
 if TYPE_CHECKING:
     from tpops.config import Config
@@ -32,9 +33,6 @@ __all__ = [
     "apply_default_domain",
     "make_authenticator",
 ]
-
-#: The accepted ``$auth_type`` values (matched case-insensitively).
-AUTH_TYPES = ("Passwd", "MySQL", "File")
 
 
 def make_authenticator(config: Config) -> Authenticator:
