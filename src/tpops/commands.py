@@ -92,9 +92,9 @@ def _message(session: Session, arg: str) -> tuple[int, Message]:
     """Resolve a client message number to (msn, message) or raise with a precise reply."""
     if not arg.isascii() or not arg.isdigit():
         raise _MsnError(bad(f"Invalid message number: {_clip(arg)}"))
-    if len(arg) > 10 or int(arg) == 0 or int(arg) > len(session.mailbox.messages):
+    msn = int(arg) if len(arg) <= 10 else 0  # never parse an absurdly long number
+    if not 0 < msn <= len(session.mailbox.messages):
         raise _MsnError(bad(f"There's no message {_clip(arg)}."))
-    msn = int(arg)
     msg = session.mailbox.messages[msn - 1]
     if msg.deleted:
         raise _MsnError(bad(f"Message {msn} is deleted."))
