@@ -24,6 +24,27 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 TPOPS = str(Path(sys.executable).with_name("tpops"))
 IS_ROOT = os.geteuid() == 0
+#: CI runs as root: there a root-only test must run, never skip.
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def root_only(why: str) -> pytest.MarkDecorator:
+    """Mark a test that needs root (system users, identity changes, a private /dev/log).
+
+    As an ordinary user outside CI it is skipped with ``why``; in CI (CI=true), which
+    runs as root, it can never be skipped: without root it fails (pytest_runtest_setup).
+    """
+    return pytest.mark.root_only(why)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    mark = item.get_closest_marker("root_only")
+    if mark is None or IS_ROOT:
+        return
+    why = mark.args[0] if mark.args else "root"
+    if IN_CI:
+        pytest.fail(f"needs root ({why}) and CI must run as root", pytrace=False)
+    pytest.skip(f"needs root: {why} (CI runs as root)")
 #: The unprivileged owner of test Maildirs when the suite runs as root.
 MAIL_UID = 65534
 MAIL_GID = 65534

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import root_only
+from tests.sysusers import Accounts, run, shadow_hash
 from tpops.auth import make_authenticator
 from tpops.auth.base import AuthUnavailable, MailUser
 from tpops.auth.passwd import PasswdAuthenticator, shadow_refusal
 from tpops.config import Config
 
-from tests.sysusers import Accounts, run, shadow_hash
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create system users; CI runs as root")
+needs_root = root_only("creates system users")
 TS = "<4711.1234567890@pop.example.org>"
 
 

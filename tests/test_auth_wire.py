@@ -42,6 +42,7 @@ from tests.conftest import (
     Server,
     make_message,
     proc_ids,
+    root_only,
     wait_for,
     worker_serving,
 )
@@ -54,7 +55,7 @@ NEW_SQL = REPO / "tpops_auth-mysql.sql"
 SEED_SAMPLE_QUERY = "select login,passwd,uid,maildir from user where login='%s'"
 AUTH_FAILED = b"-ERR [AUTH] Authentication failed."
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="creates system users; CI runs as root")
+needs_root = root_only("creates system users")
 
 
 # ------------------------------------------------------------------ helpers

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
-    IS_ROOT,
     TPOPS,
     MailEnv,
     RawClient,
@@ -24,6 +23,7 @@ from tests.conftest import (
     make_message,
     proc_children,
     proc_title,
+    root_only,
     wait_for,
     wait_for_port,
     zombie_children,
@@ -217,7 +217,7 @@ def test_start_up_errors_fail_before_detaching(mail_env: MailEnv, case: str) -> 
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="needs root: --user")
+@root_only("--user")
 def test_workers_that_cannot_start_fail_before_detaching(mail_env: MailEnv) -> None:
     private = mail_env.base / "private"
     private.mkdir(mode=0o700)

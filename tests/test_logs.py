@@ -12,7 +12,6 @@ import time
 import pytest
 
 from tests.conftest import (
-    IS_ROOT,
     POOL_ARGS,
     MailEnv,
     RawClient,
@@ -22,11 +21,12 @@ from tests.conftest import (
     idle_workers,
     make_message,
     proc_title,
+    root_only,
     wait_for,
     worker_titles,
 )
 
-needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: a private /dev/log (unshare --mount)")
+needs_root = root_only("a private /dev/log (unshare --mount)")
 
 #: glibc's syslog(3) datagram: <PRI>Mmm dd hh:mm:ss tpops[PID]: message
 SYSLOG_LINE = re.compile(r"<(\d+)>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d tpops\[(\d+)\]: (.*)", re.S)

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
-    IS_ROOT,
     POOL_ARGS,
     TPOPS,
     MailEnv,
@@ -24,6 +23,7 @@ from tests.conftest import (
     idle_workers,
     make_message,
     proc_title,
+    root_only,
     wait_for,
     worker_serving,
     worker_titles,
@@ -238,7 +238,7 @@ def test_300_clients_against_max_servers_20(mail_env: MailEnv) -> None:
         srv.stop()
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="needs root: --user and a lock directory nobody can reach")
+@root_only("--user and a lock directory nobody can reach")
 def test_workers_failing_at_start_up_stop_the_master(mail_env: MailEnv) -> None:
     private = mail_env.base / "private"
     private.mkdir(mode=0o755)
@@ -259,7 +259,7 @@ def test_workers_failing_at_start_up_stop_the_master(mail_env: MailEnv) -> None:
     assert 5 <= out.count("failed to start") <= 8  # no fork loop: at most $max_servers in flight
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="needs root: --user")
+@root_only("--user")
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -276,7 +276,7 @@ def test_workers_that_cannot_start_fail_before_serving(mail_env: MailEnv, args: 
     assert "tpops: cannot start:" in out.stderr
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="needs root: --user and a lock directory nobody can reach")
+@root_only("--user and a lock directory nobody can reach")
 def test_unusable_lock_dir_is_a_start_up_error(mail_env: MailEnv) -> None:
     private = mail_env.base / "private"
     private.mkdir(mode=0o700)

@@ -3,10 +3,7 @@ workers, uid 0 refused, and a server run by an unprivileged user."""
 
 from __future__ import annotations
 
-import pytest
-
 from tests.conftest import (
-    IS_ROOT,
     MAIL_GID,
     MAIL_UID,
     MailEnv,
@@ -17,12 +14,13 @@ from tests.conftest import (
     idle_workers,
     make_message,
     proc_ids,
+    root_only,
     wait_for,
     worker_serving,
     worker_titles,
 )
 
-pytestmark = pytest.mark.skipif(not IS_ROOT, reason="needs root: changes identities")
+pytestmark = root_only("changes identities")
 
 
 def assert_runs_as(pid: int, uid: int, gid: int) -> None:
