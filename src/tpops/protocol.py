@@ -145,8 +145,8 @@ def drain(fd: int) -> None:
 class LineReader:
     """Splits client input into command lines (CRLF or bare LF), bounded in memory.
 
-    A line longer than MAX_COMMAND_OCTETS (line end excluded) is discarded as it arrives (never buffered
-    whole) and reported once as LINE_TOO_LONG.
+    A line longer than the limit (MAX_COMMAND_OCTETS for a command; line end excluded) is
+    discarded as it arrives (never buffered whole) and reported once as LINE_TOO_LONG.
     """
 
     def __init__(self, transport: Transport) -> None:
@@ -158,8 +158,11 @@ class LineReader:
         """True when a complete line is already buffered (the client is pipelining)."""
         return b"\n" in self.buffer
 
-    def read_line(self, deadline: float) -> bytes | LineTooLong:
-        """The next command line without its line ending."""
+    def read_line(self, deadline: float, limit: int = MAX_COMMAND_OCTETS) -> bytes | LineTooLong:
+        """The next line without its line ending; longer than ``limit`` octets: LINE_TOO_LONG.
+
+        ``limit`` is MAX_COMMAND_OCTETS for a command; an exchange (SASL) may allow more.
+        """
         while True:
             end = self.buffer.find(b"\n")
             if end >= 0:
@@ -170,10 +173,10 @@ class LineReader:
                     return LINE_TOO_LONG
                 if line.endswith(b"\r"):
                     line = line[:-1]
-                if len(line) > MAX_COMMAND_OCTETS:
+                if len(line) > limit:
                     return LINE_TOO_LONG
                 return line
-            if len(self.buffer) > MAX_COMMAND_OCTETS + 1:  # room for the CR of a CRLF
+            if len(self.buffer) > limit + 1:  # room for the CR of a CRLF
                 self.discarding = True
                 del self.buffer[:]
             self.buffer += self.transport.recv(deadline)

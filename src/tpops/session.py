@@ -1,11 +1,21 @@
-"""One POP3 session: the RFC 1939 state machine over a Transport, the same in daemon and inetd mode.
+"""One POP3 session: the loop that drives a protocol state object over a Transport, in daemon and inetd mode.
 
-The loop reads a command line, looks the verb up in the current state's table
-(:mod:`tpops.commands`), checks the argument count, calls the handler and writes the
-:class:`~tpops.commands.Reply` it returns. Only this loop writes to the client,
-counts bad commands, applies the ``$error_interval`` delay after a failed login and
-enforces ``$command_timeout`` / ``$connection_keep_time``. Mailbox changes happen in
-UPDATE only (after QUIT); any other end of the session deletes nothing.
+The loop reads a line, hands it to the current state object (:class:`~tpops.reply.State`:
+first :class:`~tpops.authorization.Authorization`, after a login the
+:class:`~tpops.transaction.Transaction`), and writes the :class:`~tpops.reply.Reply` it
+returns. Only this loop writes to the client, counts bad commands, applies the
+``$error_interval`` delay after a failed login, enforces ``$command_timeout`` /
+``$connection_keep_time`` and keeps the :class:`SessionRecord` for the access log. The
+states own everything else: the login, the mailbox, the lock, UPDATE. Mailbox changes
+happen in UPDATE only (after QUIT); any other end of the session deletes nothing.
+
+What a reply may ask of the loop (see :mod:`tpops.reply`): ``state`` switches the
+state object (before the reply is written, so a lost connection still ends the new
+state); ``exchange`` routes the next raw client line, up to ``exchange.max_line``
+octets, to that exchange instead of the command table until a reply without one ends it
+(SASL AUTH); ``upgrade`` makes the loop flush, discard any buffered client input and
+continue on ``upgrade(transport)`` (STLS). New states and exchanges plug in through
+these fields; this module imports the state modules, never the other way round.
 """
 
 from __future__ import annotations
@@ -16,13 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tpops import logs
-from tpops.auth.base import Authenticator, AuthUnavailable, MailboxInUse, MailboxLock, MailUser
-from tpops.commands import ALL_VERBS, COMMANDS, Reply, State, bad, err, ok
+from tpops.auth.base import Authenticator, MailUser
+from tpops.authorization import AUTHORIZATION_COMMANDS, Authorization
 from tpops.config import Config
-from tpops.mailbox.maildir import Maildir
-from tpops.privileges import Refused
 from tpops.protocol import (
     LINE_TOO_LONG,
+    MAX_COMMAND_OCTETS,
     ConnectionLost,
     Interrupted,
     LineReader,
@@ -31,11 +40,16 @@ from tpops.protocol import (
     Timeout,
     Transport,
 )
+from tpops.reply import Exchange, Reply, State, bad, err
+from tpops.transaction import TRANSACTION_COMMANDS
 
 log = logs.get("session")
 
 #: Commands whose arguments are secrets: masked in the --debug protocol trace.
 _SECRET_ARGS = {"PASS": 0, "APOP": 1, "AUTH": 1}
+
+#: Every verb known in some state: a known verb in the wrong state gets a precise -ERR.
+ALL_VERBS = frozenset(AUTHORIZATION_COMMANDS) | frozenset(TRANSACTION_COMMANDS)
 
 
 @dataclass(slots=True)
@@ -71,12 +85,10 @@ class SessionRecord:
 
 
 class Session:
-    """One client connection from greeting to close.
+    """One client connection from greeting to close: the loop around a protocol state object.
 
-    ``serve_as(user)`` is called after a successful login and before the Maildir is
-    opened: it switches to the mailbox owner (or refuses with
-    :class:`tpops.privileges.Refused`). ``on_login(text)`` lets the worker update
-    its process title.
+    The arguments after ``authenticator`` are handed to the first state,
+    :class:`~tpops.authorization.Authorization` (see it for ``serve_as`` and ``on_login``).
     """
 
     def __init__(
@@ -93,135 +105,32 @@ class Session:
         self.transport = transport
         self.peer = peer
         self.config = config
-        self.authenticator = authenticator
-        self.serve_as = serve_as
-        self.on_login = on_login
         self.reader = LineReader(transport)
         self.writer = ReplyWriter(transport, float(config.command_timeout))
-        self.log = log
-        self.state = State.AUTHORIZATION
-        self.apop_timestamp = timestamp if authenticator.supports_apop else None
-        self.pending_user: str | None = None
-        self.attempted_login: str | None = None
-        self.user: MailUser | None = None
-        self.mailbox: Maildir = None  # type: ignore[assignment]  # set at login
-        self.lock: MailboxLock | None = None
-        self.auth_failures = 0
-        self.bad_commands = 0
-        self.dropped_privileges = False
-        self.record = SessionRecord(peer, time.time(), 0.0, None, False)
-        started = time.monotonic()
-        self.connection_deadline = started + config.connection_keep_time
-
-    # -- helpers used by command handlers ---------------------------------
-
-    @property
-    def login_name(self) -> str:
-        return logs.escape(self.user.login if self.user else (self.attempted_login or ""))
-
-    def mailbox_totals(self) -> tuple[int, int]:
-        """(messages, octets) not marked deleted."""
-        count = octets = 0
-        for msg in self.mailbox.messages:
-            if not msg.deleted:
-                count += 1
-                octets += msg.octets
-        return count, octets
-
-    def log_in(self, login: str, check: Callable[[Authenticator], MailUser | None]) -> Reply:
-        """Run a credentials check (PASS or APOP) and, if it passes, open the mailbox."""
-        self.attempted_login = login
-        try:
-            user = check(self.authenticator)
-        except AuthUnavailable as exc:
-            log.error(
-                "authentication backend %s failed for %s from %s: %s",
-                self.authenticator.name, logs.escape(login), self.peer, exc,
-            )
-            return err("Temporary authentication failure, try again later.", "SYS/TEMP")
-        if user is None:
-            self.auth_failures += 1
-            log.warning("authentication failed: %s from %s", logs.escape(login), self.peer)
-            last = self.auth_failures >= self.config.max_auth_failures
-            return err("Authentication failed.", "AUTH", auth_failed=True, close=last)
-        return self._open_mailbox(user)
-
-    def _open_mailbox(self, user: MailUser) -> Reply:
-        name = logs.escape(user.login)
-        try:
-            lock = self.authenticator.lock(user)
-        except MailboxInUse:
-            log.warning("cannot lock for %s from %s: mailbox in use", name, self.peer)
-            return err("Mailbox is locked by another POP3 session.", "IN-USE")
-        except (AuthUnavailable, OSError) as exc:
-            log.error("cannot lock for %s from %s: %s", name, self.peer, exc)
-            return err("Cannot lock the mailbox, try again later.", "SYS/TEMP")
-        try:
-            if self.serve_as is not None:
-                self.dropped_privileges = self.serve_as(user)
-            mailbox = Maildir.open(
-                user.maildir,
-                maildir_extended=self.config.maildir_extended,
-                maildir_use_filesize=self.config.maildir_use_filesize,
-            )
-        except Refused as exc:
-            lock.release()
-            log.error("refusing to serve %s from %s: %s", name, self.peer, exc)
-            return err("This mailbox cannot be served.", "SYS/PERM", close=self.dropped_privileges or exc.final)
-        except OSError as exc:
-            lock.release()
-            log.error("cannot open the mailbox of %s (%s): %s", name, logs.escape(user.maildir), exc)
-            return err("Cannot open the mailbox, try again later.", "SYS/TEMP", close=self.dropped_privileges)
-        self.lock = lock
-        self.user = user
-        self.mailbox = mailbox
-        self.state = State.TRANSACTION
-        count, octets = self.mailbox_totals()
-        self.record.login = user.login
-        self.record.logged_in = True
-        self.record.start_msgs = self.record.end_msgs = count
-        self.record.start_octets = self.record.end_octets = octets
-        log.info("login: %s has %d messages (%d octets) from %s", name, count, octets, self.peer)
-        if self.on_login:
-            self.on_login(f"{user.login}@{self.peer}")
-        return ok(f"Logged in, {count} messages ({octets} octets).")
-
-    def update(self) -> Reply:
-        """QUIT in TRANSACTION: the UPDATE state removes what DELE marked."""
-        self.state = State.UPDATE
-        result = self.mailbox.commit()
-        if self.lock is not None:  # before the reply: a client may reconnect the moment it reads it
-            self.lock.release()
-            self.lock = None
-        count, octets = self.mailbox_totals()
-        self.record.end_msgs, self.record.end_octets = count, octets
-        log.info(
-            "logout: %s deleted %d messages (%d octets), %d messages (%d octets) left",
-            self.login_name, result.deleted, result.deleted_octets, count, octets,
+        self.authorization = Authorization(
+            config, authenticator, peer, serve_as=serve_as, on_login=on_login, timestamp=timestamp
         )
-        if result.failures:
-            for failure in result.failures:
-                log.error("UPDATE for %s: %s", self.login_name, failure)
-            return err("Some deleted messages could not be removed.", "SYS/TEMP", close=True)
-        return ok(f"Bye, {result.deleted} messages deleted, {count} left.", close=True)
-
-    # -- the loop ----------------------------------------------------------
+        self.state: State = self.authorization
+        self.exchange: Exchange | None = None
+        self.bad_commands = 0
+        self.record = SessionRecord(peer, time.time(), 0.0, None, False)
+        self.connection_deadline = time.monotonic() + config.connection_keep_time
 
     def run(self) -> SessionRecord:
         """Serve the connection until QUIT, a limit, a stop request or the client leaves."""
         log.info("connect from %s", self.peer)
         reason = "quit"
         try:
-            greeting = "tpops ready."
-            if self.apop_timestamp:
-                greeting += " " + self.apop_timestamp
-            self._write(ok(greeting))
+            self._write(self.authorization.greeting())
             while True:
                 if not self.reader.has_pending_line():
                     self.writer.flush()
-                line = self.reader.read_line(self._deadline())
+                limit = self.exchange.max_line if self.exchange is not None else MAX_COMMAND_OCTETS
+                line = self.reader.read_line(self._deadline(), limit)
                 reply = self._execute(line)
                 self._write(reply)
+                if reply.upgrade is not None:
+                    self._upgrade(reply.upgrade)
                 if reply.close:
                     break
             self.writer.flush()
@@ -239,17 +148,17 @@ class Session:
             reason = "client disconnected"
         except Exception:
             reason = "internal error"
-            log.exception("internal error in the session of %s from %s", self.login_name or "()", self.peer)
+            log.exception("internal error in the session of %s from %s", self.state.log_name or "()", self.peer)
             self._farewell(err("Internal server error.", "SYS/TEMP"))
         finally:
-            if self.lock is not None:
-                self.lock.release()
+            self.state.end(reason)
             self.record.end = time.time()
-            if not self.record.logged_in:
-                self.record.login = self.attempted_login
-            self.record.dropped_privileges = self.dropped_privileges
-            if self.state is State.TRANSACTION:
-                log.info("%s disconnected without QUIT (%s): nothing deleted", self.login_name, reason)
+            facts = self.state.accounting()
+            self.record.login = facts.login
+            self.record.logged_in = facts.logged_in
+            self.record.start_msgs, self.record.start_octets = facts.start_msgs, facts.start_octets
+            self.record.end_msgs, self.record.end_octets = facts.end_msgs, facts.end_octets
+            self.record.dropped_privileges = facts.dropped_privileges
             log.info("disconnect from %s (%s)", self.peer, reason)
         return self.record
 
@@ -257,7 +166,11 @@ class Session:
         return min(time.monotonic() + self.config.command_timeout, self.connection_deadline)
 
     def _execute(self, line: bytes | LineTooLong) -> Reply:
+        """One line in, one reply out; the reply's state and exchange take effect at once."""
         reply = self._dispatch(line)
+        if reply.state is not None:  # before writing: a lost connection still ends the new state
+            self.state = reply.state
+        self.exchange = reply.exchange
         if reply.auth_failed:
             self.writer.flush()
             self.transport.pause(self.config.error_interval)
@@ -271,6 +184,10 @@ class Session:
         return reply
 
     def _dispatch(self, line: bytes | LineTooLong) -> Reply:
+        if self.exchange is not None:  # the line belongs to the exchange, not the command table
+            if self.config.debug:
+                log.debug("C: ****")
+            return self.exchange.step(line)
         if line is LINE_TOO_LONG:
             return bad("Command line too long.")
         assert isinstance(line, bytes)
@@ -279,20 +196,12 @@ class Session:
         verb = verb.upper()
         if self.config.debug:
             log.debug("C: %s", logs.escape(_mask(verb, rest)))
-        command = COMMANDS[self.state].get(verb)
-        if command is None:
-            if verb in ALL_VERBS:
-                return bad(f"{verb} is not valid in the {self.state.value} state.")
-            return bad("Unknown command.")
-        if command.max_args is None:
-            args = [rest] if rest else []
-        else:
-            args = rest.split()
-        if len(args) < command.min_args:
-            return bad(f"Missing argument for {verb}.")
-        if command.max_args is not None and len(args) > command.max_args:
-            return bad(f"Too many arguments for {verb}.")
-        return command.handler(self, args)
+        reply = self.state.execute(verb, rest)
+        if reply is not None:
+            return reply
+        if verb in ALL_VERBS:
+            return bad(f"{verb} is not valid in the {self.state.name} state.")
+        return bad("Unknown command.")
 
     def _write(self, reply: Reply) -> None:
         if self.config.debug:
@@ -304,6 +213,13 @@ class Session:
         elif reply.data is not None:
             self.writer.raw(reply.data)
             self.writer.line(".")
+
+    def _upgrade(self, upgrade: Callable[[Transport], Transport]) -> None:
+        """Flush, drop buffered client input, and continue on ``upgrade(transport)`` (STLS)."""
+        self.writer.flush()
+        self.transport = upgrade(self.transport)
+        self.reader = LineReader(self.transport)  # a fresh buffer: pipelined plaintext is discarded
+        self.writer = ReplyWriter(self.transport, float(self.config.command_timeout))
 
     def _farewell(self, reply: Reply) -> None:
         """Best-effort last words; the connection is going away regardless."""

@@ -1,0 +1,193 @@
+"""The AUTHORIZATION state (RFC 1939 section 4): USER/PASS, APOP, and the login that ends it.
+
+An :class:`Authorization` holds what this state remembers between commands (the
+pending USER name, the last login attempted, the APOP timestamp of our greeting, the
+failure count) and what a login needs (authenticator, configuration, the worker's
+``serve_as`` privilege switch and ``on_login`` hook). A login runs, in this order:
+credentials check -> mailbox lock -> ``serve_as`` (the switch to the mailbox owner) ->
+``Maildir.open``; if all succeed, the reply carries the new
+:class:`~tpops.transaction.Transaction` as the loop's next state. Every failure on the
+way releases what was taken and answers with a precise ``-ERR``.
+
+Next states fit here the same way: a SASL AUTH handler answers with
+:func:`tpops.reply.more` and an exchange object whose final reply carries the
+Transaction from :meth:`Authorization.log_in`; an STLS handler answers with
+``ok(..., upgrade=...)``. Log lines go to the ``tpops.session`` logger, like the loop's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tpops import logs
+from tpops.auth.base import Authenticator, AuthUnavailable, MailboxInUse, MailUser
+from tpops.commands import Arg, Command, capabilities, dispatch
+from tpops.config import Config
+from tpops.mailbox.maildir import Maildir
+from tpops.privileges import Refused
+from tpops.reply import Accounting, Reply, bad, err, ok
+from tpops.transaction import Transaction
+
+log = logs.get("session")
+
+
+class Authorization:
+    """The AUTHORIZATION state of one connection; see the module docstring.
+
+    ``serve_as(user)`` is called after the lock is taken and before the Maildir is
+    opened: it switches to the mailbox owner and says whether it did (or refuses with
+    :class:`tpops.privileges.Refused`). ``on_login(text)`` lets the worker update its
+    process title. ``timestamp`` is the APOP timestamp, used only when the backend
+    supports APOP.
+    """
+
+    name = "AUTHORIZATION"
+
+    def __init__(
+        self,
+        config: Config,
+        authenticator: Authenticator,
+        peer: str,
+        *,
+        serve_as: Callable[[MailUser], bool] | None = None,
+        on_login: Callable[[str], None] | None = None,
+        timestamp: str | None = None,
+    ) -> None:
+        self.config = config
+        self.authenticator = authenticator
+        self.peer = peer
+        self.serve_as = serve_as
+        self.on_login = on_login
+        self.apop_timestamp = timestamp if authenticator.supports_apop else None
+        self.pending_user: str | None = None
+        self.attempted_login: str | None = None
+        self.failures = 0
+        self.dropped_privileges = False
+
+    @property
+    def log_name(self) -> str:
+        return logs.escape(self.attempted_login or "")
+
+    def greeting(self) -> Reply:
+        """The server greeting, with the APOP timestamp when APOP can work."""
+        text = "tpops ready."
+        if self.apop_timestamp:
+            text += " " + self.apop_timestamp
+        return ok(text)
+
+    def execute(self, verb: str, rest: str) -> Reply | None:
+        return dispatch(AUTHORIZATION_COMMANDS, self, verb, rest)
+
+    def accounting(self) -> Accounting:
+        return Accounting(self.attempted_login, dropped_privileges=self.dropped_privileges)
+
+    def end(self, reason: str) -> None:
+        """Nothing held before login."""
+
+    def log_in(self, login: str, check: Callable[[Authenticator], MailUser | None]) -> Reply:
+        """Run a credentials check (PASS, APOP, a SASL mechanism) and, if it passes, open the mailbox."""
+        self.attempted_login = login
+        try:
+            user = check(self.authenticator)
+        except AuthUnavailable as exc:
+            log.error(
+                "authentication backend %s failed for %s from %s: %s",
+                self.authenticator.name, logs.escape(login), self.peer, exc,
+            )
+            return err("Temporary authentication failure, try again later.", "SYS/TEMP")
+        if user is None:
+            self.failures += 1
+            log.warning("authentication failed: %s from %s", logs.escape(login), self.peer)
+            last = self.failures >= self.config.max_auth_failures
+            return err("Authentication failed.", "AUTH", auth_failed=True, close=last)
+        return self._open_mailbox(user)
+
+    def _open_mailbox(self, user: MailUser) -> Reply:
+        """Lock -> serve_as -> Maildir.open; the Transaction on success."""
+        name = logs.escape(user.login)
+        try:
+            lock = self.authenticator.lock(user)
+        except MailboxInUse:
+            log.warning("cannot lock for %s from %s: mailbox in use", name, self.peer)
+            return err("Mailbox is locked by another POP3 session.", "IN-USE")
+        except (AuthUnavailable, OSError) as exc:
+            log.error("cannot lock for %s from %s: %s", name, self.peer, exc)
+            return err("Cannot lock the mailbox, try again later.", "SYS/TEMP")
+        try:
+            if self.serve_as is not None:
+                self.dropped_privileges = self.serve_as(user)
+            mailbox = Maildir.open(
+                user.maildir,
+                maildir_extended=self.config.maildir_extended,
+                maildir_use_filesize=self.config.maildir_use_filesize,
+            )
+        except Refused as exc:
+            lock.release()
+            log.error("refusing to serve %s from %s: %s", name, self.peer, exc)
+            return err("This mailbox cannot be served.", "SYS/PERM", close=self.dropped_privileges or exc.final)
+        except OSError as exc:
+            lock.release()
+            log.error("cannot open the mailbox of %s (%s): %s", name, logs.escape(user.maildir), exc)
+            return err("Cannot open the mailbox, try again later.", "SYS/TEMP", close=self.dropped_privileges)
+        except BaseException:  # a bug or a stop request: the loop logs it; the lock must not outlive it
+            lock.release()
+            raise
+        transaction = Transaction(user, mailbox, lock, dropped_privileges=self.dropped_privileges)
+        count, octets = transaction.start_totals
+        log.info("login: %s has %d messages (%d octets) from %s", name, count, octets, self.peer)
+        if self.on_login:
+            self.on_login(f"{user.login}@{self.peer}")
+        return ok(f"Logged in, {count} messages ({octets} octets).", state=transaction)
+
+
+# ---------------------------------------------------------------------------
+# Handlers
+
+
+def cmd_user(auth: Authorization, name: str) -> Reply:
+    """USER name: remember the name for PASS; tells nothing about whether it exists.
+
+    The name is the rest of the line, as Dovecot takes it: a login is data, spaces included.
+    """
+    auth.pending_user = auth.attempted_login = name
+    return ok("Send your password.")
+
+
+def cmd_pass(auth: Authorization, password: str) -> Reply:
+    """PASS secret: the whole rest of the line is the password (spaces allowed)."""
+    if auth.pending_user is None:
+        return bad("USER first.")
+    login = auth.pending_user
+    auth.pending_user = None
+    secret = password.encode("utf-8", "surrogateescape")
+    return auth.log_in(login, lambda backend: backend.authenticate(login, secret))
+
+
+def cmd_apop(auth: Authorization, words: str) -> Reply:
+    """APOP name digest (RFC 1939 section 7); the digest is the last word, the name may have spaces."""
+    stamp = auth.apop_timestamp
+    if stamp is None:
+        return bad("APOP is not available.")
+    login, _, digest = words.rpartition(" ")
+    if not login or not digest:
+        return bad("Missing argument for APOP.")
+    return auth.log_in(login, lambda backend: backend.authenticate_apop(login, stamp, digest))
+
+
+def cmd_capa(auth: Authorization) -> Reply:
+    """CAPA (RFC 2449): exactly what works before login."""
+    return ok("Capability list follows", lines=capabilities(logged_in=False))
+
+
+def cmd_quit(auth: Authorization) -> Reply:
+    """QUIT before login: nothing to update."""
+    return ok("Bye.", close=True)
+
+
+AUTHORIZATION_COMMANDS: dict[str, Command] = {
+    "USER": Command(cmd_user, (Arg.REST,)),
+    "PASS": Command(cmd_pass, (Arg.REST,)),
+    "APOP": Command(cmd_apop, (Arg.REST,)),
+    "CAPA": Command(cmd_capa),
+    "QUIT": Command(cmd_quit),
+}
