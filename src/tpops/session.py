@@ -20,7 +20,7 @@ from tpops.auth.base import Authenticator, AuthUnavailable, MailboxInUse, Mailbo
 from tpops.commands import ALL_VERBS, COMMANDS, Reply, State, bad, err, ok
 from tpops.config import Config
 from tpops.mailbox.maildir import Maildir
-from tpops.privileges import Refused
+from tpops.privileges import Refused, maildir_root
 from tpops.protocol import (
     LINE_TOO_LONG,
     ConnectionLost,
@@ -160,7 +160,7 @@ class Session:
             if self.serve_as is not None:
                 self.dropped_privileges = self.serve_as(user)
             mailbox = Maildir.open(
-                user.maildir,
+                maildir_root(self.serve_as, user),
                 maildir_extended=self.config.maildir_extended,
                 maildir_use_filesize=self.config.maildir_use_filesize,
             )
