@@ -108,12 +108,12 @@ def test_new_moved_by_another_reader_is_taken_from_cur(
     put(root, "new", "2.b.host")
     real_rename = os.rename
 
-    def racing_rename(src: str, dst: str) -> None:
+    def racing_rename(src: str, dst: str, **dir_fds: int) -> None:
         if src.endswith("1.a.host"):  # another reader wins the race, with its own flags
-            real_rename(src, os.path.join(root, "cur", "1.a.host:2,S"))
+            real_rename(root / "new" / "1.a.host", root / "cur" / "1.a.host:2,S")
         elif src.endswith("2.b.host"):  # another reader deleted it
-            os.unlink(src)
-        real_rename(src, dst)
+            os.unlink(root / "new" / "2.b.host")
+        real_rename(src, dst, **dir_fds)
 
     monkeypatch.setattr(os, "rename", racing_rename)
     md = Maildir.open(str(root))
@@ -255,10 +255,10 @@ def test_unreadable_message_is_skipped(tmp_path: Path, monkeypatch: pytest.Monke
     put(root, "cur", "2.b.host:2,")
     real_open = os.open
 
-    def failing_open(path: str, flags: int, *args: int) -> int:
+    def failing_open(path: str, flags: int, *args: int, **kwargs: int) -> int:
         if str(path).endswith("1.a.host:2,"):
             raise PermissionError(13, "Permission denied", path)
-        return real_open(path, flags, *args)
+        return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", failing_open)
     md = Maildir.open(str(root))
@@ -283,15 +283,15 @@ def fill(root: Path, count: int, seed: int = 3) -> dict[str, bytes]:
 
 
 def count_cur_opens(monkeypatch: pytest.MonkeyPatch, root: Path) -> list[str]:
-    """Record every os.open of a file under cur/ from now on."""
+    """Record every os.open of a message file (a name under cur/) from now on."""
     opened: list[str] = []
     real_open = os.open
-    cur = os.fsdecode(root / "cur")
+    messages = set(os.listdir(root / "cur"))
 
-    def recording_open(path: str, flags: int, *args: int) -> int:
-        if os.fsdecode(path).startswith(cur):
+    def recording_open(path: str, flags: int, *args: int, **kwargs: int) -> int:
+        if os.fsdecode(path) in messages:
             opened.append(os.fsdecode(path))
-        return real_open(path, flags, *args)
+        return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", recording_open)
     return opened
@@ -444,23 +444,55 @@ def test_commit_deletes_only_marked(tmp_path: Path) -> None:
     assert sorted(os.listdir(root / "cur")) == ["1.m.host:2,", "3.m.host:2,"]
 
 
-def test_commit_with_gone_renamed_and_failing_files(tmp_path: Path) -> None:
+def test_commit_with_gone_renamed_and_failing_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = make_maildir(tmp_path)
-    for i in range(1, 6):
+    for i in range(1, 7):
         put(root, "cur", f"{i}.m.host:2,")
     md = Maildir.open(str(root))
     for msg in md.messages:
         msg.deleted = True
     os.unlink(root / "cur" / "1.m.host:2,")  # someone else deleted it
     os.rename(root / "cur" / "2.m.host:2,", root / "cur" / "2.m.host:2,S")  # flags changed
-    os.unlink(root / "cur" / "3.m.host:2,")
-    (root / "cur" / "3.m.host:2,").mkdir()  # unlink fails, even for root
+    os.unlink(root / "cur" / "4.m.host:2,")
+    (root / "cur" / "4.m.host:2,").mkdir()  # another file took the name: not ours to remove
+    real_unlink = os.unlink
+
+    def failing_unlink(path: str, **kwargs: int) -> None:
+        if str(path) == "3.m.host:2,":
+            raise PermissionError(13, "Permission denied", path)
+        real_unlink(path, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", failing_unlink)
     result = md.commit()
-    assert result.deleted == 4
+    assert result.deleted == 5
     assert result.deleted_octets == sum(m.octets for i, m in enumerate(md.messages) if i != 2)
-    assert len(result.failures) == 1
-    assert result.failures[0].startswith("unlink cur/3.m.host:2,: ")
-    assert os.listdir(root / "cur") == ["3.m.host:2,"]
+    assert result.failures == ["unlink cur/3.m.host:2,: Permission denied"]
+    assert sorted(os.listdir(root / "cur")) == ["3.m.host:2,", "4.m.host:2,"]
+    assert (root / "cur" / "4.m.host:2,").is_dir()
+
+
+def test_commit_removes_only_the_marked_duplicate(tmp_path: Path) -> None:
+    """Issue 8 item 18: two files share a unique name; DELE marks one, another reader
+    then renames it (or deletes it): the unmarked duplicate must survive."""
+    root = make_maildir(tmp_path)
+    put(root, "cur", "1.dup.host:2,", b"first copy\n")
+    put(root, "cur", "1.dup.host:2,S", b"second copy\n")
+    for rename in (True, False):
+        md = Maildir.open(str(root))
+        assert [m.uid for m in md.messages] == ["1.dup.host", "1.dup.host"]
+        marked, kept = md.messages
+        marked.deleted = True
+        if rename:  # another reader changes its flags: found again by inode
+            os.rename(root / "cur" / marked.name, root / "cur" / "1.dup.host:2,T")
+            survivors = [kept.name]
+        else:  # another reader deletes it: nothing else is taken for it
+            os.unlink(root / "cur" / marked.name)
+            survivors = [kept.name]
+        result = md.commit()
+        assert (result.deleted, result.failures) == (1, [])
+        assert os.listdir(root / "cur") == survivors
+        assert (root / "cur" / kept.name).read_bytes() in (b"first copy\n", b"second copy\n")
+        put(root, "cur", "1.dup.host:2,", b"first copy\n")  # a duplicate again for the next round
 
 
 def test_commit_appends_maildirsize_line(tmp_path: Path) -> None:
@@ -476,7 +508,8 @@ def test_commit_appends_maildirsize_line(tmp_path: Path) -> None:
     os.unlink(root / "cur" / "4.d.host:2,")  # removed by someone else: not ours to count
     result = md.commit()
     assert result.deleted == 3
-    assert (root / "maildirsize").read_bytes() == b"1000000S,1000C\n500 3\n-65 -2\n"
+    # one line per removed file, written as it goes (a crash loses at most one)
+    assert (root / "maildirsize").read_bytes() == b"1000000S,1000C\n500 3\n-40 -1\n-25 -1\n"
 
 
 def test_commit_without_maildirsize_creates_none(tmp_path: Path) -> None:
@@ -571,3 +604,62 @@ def test_fast_path_matches_full_scan_through_changes(tmp_path: Path, monkeypatch
     assert again == full
     assert _snapshot(Maildir.open(str(root))) == full
     assert calls[-1] is True
+
+
+# --- hostile files (issue 8 items 1, 3, 22) ---------------------------------------
+
+
+def test_open_root_refuses_a_symlinked_maildir_when_told(tmp_path: Path) -> None:
+    real = make_maildir(tmp_path / "real")
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(maildir_module.UnsafeMaildir):
+        maildir_module.open_root(str(tmp_path / "link"), follow_last=False)
+    followed = maildir_module.open_root(str(tmp_path / "link"))  # our own (root's/euid's) link
+    assert followed.stat.st_ino == real.stat().st_ino
+    missing = maildir_module.open_root(str(tmp_path / "real" / "no" / "Maildir"))
+    assert missing.fd is None and missing.stat.st_ino == real.stat().st_ino  # nearest ancestor
+
+
+def test_hostile_size_cache_files_are_ignored_and_replaced(tmp_path: Path) -> None:
+    root = make_maildir(tmp_path)
+    put(root, "cur", "1.a.host:2,")
+    for plant in (os.mkfifo, lambda p: os.symlink("/dev/zero", p), lambda p: os.truncate(open(p, "wb").name, 1 << 40)):
+        cache = root / SIZE_CACHE_NAME
+        if cache.exists() or cache.is_symlink():
+            cache.unlink()
+        plant(str(cache))
+        md = Maildir.open(str(root))  # returns: neither blocks nor reads without bound
+        assert [m.octets for m in md.messages] == [wire_size_bytes(BODY)]
+        assert cache.is_file() and not cache.is_symlink()
+        assert cache_text(root) == SIZE_CACHE_HEADER + b"1.a.host %d\n" % wire_size_bytes(BODY)
+    assert sorted(os.listdir(root)) == sorted(["cur", "new", "tmp", SIZE_CACHE_NAME])  # no temp left
+
+
+def test_kill_9_in_commit_leaves_maildirsize_at_most_one_message_off(tmp_path: Path) -> None:
+    root = make_maildir(tmp_path)
+    (root / "maildirsize").write_bytes(b"0S\n")
+    for i in range(200):
+        put(root, "cur", f"{1000 + i}.m.host,S=10:2,", b"x\n")
+    pid = os.fork()
+    if pid == 0:  # the session: killed right after its 73rd unlink, before anything else
+        try:
+            md = Maildir.open(str(root))
+            for msg in md.messages:
+                msg.deleted = True
+            real_unlink, done = os.unlink, [0]
+
+            def unlink_then_die(path: str, **kwargs: int) -> None:
+                real_unlink(path, **kwargs)
+                done[0] += 1
+                if done[0] == 73:
+                    os.kill(os.getpid(), 9)
+
+            os.unlink = unlink_then_die  # type: ignore[assignment]
+            md.commit()
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9
+    assert len(os.listdir(root / "cur")) == 200 - 73
+    lines = (root / "maildirsize").read_bytes().splitlines()[1:]
+    assert lines == [b"-10 -1"] * 72  # the one unlinked just before the kill is the only one missing

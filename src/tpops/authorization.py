@@ -24,7 +24,7 @@ from tpops.auth.base import Authenticator, AuthUnavailable, MailboxInUse, MailUs
 from tpops.commands import Arg, Command, capabilities, dispatch
 from tpops.config import Config
 from tpops.mailbox.maildir import Maildir
-from tpops.privileges import Refused
+from tpops.privileges import Refused, maildir_root
 from tpops.reply import Accounting, Reply, bad, err, ok
 from tpops.transaction import Transaction
 
@@ -117,7 +117,7 @@ class Authorization:
             if self.serve_as is not None:
                 self.dropped_privileges = self.serve_as(user)
             mailbox = Maildir.open(
-                user.maildir,
+                maildir_root(self.serve_as, user),
                 maildir_extended=self.config.maildir_extended,
                 maildir_use_filesize=self.config.maildir_use_filesize,
             )

@@ -146,6 +146,8 @@ class Config:
         False, "trust the Maildir++ ,S= size in file names (it is the file size)")
     maildir_use_filesize: bool = _p(
         False, "use the file size as message size instead of the exact RFC 1939 size")
+    first_valid_uid: int = _p(500, "lowest uid a session may run as when tpops switches per session")
+    last_valid_uid: int = _p(0, "highest uid a session may run as (0 = no upper bound)")
     # --- authentication
     auth_type: str = _p("Passwd", "authentication type: 'Passwd', 'MySQL' or 'File'")
     default_domain: str | None = _p(
@@ -304,6 +306,8 @@ def _checks(config: Config) -> list[tuple[tuple[str, ...], str]]:
     at_least("max_idle", 1)
     at_least("max_bad_commands", 1)
     at_least("max_auth_failures", 1)
+    at_least("first_valid_uid", 1, " (uid 0 is never served)")
+    at_least("last_valid_uid", 0, " (0 = no upper bound)")
     if (ok("min_servers", "max_servers") and config.min_servers >= 1
             and config.max_servers < config.min_servers):
         bad(("min_servers", "max_servers"),

@@ -291,7 +291,7 @@ def boot_privileges(config: Config) -> SessionPrivileges:
             raise ValueError("refusing to run workers as root (--user is uid 0)")
         become(identity)
         return SessionPrivileges(switch_per_session=False)
-    return SessionPrivileges(switch_per_session=True)
+    return SessionPrivileges(True, first_valid_uid=config.first_valid_uid, last_valid_uid=config.last_valid_uid)
 
 
 def write_access_log(log_files: logs.LogSetup, line: str) -> None:

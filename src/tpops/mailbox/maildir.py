@@ -2,7 +2,10 @@
 
 Methods for the session
 -----------------------
-``Maildir.open(path, ...)``
+``open_root(path)``
+    Open the Maildir directory itself, without following a symlink in its last
+    component; the identity decision (:mod:`tpops.privileges`) uses its ``fstat``.
+``Maildir.open(path_or_root, ...)``
     Take the snapshot (RFC 1939 section 4: the maildrop is fixed once the session is in
     the TRANSACTION state). ``messages[msn - 1]`` is message number ``msn``.
 ``open_message(msg)``
@@ -27,6 +30,16 @@ it never changes when another reader renames the file to change flags. A unique 
 that is not 1 to 70 octets of 0x21-0x7E (RFC 1939 section 7) is replaced by the hex
 SHA-1 of its octets, which is just as stable.
 
+Files the user controls
+-----------------------
+The Maildir belongs to the user being served, who may put anything in it: symlinks,
+FIFOs, devices, huge files. Every file is reached relative to a descriptor of the
+directory opened at login (a renamed or swapped path component cannot redirect
+later lookups), opened ``O_NOFOLLOW | O_NONBLOCK`` (a FIFO opens at once instead of
+blocking the worker) and used only when ``fstat`` says it is a regular file; the
+size cache is read with a size cap. A file failing a check is not a message, and a
+size cache failing one is ignored and rewritten.
+
 Sizes
 -----
 STAT and LIST must report what RETR sends (RFC 1939 section 11), which
@@ -45,11 +58,13 @@ stored message has bare LF line ends, and their results are not cached.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import io
 import os
 import re
-import tempfile
+import stat
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -64,22 +79,45 @@ SIZE_CACHE_NAME = "tpops-sizecache"
 #: First line of the size cache; a file starting otherwise is ignored and rewritten.
 #: Version 2: lines are in delivery order, so an unchanged Maildir is listed from the cache alone.
 SIZE_CACHE_HEADER = b"tpops-sizecache 2\n"
+#: A size cache larger than this is ignored and rewritten, never read: about 150,000
+#: messages' worth, far more than any mailbox a POP3 client downloads.
+SIZE_CACHE_MAX_OCTETS = 16 * 1024 * 1024
 #: Maildir++ quota file in the Maildir root; deletions are appended to it.
 MAILDIRSIZE_NAME = "maildirsize"
 #: Info suffix a reader adds when moving a message from new/ to cur/ (Maildir spec).
 NEW_TO_CUR_INFO = ":2,"
 #: RFC 1939 section 7: a unique-id is 1 to 70 characters in 0x21-0x7E.
 UIDL_MAX_OCTETS = 70
+#: Symlinks followed while resolving a Maildir path, as the kernel's own limit.
+MAX_SYMLINKS = 40
 
 _LEADING_NUMBER = re.compile(r"[0-9]*")
 _CACHE_LINE = re.compile(r"([^\n]*) ([0-9]{1,18})\n")
 _PLAIN_UIDL = re.compile(r"[\x21-\x7e]{1,%d}" % 70)
 _SIZE_FIELD = re.compile(r",([SW])=([0-9]+)")
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Files in the Maildir: never through a symlink, and a FIFO must not block the open.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+#: Path components and the Maildir root: only looked up from, never read (O_PATH needs
+#: no read permission on the directory, so a 0711 home does not stop the walk).
+_PATH_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: cur/ and new/: listed, so opened for reading.
+_LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class MessageGone(Exception):
     """The message's file disappeared (another program deleted it) during the session."""
+
+
+class UnsafeMaildir(PermissionError):
+    """The Maildir's path or layout is one tpops must not serve (a symlink where the
+    owner decides, a symlink planted by another user, a symlinked ``cur/``)."""
+
+
+class NotRegularFile(OSError):
+    """A file in the Maildir is not a regular file (a FIFO, device, directory ...)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(errno.EINVAL, "not a regular file", name)
 
 
 @dataclass(slots=True)
@@ -90,6 +128,7 @@ class Message:
     name: str  #: current file name inside cur/ (changes if another reader renames it)
     octets: int  #: exact wire size, or the configured fast approximation
     deleted: bool = False  #: marked by DELE, cleared by RSET; acted on by commit()
+    ino: int = 0  #: the file's inode at the snapshot (0: unknown): tells duplicates apart
 
 
 @dataclass(slots=True)
@@ -136,24 +175,174 @@ def size_fields(unique: str) -> dict[str, int]:
     return {letter: int(value) for letter, value in _SIZE_FIELD.findall(unique)}
 
 
-def _message_entries(directory: str) -> Iterator[os.DirEntry[str]]:
-    """The entries of ``directory`` that may be messages; none if it does not exist.
+# ---------------------------------------------------------------- descriptors
+
+
+def _closer(owner: object, fd: int) -> weakref.finalize:
+    """Close ``fd`` when ``owner`` is collected, or earlier when the result is called."""
+    return weakref.finalize(owner, os.close, fd)
+
+
+class MaildirRoot:
+    """The Maildir directory as opened at login: the anchor of every later lookup.
+
+    ``fd`` is an ``O_PATH`` descriptor of the directory, None when the Maildir does not
+    exist (an empty mailbox). ``stat`` is the ``fstat`` of the directory, or of its
+    nearest existing ancestor when it does not exist: the owner the privilege layer
+    serves when the backend names none. The descriptor is closed by :meth:`close` or
+    when the object is collected.
+    """
+
+    __slots__ = ("path", "fd", "stat", "_close", "__weakref__")
+
+    def __init__(self, path: str, fd: int | None, st: os.stat_result) -> None:
+        self.path = path
+        self.fd = fd
+        self.stat = st
+        self._close = _closer(self, fd) if fd is not None else None
+
+    @property
+    def exists(self) -> bool:
+        return self.fd is not None
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+
+
+def _components(path: str) -> list[str]:
+    """The components of ``path`` to walk, last first (a stack)."""
+    return [c for c in reversed(path.split("/")) if c and c != "."]
+
+
+def open_root(path: str, *, follow_last: bool = True) -> MaildirRoot:
+    """Open the Maildir at ``path`` one component at a time, each with ``O_NOFOLLOW``.
+
+    A symlink on the way is followed only when it belongs to root or to the current
+    effective user (whoever else planted it could point us anywhere; as root that
+    means only root's own links), and never as the last component when
+    ``follow_last`` is False: then the directory's owner, which decides whom the
+    session runs as, is the owner of a real directory at that very path. Raises
+    :class:`UnsafeMaildir` for a refused symlink; a missing Maildir, or a non-directory
+    in its place, gives a root with ``fd`` None.
+    """
+    trusted = {0, os.geteuid()}
+    fd = os.open("/" if path.startswith("/") else ".", _PATH_FLAGS)
+    pending = _components(path)
+    links = 0
+    try:
+        while pending:
+            name = pending.pop()
+            try:
+                child = os.open(name, _PATH_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                return MaildirRoot(path, None, os.fstat(fd))
+            except OSError as e:
+                if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+                    raise
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if not stat.S_ISLNK(st.st_mode):  # a file where a directory should be
+                    return MaildirRoot(path, None, os.fstat(fd))
+                if not pending and not follow_last:
+                    raise UnsafeMaildir(errno.ELOOP, "the Maildir is a symbolic link", path) from None
+                if st.st_uid not in trusted:
+                    raise UnsafeMaildir(
+                        errno.EPERM, f"symbolic link {name!r} on the way belongs to uid {st.st_uid}", path
+                    ) from None
+                links += 1
+                if links > MAX_SYMLINKS:
+                    raise OSError(errno.ELOOP, "too many symbolic links", path) from None
+                target = os.readlink(name, dir_fd=fd)
+                if target.startswith("/"):
+                    os.close(fd)
+                    fd = -1
+                    fd = os.open("/", _PATH_FLAGS)
+                pending.extend(_components(target))
+                continue
+            os.close(fd)
+            fd = child
+        root = MaildirRoot(path, fd, os.fstat(fd))
+        fd = -1  # the root owns it now
+        return root
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _open_subdir(root_fd: int, name: str) -> int | None:
+    """A listing descriptor of ``cur``/``new`` in the root; None when missing.
+
+    A symlink there raises :class:`UnsafeMaildir`; any other non-directory counts as
+    missing.
+    """
+    try:
+        return os.open(name, _LIST_FLAGS, dir_fd=root_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        if stat.S_ISLNK(os.stat(name, dir_fd=root_fd, follow_symlinks=False).st_mode):
+            raise UnsafeMaildir(errno.ELOOP, f"{name}/ is a symbolic link", name) from None
+        return None
+
+
+def open_regular(dir_fd: int, name: str, flags: int = _OPEN_FLAGS) -> int:
+    """Open ``name`` in ``dir_fd`` only if it is a regular file; the descriptor blocks.
+
+    ``O_NOFOLLOW`` refuses a symlink (ELOOP) and ``O_NONBLOCK`` lets a FIFO open at
+    once, so ``fstat`` can refuse it (:class:`NotRegularFile`) instead of the open
+    hanging until someone writes to it.
+    """
+    fd = os.open(name, flags, dir_fd=dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(name)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(dir_fd: int, name: str, cap: int) -> bytes:
+    """The content of the regular file ``name`` in ``dir_fd``, at most ``cap`` octets.
+
+    Raises OSError (:class:`NotRegularFile`, ELOOP for a symlink, EFBIG when larger).
+    """
+    fd = open_regular(dir_fd, name)
+    try:
+        if os.fstat(fd).st_size > cap:
+            raise OSError(errno.EFBIG, f"larger than {cap} octets", name)
+        chunks: list[bytes] = []
+        total = 0
+        while chunk := os.read(fd, min(1 << 20, cap + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > cap:  # it grew after the fstat
+                raise OSError(errno.EFBIG, f"larger than {cap} octets", name)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _message_entries(dir_fd: int | None) -> Iterator[os.DirEntry[str]]:
+    """The entries of the directory open on ``dir_fd`` that may be messages.
 
     Uses the file type from the directory listing (no stat per file on file systems
     that report it): symlinks and non-regular files are skipped, as are dot files.
     """
-    try:
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.name[0] != "." and entry.is_file(follow_symlinks=False):
-                    yield entry
-    except (FileNotFoundError, NotADirectoryError):
+    if dir_fd is None:
         return
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            if entry.name[0] != "." and entry.is_file(follow_symlinks=False):
+                yield entry
 
 
-def _scan_names(cur: str) -> dict[str, str]:
-    """A fresh listing of ``cur``: unique name -> file name."""
-    return {unique_name(entry.name): entry.name for entry in _message_entries(cur)}
+def _scan_inodes(cur_fd: int | None) -> dict[int, str]:
+    """A fresh listing of ``cur``: inode -> file name (a rename keeps the inode)."""
+    return {entry.inode(): entry.name for entry in _message_entries(cur_fd)}
 
 
 class _SizeCache:
@@ -162,36 +351,39 @@ class _SizeCache:
     Format: the header line, then one ``<unique name> <octets>`` line per message,
     names as their file system octets. A name containing LF cannot be stored and is
     simply not cached; the octets are digits, so the last space on a line separates
-    them from a name that contains spaces. A file that does not parse is ignored
-    whole and rewritten. It is written to a temporary file in the Maildir root and
-    renamed over the old one, so readers never see half a cache.
+    them from a name that contains spaces. A file that is not a regular file, is
+    larger than :data:`SIZE_CACHE_MAX_OCTETS` or does not parse is ignored whole and
+    rewritten. It is written to a new file with a unique name in the Maildir root
+    and renamed over the old one, so readers never see half a cache.
     """
 
-    __slots__ = ("path", "root", "entries", "valid")
+    __slots__ = ("root_fd", "label", "entries", "valid")
 
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self.path = os.path.join(root, SIZE_CACHE_NAME)
+    def __init__(self, root_fd: int, label: str) -> None:
+        self.root_fd = root_fd
+        self.label = label  # the path, for log lines
         self.entries: dict[str, int] = {}
         self.valid = True
         self._load()
 
     def _load(self) -> None:
         try:
-            with open(self.path, "rb") as f:
-                data = f.read()
+            data = read_regular(self.root_fd, SIZE_CACHE_NAME, SIZE_CACHE_MAX_OCTETS)
         except FileNotFoundError:
             return
         except OSError as e:
-            log.debug("size cache %s unreadable: %s", escape(self.path), e.strerror)
+            log.warning("size cache %s ignored, it will be rewritten: %s", self._where(), e.strerror)
             self.valid = False
             return
         entries = self._parse(data)
         if entries is None:
-            log.debug("size cache %s is corrupt, ignoring it", escape(self.path))
+            log.debug("size cache %s is corrupt, ignoring it", self._where())
             self.valid = False
         else:
             self.entries = entries
+
+    def _where(self) -> str:
+        return escape(os.path.join(self.label, SIZE_CACHE_NAME))
 
     @staticmethod
     def _parse(data: bytes) -> dict[str, int] | None:
@@ -220,24 +412,40 @@ class _SizeCache:
         lines = [SIZE_CACHE_HEADER]
         fsencode = os.fsencode
         lines.extend(b"%s %d\n" % (fsencode(u), n) for u, n in storable.items())
+        if _replace_file(self.root_fd, SIZE_CACHE_NAME, b"".join(lines), self._where()):
+            self.entries = storable
+            self.valid = True
+
+
+def _replace_file(dir_fd: int, name: str, data: bytes, label: str) -> bool:
+    """Atomically replace ``name`` in ``dir_fd`` with ``data``; False (logged) on failure.
+
+    The new content goes to ``.<name>.<random>`` created ``O_EXCL | O_NOFOLLOW`` (nothing
+    planted under that name is ever written through) and is renamed over ``name``,
+    which replaces whatever was there unless it is a directory.
+    """
+    tmp = f".{name}.{os.getpid()}.{os.urandom(6).hex()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    except OSError as e:
+        log.debug("%s not written: %s", label, e.strerror)
+        return False
+    try:
         try:
-            fd, tmp_path = tempfile.mkstemp(prefix=f".{SIZE_CACHE_NAME}.", dir=self.root)
-        except OSError as e:
-            log.debug("size cache not written in %s: %s", escape(self.root), e.strerror)
-            return
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError as e:
+        log.debug("%s not written: %s", label, e.strerror)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(b"".join(lines))
-            os.replace(tmp_path, self.path)
-        except OSError as e:
-            log.debug("size cache %s not written: %s", escape(self.path), e.strerror)
-            try:
-                os.unlink(tmp_path)
-            except OSError:
-                pass
-            return
-        self.entries = storable
-        self.valid = True
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        return False
+    return True
 
 
 class _Sizer:
@@ -247,13 +455,14 @@ class _Sizer:
     The cache is read only when some size may have to be exact.
     """
 
-    __slots__ = ("cur", "extended", "use_filesize", "cache", "known", "exact")
+    __slots__ = ("cur_fd", "extended", "use_filesize", "cache", "known", "exact")
 
-    def __init__(self, root: str, cur: str, extended: bool, use_filesize: bool) -> None:
-        self.cur = cur
+    def __init__(self, root: MaildirRoot, cur_fd: int, extended: bool, use_filesize: bool) -> None:
+        assert root.fd is not None
+        self.cur_fd = cur_fd
         self.extended = extended
         self.use_filesize = use_filesize
-        self.cache = None if use_filesize else _SizeCache(root)
+        self.cache = None if use_filesize else _SizeCache(root.fd, root.path)
         self.known: dict[str, int] = self.cache.entries if self.cache else {}
         self.exact: dict[str, int] = {}
 
@@ -269,10 +478,10 @@ class _Sizer:
             if "S" in fields:
                 return fields["S"]
         if self.use_filesize:
-            return os.lstat(os.path.join(self.cur, name)).st_size
+            return os.stat(name, dir_fd=self.cur_fd, follow_symlinks=False).st_size
         octets = self.known.get(unique)
         if octets is None:
-            octets = _exact_octets(os.path.join(self.cur, name), unique)
+            octets = _exact_octets(self.cur_fd, name, unique)
         self.exact[unique] = octets
         return octets
 
@@ -295,14 +504,14 @@ class _Sizer:
         self.cache.save(self.exact)
 
 
-def _exact_octets(path: str, unique: str) -> int:
+def _exact_octets(cur_fd: int, name: str, unique: str) -> int:
     """The exact wire size of a message file: from ``W=`` and its last octet, or by reading.
 
     ``W=`` (Maildir++/Dovecot) counts the message with CRLF line ends; a file whose
     last octet is not LF is sent with a CRLF appended, 2 octets W= does not count.
     """
     virtual_octets = size_fields(unique).get("W") if ",W=" in unique else None
-    fd = os.open(path, _OPEN_FLAGS)
+    fd = open_regular(cur_fd, name)
     try:
         if virtual_octets is None:
             return wire_size_fd(fd)
@@ -322,39 +531,60 @@ class Maildir:
     """One session's snapshot of a Maildir; see the module docstring for the rules.
 
     ``messages[index]`` is message number ``index + 1``. The session changes only
-    ``Message.deleted``; :meth:`commit` acts on it.
+    ``Message.deleted``; :meth:`commit` acts on it. The Maildir's directories stay
+    open for the session; their descriptors close with the object.
     """
 
-    __slots__ = ("path", "messages", "_cur")
+    __slots__ = ("path", "messages", "root", "_cur_fd", "_close_cur", "__weakref__")
 
-    def __init__(self, path: str, messages: list[Message]) -> None:
-        self.path = path
+    def __init__(self, root: MaildirRoot, cur_fd: int | None, messages: list[Message]) -> None:
+        self.path = root.path
+        self.root = root
         self.messages = messages
-        self._cur = os.path.join(path, "cur")
+        self._cur_fd = cur_fd
+        self._close_cur = _closer(self, cur_fd) if cur_fd is not None else None
 
     @classmethod
     def open(
         cls,
-        path: str,
+        path: str | MaildirRoot,
         *,
         maildir_extended: bool = False,
         maildir_use_filesize: bool = False,
     ) -> Maildir:
         """Snapshot the Maildir at ``path`` (moving new/ to cur/ and finding sizes).
 
-        Raises OSError when the Maildir exists but cannot be listed (permissions); a
-        missing one is an empty mailbox.
+        ``path`` is a path (opened here with :func:`open_root`) or a root already
+        opened. Raises OSError when the Maildir exists but cannot be listed
+        (permissions, a symlinked ``cur/``); a missing one is an empty mailbox.
         """
-        cur = os.path.join(path, "cur")
-        _move_new_to_cur(path, cur)
-        if not (maildir_extended or maildir_use_filesize):
-            unchanged = _from_cache(path, cur)
+        root = path if isinstance(path, MaildirRoot) else open_root(path)
+        if root.fd is None:
+            return cls(root, None, [])
+        cur_fd = _move_new_to_cur(root)
+        try:
+            return cls._snapshot(root, cur_fd, maildir_extended, maildir_use_filesize)
+        except BaseException:
+            if cur_fd is not None:
+                os.close(cur_fd)
+            raise
+
+    @classmethod
+    def _snapshot(cls, root: MaildirRoot, cur_fd: int | None, extended: bool, use_filesize: bool) -> Maildir:
+        if cur_fd is None:
+            return cls(root, None, [])
+        if not (extended or use_filesize):
+            unchanged = _from_cache(root, cur_fd)
             if unchanged is not None:
-                return cls(path, unchanged)
+                return cls(root, cur_fd, unchanged)
         # (delivery time, unique name, name): names are unique within a directory.
-        listing = [delivery_order_key(entry.name) for entry in _message_entries(cur)]
+        inodes: dict[str, int] = {}
+        listing = []
+        for entry in _message_entries(cur_fd):
+            inodes[entry.name] = entry.inode()
+            listing.append(delivery_order_key(entry.name))
         listing.sort()
-        sizer = _Sizer(path, cur, maildir_extended, maildir_use_filesize)
+        sizer = _Sizer(root, cur_fd, extended, use_filesize)
         messages: list[Message] = []
         previous = None
         for _, unique, name in listing:
@@ -367,11 +597,11 @@ class Maildir:
                 log.warning("message cur/%s skipped: %s", escape(name), e.strerror)
                 continue
             if unique == previous:  # sorted, so copies of one unique name are adjacent
-                log.warning("duplicate unique name in %s: cur/%s", escape(path), escape(name))
+                log.warning("duplicate unique name in %s: cur/%s", escape(root.path), escape(name))
             previous = unique
-            messages.append(Message(uidl_for(unique), name, octets))
+            messages.append(Message(uidl_for(unique), name, octets, ino=inodes[name]))
         sizer.save(unique for _, unique, _ in listing)
-        return cls(path, messages)
+        return cls(root, cur_fd, messages)
 
     def open_message(self, msg: Message) -> BinaryIO:
         """The message's file, opened for reading (see :meth:`open_message_fd`)."""
@@ -381,88 +611,108 @@ class Maildir:
         """A read descriptor on the message's file (the caller closes it).
 
         If another reader renamed it (changed its flags) since the snapshot, it is found
-        again by unique name and ``msg.name`` is updated. Raises :class:`MessageGone`
-        when it no longer exists.
+        again by its inode and ``msg.name`` is updated. Raises :class:`MessageGone`
+        when it no longer exists, or something other than a regular file (a symlink,
+        a FIFO) took its place.
         """
-        fd = _open_in(self._cur, msg.name)
+        assert self._cur_fd is not None  # a message implies cur/
+        fd = _open_in(self._cur_fd, msg.name)
         if fd is None:
-            relocated = _scan_names(self._cur).get(unique_name(msg.name))
-            if (
-                relocated is None
-                or relocated == msg.name
-                or (fd := _open_in(self._cur, relocated)) is None
-            ):
+            relocated = self._relocated(msg, _scan_inodes(self._cur_fd))
+            if relocated is None or (fd := _open_in(self._cur_fd, relocated)) is None:
                 raise MessageGone(msg.name)
             msg.name = relocated
         return fd
 
+    @staticmethod
+    def _relocated(msg: Message, by_inode: dict[int, str]) -> str | None:
+        """The message's new name in cur/ after a rename: same inode, same unique name."""
+        name = by_inode.get(msg.ino) if msg.ino else None
+        if name is None or name == msg.name or unique_name(name) != unique_name(msg.name):
+            return None
+        return name
+
     def commit(self) -> CommitResult:
         """UPDATE: unlink every message marked deleted; report what happened.
 
-        A file already gone (after looking for it under a new name once) counts as
-        deleted. Any other failure is recorded and the rest are still tried. When the
-        Maildir++ quota file ``maildirsize`` exists, one ``-<bytes> -<count>`` line
-        records the files removed here.
+        Only the very file that was listed is removed: when its name now holds another
+        file (a different inode) or is gone, it is looked for by inode under a new
+        name once; a duplicate of its unique name is never taken for it. A file gone
+        for good counts as deleted. Any other failure is recorded and the rest are
+        still tried. When the Maildir++ quota file ``maildirsize`` exists, each removed
+        file is recorded there as it goes (see :class:`_QuotaLog`).
         """
         result = CommitResult()
-        relocations: dict[str, str] | None = None
-        removed_bytes = 0
-        removed_files = 0
-        for msg in self.messages:
-            if not msg.deleted:
-                continue
-            unique = unique_name(msg.name)
-            names = [msg.name]
-            outcome = _unlink(self._cur, msg.name)
-            if outcome is None:  # vanished: look for it under a new name
-                if relocations is None:
-                    relocations = _scan_names(self._cur)
-                moved = relocations.get(unique)
-                if moved is not None and moved != msg.name:
-                    names.append(moved)
-                    outcome = _unlink(self._cur, moved)
-            if isinstance(outcome, str):
-                result.failures.append(f"unlink cur/{escape(names[-1])}: {outcome}")
-                continue
-            result.deleted += 1
-            result.deleted_octets += msg.octets
-            if outcome is not None:
-                removed_files += 1
-                removed_bytes += outcome
-        if removed_files:
-            _record_quota(self.path, removed_bytes, removed_files)
+        if self._cur_fd is None or self.root.fd is None:
+            return result
+        by_inode: dict[int, str] | None = None
+        quota = _QuotaLog(self.root)
+        try:
+            for msg in self.messages:
+                if not msg.deleted:
+                    continue
+                names = [msg.name]
+                outcome = _unlink_exact(self._cur_fd, msg.name, msg.ino)
+                if outcome is None:  # vanished: look for it under a new name
+                    if by_inode is None:
+                        by_inode = _scan_inodes(self._cur_fd)
+                    moved = self._relocated(msg, by_inode)
+                    if moved is not None:
+                        names.append(moved)
+                        outcome = _unlink_exact(self._cur_fd, moved, msg.ino)
+                if isinstance(outcome, str):
+                    result.failures.append(f"unlink cur/{escape(names[-1])}: {outcome}")
+                    continue
+                result.deleted += 1
+                result.deleted_octets += msg.octets
+                if outcome is not None:
+                    quota.removed(outcome)
+        finally:
+            quota.close()
         return result
 
 
-def _from_cache(root: str, cur: str) -> list[Message] | None:
+def _from_cache(root: MaildirRoot, cur_fd: int) -> list[Message] | None:
     """The snapshot straight from the size cache when ``cur/`` holds exactly the cached
     messages (the usual later login): no sorting, no sizing, one directory listing.
 
     Any difference — a new, gone or renamed message, a non-message entry — returns
     None and the full scan decides.
     """
-    try:
-        names = [n for n in os.listdir(cur) if n[0] != "."]
-    except (FileNotFoundError, NotADirectoryError):
+    assert root.fd is not None
+    names: dict[str, tuple[str, int]] = {}
+    count = 0
+    with os.scandir(cur_fd) as entries:
+        for entry in entries:
+            name = entry.name
+            if name[0] == ".":
+                continue
+            if not entry.is_file(follow_symlinks=False):
+                return None  # a symlink, FIFO or directory: the full scan skips it
+            count += 1
+            names[name.partition(":")[0]] = (name, entry.inode())
+    cache = _SizeCache(root.fd, root.path)
+    cached = cache.entries
+    if not cache.valid or count != len(cached) or not count:
         return None
-    cache = _SizeCache(root)
-    entries = cache.entries
-    if not cache.valid or len(names) != len(entries) or not names:
+    if len(names) != count or names.keys() != cached.keys():
         return None
-    by_unique = {n.partition(":")[0]: n for n in names}
-    if len(by_unique) != len(names) or by_unique.keys() != entries.keys():
-        return None
-    return [Message(uidl_for(u), by_unique[u], octets) for u, octets in entries.items()]
+    messages = []
+    for unique, octets in cached.items():
+        name, ino = names[unique]
+        messages.append(Message(uidl_for(unique), name, octets, ino=ino))
+    return messages
 
 
-def _open_in(cur: str, name: str) -> int | None:
+def _open_in(cur_fd: int, name: str) -> int | None:
     """A read descriptor for ``cur/name``, or None when no message file is there.
 
-    A symlink put in its place is not the message we listed (O_NOFOLLOW: ELOOP).
+    A symlink put in its place is not the message we listed (O_NOFOLLOW: ELOOP), nor
+    is a FIFO or anything else that is not a regular file.
     """
     try:
-        return os.open(f"{cur}/{name}", _OPEN_FLAGS)
-    except FileNotFoundError:
+        return open_regular(cur_fd, name)
+    except (FileNotFoundError, NotRegularFile):
         return None
     except OSError as e:
         if e.errno == errno.ELOOP:
@@ -470,18 +720,20 @@ def _open_in(cur: str, name: str) -> int | None:
         raise
 
 
-def _unlink(cur: str, name: str) -> int | str | None:
-    """Unlink ``cur/name``: its size on disk if removed, None if it was not there,
-    or the failure's reason.
+def _unlink_exact(cur_fd: int, name: str, ino: int) -> int | str | None:
+    """Unlink ``cur/name`` if it is the regular file with inode ``ino`` (any when 0).
 
-    The size (for Maildir++ quota) is ``,S=`` from the name, else taken by lstat
-    before the unlink.
+    Returns its size on disk if removed, None if it (that inode) was not there, or the
+    failure's reason. The size (for Maildir++ quota) is ``,S=`` from the name, else
+    the ``lstat`` size.
     """
-    path = os.path.join(cur, name)
     try:
+        st = os.stat(name, dir_fd=cur_fd, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode) or (ino and st.st_ino != ino):
+            return None  # another file now has this name: not the one DELE marked
         fields = size_fields(unique_name(name))
-        octets = fields["S"] if "S" in fields else os.lstat(path).st_size
-        os.unlink(path)
+        octets = fields["S"] if "S" in fields else st.st_size
+        os.unlink(name, dir_fd=cur_fd)
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -489,54 +741,98 @@ def _unlink(cur: str, name: str) -> int | str | None:
     return octets
 
 
-def _record_quota(root: str, removed_bytes: int, removed_files: int) -> None:
-    """Append ``-<bytes> -<count>`` to ``maildirsize`` if the Maildir++ quota file exists.
+class _QuotaLog:
+    """Records UPDATE's removals in the Maildir++ quota file ``maildirsize``, if it exists.
 
-    One ``write`` with O_APPEND, so concurrent appenders never interleave within a line.
-    A failure here loses only quota accounting, which Maildir++ recalculates; it is
-    logged, not reported as a failed deletion.
+    One ``-<bytes> -1`` line is appended right after each unlink, each with a single
+    ``write`` on an O_APPEND descriptor (concurrent appenders never interleave within
+    a line), so a session killed in the middle of UPDATE leaves the quota at most one
+    message off. A large UPDATE makes the file grow past the 5120 octets at which
+    Maildir++ has the next deliverer recalculate it, which is what the specification
+    intends. The file is opened ``O_NOFOLLOW | O_NONBLOCK`` and used only when it is a
+    regular file; a failure here loses only quota accounting, which Maildir++
+    recalculates, so it is logged and never fails a deletion.
     """
-    path = os.path.join(root, MAILDIRSIZE_NAME)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        log.warning("cannot update %s: %s", escape(path), e.strerror)
-        return
-    try:
-        os.write(fd, b"-%d -%d\n" % (removed_bytes, removed_files))
-    except OSError as e:
-        log.warning("cannot update %s: %s", escape(path), e.strerror)
-    finally:
-        os.close(fd)
+
+    __slots__ = ("root", "fd", "failed")
+
+    def __init__(self, root: MaildirRoot) -> None:
+        self.root = root
+        self.fd: int | None = None
+        self.failed = False
+
+    def removed(self, octets: int) -> None:
+        if self.failed:
+            return
+        if self.fd is None:
+            self.fd = self._open()
+            if self.fd is None:
+                self.failed = True
+                return
+        try:
+            os.write(self.fd, b"-%d -1\n" % octets)
+        except OSError as e:
+            self._warn(e)
+            self.failed = True
+
+    def _open(self) -> int | None:
+        assert self.root.fd is not None
+        flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            return open_regular(self.root.fd, MAILDIRSIZE_NAME, flags)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            self._warn(e)
+            return None
+
+    def _warn(self, e: OSError) -> None:
+        log.warning("cannot update %s: %s", escape(os.path.join(self.root.path, MAILDIRSIZE_NAME)), e.strerror)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
-def _move_new_to_cur(root: str, cur: str) -> None:
-    """Move every message in ``new/`` to ``cur/``, adding the ``:2,`` info suffix.
+def _move_new_to_cur(root: MaildirRoot) -> int | None:
+    """Move every message in ``new/`` to ``cur/``, adding the ``:2,`` info suffix; return
+    the listing descriptor of ``cur/`` (None when there is none).
 
     A file that vanished was moved by another reader (the cur/ listing that follows
     finds it there) or deleted; either way it is skipped. ``cur/`` is created if
     ``new/`` has messages and it is missing.
     """
-    new = os.path.join(root, "new")
-    entries = list(_message_entries(new))
-    if not entries:
-        return
+    assert root.fd is not None
+    cur_fd = _open_subdir(root.fd, "cur")
+    new_fd = _open_subdir(root.fd, "new")
+    if new_fd is None:
+        return cur_fd
     try:
-        os.mkdir(cur, 0o700)
-        log.info("created missing %s", escape(cur))
-    except FileExistsError:
-        pass
-    except OSError as e:
-        log.warning("cannot create %s: %s", escape(cur), e.strerror)
-        return
-    for entry in entries:
-        name = entry.name
-        target = name if ":" in name else name + NEW_TO_CUR_INFO
-        try:
-            os.rename(entry.path, os.path.join(cur, target))
-        except FileNotFoundError:
-            log.debug("new/%s vanished before it was moved to cur/", escape(name))
-        except OSError as e:
-            log.warning("cannot move new/%s to cur/: %s", escape(name), e.strerror)
+        entries = list(_message_entries(new_fd))
+        if not entries:
+            return cur_fd
+        if cur_fd is None:
+            try:
+                os.mkdir("cur", 0o700, dir_fd=root.fd)
+                log.info("created missing %s", escape(os.path.join(root.path, "cur")))
+            except FileExistsError:
+                pass
+            except OSError as e:
+                log.warning("cannot create %s: %s", escape(os.path.join(root.path, "cur")), e.strerror)
+                return None
+            cur_fd = _open_subdir(root.fd, "cur")
+            if cur_fd is None:
+                return None
+        for entry in entries:
+            name = entry.name
+            target = name if ":" in name else name + NEW_TO_CUR_INFO
+            try:
+                os.rename(name, target, src_dir_fd=new_fd, dst_dir_fd=cur_fd)
+            except FileNotFoundError:
+                log.debug("new/%s vanished before it was moved to cur/", escape(name))
+            except OSError as e:
+                log.warning("cannot move new/%s to cur/: %s", escape(name), e.strerror)
+        return cur_fd
+    finally:
+        os.close(new_fd)
