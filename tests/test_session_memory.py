@@ -25,7 +25,7 @@ import pytest
 
 from tpops.auth.base import AuthUnavailable, MailboxInUse, MailboxLock, MailUser
 from tpops.config import Config
-from tpops.mailbox.maildir import Maildir
+from tpops.mailbox.maildir import Maildir, MaildirRoot
 from tpops.privileges import Refused
 from tpops.protocol import LineTooLong, Transport
 from tpops.reply import Accounting, Reply, State, bad, more, ok
@@ -499,10 +499,11 @@ def broken_maildir(monkeypatch: pytest.MonkeyPatch) -> None:
     """Maildir.open fails (as for an unreadable directory) for the user ``broken``."""
     opener = Maildir.open
 
-    def failing_open(path: str, **kw: bool) -> Maildir:
+    def failing_open(root: MaildirRoot | str, **kw: bool) -> Maildir:
+        path = root if isinstance(root, str) else root.path
         if path.endswith("/broken"):
             raise PermissionError(13, "Permission denied", path)
-        return opener(path, **kw)
+        return opener(root, **kw)
 
     monkeypatch.setattr(Maildir, "open", failing_open)
 
