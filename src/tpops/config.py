@@ -127,6 +127,7 @@ class Config:
     pid_file: str | None = _p(None, "file to write the server's process id to")
     connection_keep_time: int = _p(3600, "maximum seconds a connection may last")
     command_timeout: int = _p(600, "maximum seconds to wait for the next command")
+    login_timeout: int = _p(60, "maximum seconds from connect until a successful login")
     # --- logging
     access_log: str | None = _p(None, "file logging one line per finished session")
     error_log: str | None = _p(None, "file for error messages")
@@ -300,6 +301,7 @@ def _checks(config: Config) -> list[tuple[tuple[str, ...], str]]:
     in_range("mysql_port", 1, 65535)
     at_least("connection_keep_time", 1)
     at_least("command_timeout", 1)
+    at_least("login_timeout", 1)
     at_least("error_interval", 0)
     at_least("min_servers", 1)
     at_least("max_use", 0, " (0 = no limit)")

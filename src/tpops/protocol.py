@@ -8,6 +8,7 @@ while we wait (the worker's wake-up pipe) interrupts the wait so shutdown is pro
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import time
@@ -99,20 +100,37 @@ class Transport:
                 raise ConnectionLost("end of input")
             return data
 
-    def send(self, data: bytes | bytearray | memoryview, timeout: float) -> None:
-        """Send everything or raise; the whole call is bounded by ``timeout`` seconds of no progress."""
+    def send(
+        self,
+        data: bytes | bytearray | memoryview,
+        timeout: float,
+        deadline: float = math.inf,
+        progress: Callable[[], None] | None = None,
+    ) -> None:
+        """Send everything or raise Timeout/ConnectionLost.
+
+        Bounded twice: by ``timeout`` seconds without progress (a client that stopped
+        reading) and by the absolute ``deadline`` (time.monotonic(); the connection's
+        time limit: a client that reads slowly but steadily must not keep the worker
+        past it). ``progress()`` is called after every chunk the kernel accepted (the
+        worker's heartbeat).
+        """
         view = memoryview(data)
-        deadline = time.monotonic() + timeout
+        stall = time.monotonic() + timeout
         while view:
+            if time.monotonic() >= deadline:
+                raise Timeout
             try:
                 sent = os.write(self.wfd, view)
             except BlockingIOError:
-                self._wait(self.wfd, select.POLLOUT, deadline)
+                self._wait(self.wfd, select.POLLOUT, min(stall, deadline))
                 continue
             except OSError as exc:
                 raise ConnectionLost(str(exc)) from None
             view = view[sent:]
-            deadline = time.monotonic() + timeout
+            stall = time.monotonic() + timeout
+            if progress is not None:
+                progress()
 
     def pause(self, seconds: float) -> None:
         """Sleep (the `$error_interval` delay) but wake up for a stop request."""
@@ -183,12 +201,28 @@ class LineReader:
 
 
 class ReplyWriter:
-    """Buffers replies so a pipelined batch of commands goes out in few writes, in order."""
+    """Buffers replies so a pipelined batch of commands goes out in few writes, in order.
 
-    def __init__(self, transport: Transport, timeout: float) -> None:
+    Every send is bounded by ``timeout`` seconds without progress and by the absolute
+    ``deadline`` (the session keeps it at its connection/login limit). While replies
+    cannot drain, the send blocks the session loop, so no further client input is read
+    or parsed. A send that failed part-way leaves ``broken`` set: the client may hold
+    half a reply, and anything written after it would be read as that reply's data.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        timeout: float,
+        deadline: float = math.inf,
+        progress: Callable[[], None] | None = None,
+    ) -> None:
         self.transport = transport
         self.timeout = timeout
+        self.deadline = deadline
+        self.progress = progress
         self.buffer = bytearray()
+        self.broken = False
 
     def line(self, text: str) -> None:
         """One status or data line; CRLF is added here."""
@@ -211,7 +245,7 @@ class ReplyWriter:
         for chunk in chunks:
             if len(chunk) >= WRITE_BUFFER:
                 self.flush()
-                self.transport.send(chunk, self.timeout)
+                self._send(chunk)
                 continue
             self.buffer += chunk
             if len(self.buffer) >= WRITE_BUFFER:
@@ -221,4 +255,11 @@ class ReplyWriter:
         if self.buffer:
             data = bytes(self.buffer)
             self.buffer.clear()
-            self.transport.send(data, self.timeout)
+            self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.transport.send(data, self.timeout, self.deadline, self.progress)
+        except BaseException:
+            self.broken = True
+            raise

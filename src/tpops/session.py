@@ -4,10 +4,17 @@ The loop reads a line, hands it to the current state object (:class:`~tpops.repl
 first :class:`~tpops.authorization.Authorization`, after a login the
 :class:`~tpops.transaction.Transaction`), and writes the :class:`~tpops.reply.Reply` it
 returns. Only this loop writes to the client, counts bad commands, applies the
-``$error_interval`` delay after a failed login, enforces ``$command_timeout`` /
-``$connection_keep_time`` and keeps the :class:`SessionRecord` for the access log. The
-states own everything else: the login, the mailbox, the lock, UPDATE. Mailbox changes
-happen in UPDATE only (after QUIT); any other end of the session deletes nothing.
+``$error_interval`` delay after a failed login, enforces the time limits and keeps the
+:class:`SessionRecord` for the access log. The states own everything else: the login,
+the mailbox, the lock, UPDATE. Mailbox changes happen in UPDATE only (after QUIT); any
+other end of the session deletes nothing.
+
+Time limits: ``$command_timeout`` bounds each wait for the client (a read, or a write
+that makes no progress). The hard deadline, ``$connection_keep_time`` from connect and,
+until a login succeeds, ``$login_timeout``, bounds everything: reads, every write (a
+client reading a big RETR at a trickle is cut at it) and buffered input (a pipelining
+client, whose reads never block, is checked before each command). Writes block the
+loop, so while replies cannot drain no further input is read or parsed.
 
 What a reply may ask of the loop (see :mod:`tpops.reply`): ``state`` switches the
 state object (before the reply is written, so a lost connection still ends the new
@@ -105,8 +112,13 @@ class Session:
         self.transport = transport
         self.peer = peer
         self.config = config
+        now = time.monotonic()
+        self.connection_deadline = now + config.connection_keep_time
+        #: AUTHORIZATION as a whole ends here ($login_timeout), however busy the client keeps it.
+        self.login_deadline = now + config.login_timeout
+        self.logged_in = False
         self.reader = LineReader(transport)
-        self.writer = ReplyWriter(transport, float(config.command_timeout))
+        self.writer = ReplyWriter(transport, float(config.command_timeout), self._hard_deadline())
         self.authorization = Authorization(
             config, authenticator, peer, serve_as=serve_as, on_login=on_login, timestamp=timestamp
         )
@@ -114,7 +126,6 @@ class Session:
         self.exchange: Exchange | None = None
         self.bad_commands = 0
         self.record = SessionRecord(peer, time.time(), 0.0, None, False)
-        self.connection_deadline = time.monotonic() + config.connection_keep_time
 
     def run(self) -> SessionRecord:
         """Serve the connection until QUIT, a limit, a stop request or the client leaves."""
@@ -123,6 +134,8 @@ class Session:
         try:
             self._write(self.authorization.greeting())
             while True:
+                if time.monotonic() >= self._hard_deadline():
+                    raise Timeout  # a pipelining client never lets a read block: check here too
                 if not self.reader.has_pending_line():
                     self.writer.flush()
                 limit = self.exchange.max_line if self.exchange is not None else MAX_COMMAND_OCTETS
@@ -135,7 +148,12 @@ class Session:
                     break
             self.writer.flush()
         except Timeout:
-            if time.monotonic() >= self.connection_deadline:
+            now = time.monotonic()
+            if not self.logged_in and now >= self.login_deadline:
+                reason = "login time limit"
+                log.warning("no login within %d seconds from %s, disconnecting", self.config.login_timeout, self.peer)
+                self._farewell(err("Login time limit reached."))
+            elif now >= self.connection_deadline:
                 reason = "connection time limit"
                 self._farewell(err("Connection time limit reached."))
             else:
@@ -162,14 +180,25 @@ class Session:
             log.info("disconnect from %s (%s)", self.peer, reason)
         return self.record
 
+    def _hard_deadline(self) -> float:
+        """When the connection must end whatever the client does: $connection_keep_time, and
+        $login_timeout until a login succeeds. Bounds reads, writes and buffered input."""
+        if self.logged_in:
+            return self.connection_deadline
+        return min(self.connection_deadline, self.login_deadline)
+
     def _deadline(self) -> float:
-        return min(time.monotonic() + self.config.command_timeout, self.connection_deadline)
+        """The deadline of the next read: $command_timeout of silence, or the hard deadline."""
+        return min(time.monotonic() + self.config.command_timeout, self._hard_deadline())
 
     def _execute(self, line: bytes | LineTooLong) -> Reply:
         """One line in, one reply out; the reply's state and exchange take effect at once."""
         reply = self._dispatch(line)
         if reply.state is not None:  # before writing: a lost connection still ends the new state
             self.state = reply.state
+            if not self.logged_in and self.state.accounting().logged_in:
+                self.logged_in = True  # $login_timeout no longer applies
+                self.writer.deadline = self._hard_deadline()
         self.exchange = reply.exchange
         if reply.auth_failed:
             self.writer.flush()
@@ -219,15 +248,22 @@ class Session:
         self.writer.flush()
         self.transport = upgrade(self.transport)
         self.reader = LineReader(self.transport)  # a fresh buffer: pipelined plaintext is discarded
-        self.writer = ReplyWriter(self.transport, float(self.config.command_timeout))
+        self.writer = ReplyWriter(self.transport, float(self.config.command_timeout), self._hard_deadline())
 
     def _farewell(self, reply: Reply) -> None:
-        """Best-effort last words; the connection is going away regardless."""
+        """Best-effort last words, at most one second; the connection is going away regardless.
+
+        Nothing is written after a send that failed part-way (the client may hold half a
+        reply, a RETR body: our line would read as its data); the client sees the
+        connection end instead.
+        """
+        if self.writer.broken:
+            return
         try:
             data = bytes(self.writer.buffer) + reply.status_line().encode() + b"\r\n"
             self.writer.buffer.clear()
             self.transport.should_stop = lambda: False
-            self.transport.send(data, 1.0)
+            self.transport.send(data, 1.0, time.monotonic() + 1.0)
         except (ConnectionLost, Timeout, Interrupted, OSError):
             pass
 

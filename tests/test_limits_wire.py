@@ -1,0 +1,142 @@
+"""Time limits and connection endings against hostile clients, over a real socket (issue 8, items 7, 21, 25).
+
+Each test performs the attack as a client would: pipelining and reading slowly,
+reading a big RETR at a trickle, keeping AUTHORIZATION busy, pipelining past the
+bad-command limit. Limits are shrunk to seconds; timings get generous slack because
+the machine is shared.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+
+from tests.conftest import MailEnv, RawClient, Server, make_message, wait_for
+
+#: A client receive buffer this small makes the server's writes block after a few KiB.
+TINY_RCVBUF = 4096
+
+
+def slow_client(port: int) -> socket.socket:
+    """A connected client socket with a tiny receive buffer (set before connect: it sizes the window)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, TINY_RCVBUF)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def read_line(sock: socket.socket) -> bytes:
+    """One CRLF line, read octet by octet (nothing beyond it is consumed)."""
+    line = b""
+    while not line.endswith(b"\r\n"):
+        octet = sock.recv(1)
+        if not octet:
+            raise ConnectionError(f"closed after {line!r}")
+        line += octet
+    return line[:-2]
+
+
+def trickle(sock: socket.socket, rate: int, until: Callable[[], bool], give_up: float = 30) -> tuple[int, float]:
+    """Read at about ``rate`` octets per second until ``until()`` holds (checked between reads).
+
+    Returns (octets read, seconds it took). Measured on the server's side, through its
+    log: what the kernel has already buffered may take the client much longer to read.
+    """
+    start = time.monotonic()
+    total = 0
+    step = max(rate // 20, 1)
+    while time.monotonic() - start < give_up:
+        if until():
+            return total, time.monotonic() - start
+        data = sock.recv(step)
+        total += len(data)
+        time.sleep(max(len(data), step) / rate)
+    raise AssertionError(f"the server still serves after {give_up} s ({total} octets read)")
+
+
+def limits(env: MailEnv, **settings: str) -> Server:
+    env.write_conf(**settings)
+    return Server(env, "--debug").start()
+
+
+def test_pipelining_slow_reader_is_cut_at_connection_keep_time(mail_env: MailEnv) -> None:
+    """Item 7: pipelined RETRs read slowly never let a read block; the deadline still holds."""
+    mail_env.add_user("alice", messages=[make_message("100 KB", ("z" * 99 + "\n") * 1000)])
+    srv = limits(mail_env, connection_keep_time="4", command_timeout="30")
+    try:
+        sock = slow_client(srv.port)
+        start = time.monotonic()
+        assert read_line(sock).startswith(b"+OK")
+        sock.sendall(b"USER alice\r\nPASS secret\r\n" + b"RETR 1\r\n" * 2000)
+        octets, _ = trickle(sock, 200_000, lambda: "disconnect from 127.0.0.1 (connection time limit)" in srv.output())
+        elapsed = time.monotonic() - start
+        sock.close()
+        assert 3.5 <= elapsed < 4 + 3, elapsed
+        # Writes block the loop: the server parsed only what it could answer, not the whole pipeline.
+        parsed = srv.output().count("C: RETR 1")
+        assert parsed < 200, parsed
+    finally:
+        srv.stop()
+
+
+def test_slow_retr_of_a_big_message_is_cut_and_deletes_nothing(mail_env: MailEnv) -> None:
+    """Item 21: one RETR of a 16 MB message read at 256 KB/s ends at the limit; DELE/QUIT never run."""
+    body = ("x" * 1023 + "\n") * (16 * 1024)
+    mail_env.add_user("alice", messages=[make_message("huge", body)])
+    srv = limits(mail_env, connection_keep_time="3", command_timeout="30")
+    try:
+        sock = slow_client(srv.port)
+        start = time.monotonic()
+        assert read_line(sock).startswith(b"+OK")
+        sock.sendall(b"USER alice\r\nPASS secret\r\nRETR 1\r\nDELE 1\r\nQUIT\r\n")
+        assert read_line(sock) == b"+OK Send your password."
+        assert read_line(sock).startswith(b"+OK Logged in, 1 messages")
+        assert read_line(sock).startswith(b"+OK ")
+        octets, _ = trickle(
+            sock, 256 * 1024, lambda: "alice disconnected without QUIT (connection time limit): nothing deleted" in srv.output())
+        elapsed = time.monotonic() - start
+        sock.close()
+        assert 2.5 <= elapsed < 3 + 3, elapsed
+        assert octets < len(body) // 2, octets
+    finally:
+        srv.stop()
+    assert len(mail_env.messages("alice")) == 1
+
+
+def test_login_timeout_bounds_a_busy_authorization(mail_env: MailEnv) -> None:
+    """Item 7: CAPA every 0.5 s never idles, yet AUTHORIZATION ends after $login_timeout."""
+    mail_env.add_user("alice", messages=[make_message()])
+    srv = limits(mail_env, login_timeout="2", command_timeout="30")
+    try:
+        c = RawClient(srv.port)
+        start = time.monotonic()
+        replies = []
+        try:
+            while time.monotonic() - start < 10:
+                c.send(b"CAPA\r\n")
+                status = c.readline()
+                replies.append(status)
+                if status.startswith(b"-ERR"):
+                    break
+                c.read_body()
+                time.sleep(0.5)
+        except ConnectionError:
+            pass
+        elapsed = time.monotonic() - start
+        assert replies[-1] == b"-ERR Login time limit reached.", replies
+        assert c.closed()
+        assert 1.5 <= elapsed < 4, elapsed
+        c.close()
+        # A logged-in session is not bound by it: it outlives $login_timeout.
+        c = RawClient(srv.port)
+        assert c.login("alice").startswith(b"+OK Logged in")
+        time.sleep(2.5)
+        assert c.cmd("NOOP") == b"+OK"
+        assert c.cmd("QUIT").startswith(b"+OK Bye")
+        c.close()
+        wait_for(lambda: "disconnect from 127.0.0.1 (login time limit)" in srv.output(), what="the disconnect log line")
+        assert "no login within 2 seconds from 127.0.0.1, disconnecting" in mail_env.error_log.read_text()
+    finally:
+        srv.stop()
