@@ -16,6 +16,7 @@ import hmac
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,6 +284,12 @@ AUTHORIZATION_CASES: dict[str, Steps] = {
     "apop unknown user": [(f"APOP nobody {apop_digest('secret')}", err("[AUTH] Authentication failed."))],
     "backend outage": [("USER outage", okl("Send your password.")),
                        ("PASS x", err("[SYS/TEMP] Temporary authentication failure, try again later."))],
+    "backend outages count as failures": [
+        ("USER outage", okl("Send your password.")), ("PASS a", err("[SYS/TEMP] Temporary authentication failure, try again later.")),
+        ("USER nobody", okl("Send your password.")), ("PASS b", err("[AUTH] Authentication failed.")),
+        ("USER outage", okl("Send your password.")),
+        ("PASS c", err("[SYS/TEMP] Temporary authentication failure, try again later.") + [CLOSED]),
+    ],
     "empty mailbox": [("USER empty", okl("Send your password.")), ("PASS secret", okl("Logged in, 0 messages (0 octets).")),
                       ("STAT", okl("0 0")), ("LIST", [b"+OK 0 messages (0 octets)", b"."]), ("RETR 1", err("There's no message 1."))],
     "capa": [("CAPA", [b"+OK Capability list follows", b"TOP", b"UIDL", b"USER", b"RESP-CODES",
@@ -340,6 +347,21 @@ def test_max_bad_commands_and_auth_failures_come_from_config(site: Site) -> None
     c = site.start(max_bad_commands=2)
     converse(c, [("X", err("Unknown command.")), ("X", err("Too many bad commands.") + [CLOSED])])
     assert c.record().login is None
+
+
+def test_backend_outage_pays_the_same_delay_as_a_wrong_password(site: Site) -> None:
+    """Issue 8 item 12: an AuthUnavailable must not answer at once where an unknown user waits."""
+    c = site.start(error_interval=1)
+    took = {}
+    for login in ("outage", "nobody", "alice"):
+        assert c.cmd(f"USER {login}") == b"+OK Send your password."
+        start = time.monotonic()
+        took[login] = (c.cmd("PASS wrong"), time.monotonic() - start)
+    assert took["outage"][0] == b"-ERR [SYS/TEMP] Temporary authentication failure, try again later."
+    assert took["nobody"][0] == took["alice"][0] == b"-ERR [AUTH] Authentication failed."
+    for login, (_, seconds) in took.items():
+        assert 0.9 <= seconds < 3, (login, seconds)
+    assert c.closed()  # the third failure of $max_auth_failures, the outage counted
 
 
 # ---------------------------------------------------------------------------

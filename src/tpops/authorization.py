@@ -90,11 +90,16 @@ class Authorization:
         try:
             user = check(self.authenticator)
         except AuthUnavailable as exc:
+            # Backend trouble may hit only some logins (Passwd under --user cannot read
+            # /etc/shadow for existing users): pay the same delay and count like a wrong
+            # password, or the timing tells which logins exist. RFC 3206 [SYS/TEMP] stays.
+            self.failures += 1
             log.error(
                 "authentication backend %s failed for %s from %s: %s",
                 self.authenticator.name, logs.escape(login), self.peer, exc,
             )
-            return err("Temporary authentication failure, try again later.", "SYS/TEMP")
+            last = self.failures >= self.config.max_auth_failures
+            return err("Temporary authentication failure, try again later.", "SYS/TEMP", auth_failed=True, close=last)
         if user is None:
             self.failures += 1
             log.warning("authentication failed: %s from %s", logs.escape(login), self.peer)

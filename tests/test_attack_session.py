@@ -1,18 +1,20 @@
-"""Time limits and connection endings against hostile clients, over a real socket (issue 8, items 7, 21, 25).
+"""Issue 8, the session side: a network client attacks the limits, the login and the trace.
 
-Each test performs the attack as a client would: pipelining and reading slowly,
-reading a big RETR at a trickle, keeping AUTHORIZATION busy, pipelining past the
-bad-command limit. Limits are shrunk to seconds; timings get generous slack because
-the machine is shared.
+Each test performs the attack as a client would, over a real socket to the real
+server: pipelining and reading slowly, reading a big RETR at a trickle, keeping
+AUTHORIZATION busy, telling users apart by a backend failure's timing, pipelining past
+the bad-command limit. Limits are shrunk to seconds; timings get generous slack
+because the machine is shared.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Callable
 
-from tests.conftest import MailEnv, RawClient, Server, make_message, wait_for
+from tests.conftest import POOL_ARGS, MailEnv, RawClient, Server, make_message, root_only, wait_for
 
 #: A client receive buffer this small makes the server's writes block after a few KiB.
 TINY_RCVBUF = 4096
@@ -54,6 +56,15 @@ def trickle(sock: socket.socket, rate: int, until: Callable[[], bool], give_up: 
         total += len(data)
         time.sleep(max(len(data), step) / rate)
     raise AssertionError(f"the server still serves after {give_up} s ({total} octets read)")
+
+
+def eof(c: RawClient, timeout: float = 3.0) -> bool:
+    """True when the server ends the connection within ``timeout`` (a reset counts as failure)."""
+    c.sock.settimeout(timeout)
+    try:
+        return c.file.read(1) == b""
+    except TimeoutError:
+        return False
 
 
 def limits(env: MailEnv, **settings: str) -> Server:
@@ -126,7 +137,7 @@ def test_login_timeout_bounds_a_busy_authorization(mail_env: MailEnv) -> None:
             pass
         elapsed = time.monotonic() - start
         assert replies[-1] == b"-ERR Login time limit reached.", replies
-        assert c.closed()
+        assert eof(c)
         assert 1.5 <= elapsed < 4, elapsed
         c.close()
         # A logged-in session is not bound by it: it outlives $login_timeout.
@@ -138,5 +149,36 @@ def test_login_timeout_bounds_a_busy_authorization(mail_env: MailEnv) -> None:
         c.close()
         wait_for(lambda: "disconnect from 127.0.0.1 (login time limit)" in srv.output(), what="the disconnect log line")
         assert "no login within 2 seconds from 127.0.0.1, disconnecting" in mail_env.error_log.read_text()
+    finally:
+        srv.stop()
+
+
+@root_only("workers re-read the passwd-file as --user nobody")
+def test_backend_failure_looks_like_a_wrong_password(mail_env: MailEnv) -> None:
+    """Item 12: the passwd-file becomes unreadable to the workers (a root-only 0600 copy
+    replaces it): the [SYS/TEMP] answer waits $error_interval and counts towards
+    $max_auth_failures exactly as a wrong password would, so timing tells nothing."""
+    mail_env.add_user("alice", messages=[make_message()])
+    mail_env.write_conf(error_interval="1", max_auth_failures="2")
+    srv = Server(mail_env, *POOL_ARGS).start()
+    try:
+        c = RawClient(srv.port)
+        assert c.cmd("USER nobody-here").startswith(b"+OK")
+        start = time.monotonic()
+        assert c.cmd("PASS guess") == b"-ERR [AUTH] Authentication failed."
+        unknown = time.monotonic() - start
+        # The file changes to one only root can read: the worker (nobody) fails to re-read it.
+        replacement = mail_env.passwd_file.with_name("users.new")
+        replacement.write_bytes(mail_env.passwd_file.read_bytes())
+        replacement.chmod(0o600)
+        os.replace(replacement, mail_env.passwd_file)
+        assert c.cmd("USER alice").startswith(b"+OK")
+        start = time.monotonic()
+        assert c.cmd("PASS secret") == b"-ERR [SYS/TEMP] Temporary authentication failure, try again later."
+        failing = time.monotonic() - start
+        assert eof(c), "the backend failure did not count towards $max_auth_failures"
+        c.close()
+        assert 0.9 <= unknown < 3 and 0.9 <= failing < 3, (unknown, failing)
+        assert "authentication backend File failed for alice from 127.0.0.1" in mail_env.error_log.read_text()
     finally:
         srv.stop()
