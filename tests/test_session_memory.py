@@ -301,6 +301,7 @@ AUTHORIZATION_CASES: dict[str, Steps] = {
     "empty line": [("", err("Unknown command."))],
     "leading space": [(" USER alice", err("Unknown command."))],
     "tab after verb": [("STAT\t", err("Unknown command."))],
+    "long s in AUTHORIZATION": [("\u017ftat", err("Unknown command.")), ("u\u017fer alice", err("Unknown command."))],
     "binary garbage": [(b"\xff\xfe\x00\x01", err("Unknown command."))],
     **{
         f"{line} in AUTHORIZATION": [(line, err(f"{line.split()[0].upper()} is not valid in the AUTHORIZATION state."))]
@@ -407,7 +408,18 @@ TRANSACTION_CASES: dict[str, Steps] = {
     "top one line": [("TOP 2 1", okl("Top of message follows") + [b"Subject: two", b"X: y", b"", b"line 1", b"."])],
     "top stuffed line": [("TOP 2 2", okl("Top of message follows") + list(M2[:5]) + [b"."])],
     "top huge count": [("TOP 3 99999999999999999999", okl("Top of message follows") + list(M3) + [b"."])],
-    "top tab separated": [("TOP 1\t0", okl("Top of message follows") + [b"Subject: one", b"", b"."])],
+    # Issue 8 item 24: ASCII verbs, SP-separated arguments (RFC 1939), no Unicode rules.
+    "top tab is no separator": [("TOP 1\t0", err("Missing argument for TOP."))],
+    "nbsp is no separator": [("LIST 1\xa0", err("Invalid message number: 1?"))],
+    "file separator is no space": [("UIDL \x1c", err("Invalid message number: ?"))],
+    "em space is no separator": [("TOP 1\u2003" + "0", err("Missing argument for TOP."))],
+    "long s is no s": [("\u017ftat", err("Unknown command."))],
+    "st ligature is no st": [("\ufb06at", err("Unknown command."))],
+    "dotless i is no i": [("l\u0131st", err("Unknown command.")), ("L\u0130ST", err("Unknown command."))],
+    "kelvin sign is no k": [("\u212aTOP", err("Unknown command."))],
+    "fullwidth verb": [("\uff33\uff34\uff21\uff34", err("Unknown command."))],
+    "tab after verb": [("STAT\t", err("Unknown command.")), ("NOOP\t1", err("Unknown command."))],
+    "runs of SP still separate": [("TOP  1  0 ", okl("Top of message follows") + [b"Subject: one", b"", b"."])],
     "top missing both": [("TOP", err("Missing argument for TOP."))],
     "top missing count": [("TOP 1", err("Missing argument for TOP."))],
     "top too many": [("TOP 1 2 3", err("Too many arguments for TOP."))],

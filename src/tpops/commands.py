@@ -13,6 +13,9 @@ arguments, or answers the client mistake itself:
   existing message, not deleted; the handler receives a :class:`Numbered`
   (``msn`` and the :class:`~tpops.mailbox.maildir.Message`).
 
+Arguments are separated by SP only (RFC 1939; runs of SP are tolerated): a tab, NBSP
+or other Unicode space is part of a word, which then is no valid number.
+
 So a handler is ``handler(state, *values)`` with one value per declared argument and
 never parses or re-checks one. It returns a :class:`~tpops.reply.Reply` and never
 writes to the client. Index spaces: ``msn`` is the 1-based message number the client
@@ -104,7 +107,7 @@ def _parse(declared: tuple[Arg, ...], verb: str, rest: str, messages: Sequence[M
         if not rest:
             raise _Refused(bad(f"Missing argument for {verb}."))
         return [rest]
-    words = rest.split()
+    words = [word for word in rest.split(" ") if word]  # SP only: "1\xa0" is one (bad) word, not "1"
     required = sum(1 for kind in declared if kind is not Arg.OPTIONAL_MESSAGE)
     if len(words) < required:
         raise _Refused(bad(f"Missing argument for {verb}."))

@@ -119,7 +119,8 @@ class State(Protocol):
         ...
 
     def execute(self, verb: str, rest: str) -> Reply | None:
-        """Run one command line (verb upper-cased); None when this state has no such verb."""
+        """Run one command line (verb ASCII upper-cased, ``rest`` after the first SP);
+        None when this state has no such verb."""
         ...
 
     def accounting(self) -> Accounting:

@@ -28,6 +28,7 @@ these fields; this module imports the state modules, never the other way round.
 from __future__ import annotations
 
 import os
+import string
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +55,9 @@ log = logs.get("session")
 
 #: Commands whose arguments are secrets: masked in the --debug protocol trace.
 _SECRET_ARGS = {"PASS": 0, "APOP": 1, "AUTH": 1}
+
+#: Upper-cases a-z and nothing else: commands are ASCII (RFC 1939), never Unicode-folded.
+_ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
 
 #: Every verb known in some state: a known verb in the wrong state gets a precise -ERR.
 ALL_VERBS = frozenset(AUTHORIZATION_COMMANDS) | frozenset(TRANSACTION_COMMANDS)
@@ -221,8 +225,8 @@ class Session:
             return bad("Command line too long.")
         assert isinstance(line, bytes)
         text = line.decode("utf-8", "surrogateescape")
-        verb, _, rest = text.partition(" ")
-        verb = verb.upper()
+        verb, _, rest = text.partition(" ")  # SP only (RFC 1939): a tab or NBSP is no separator
+        verb = verb.translate(_ASCII_UPPER)  # ASCII folding only: "\u017ftat".upper() is "STAT"
         if self.config.debug:
             log.debug("C: %s", logs.escape(_mask(verb, rest)))
         reply = self.state.execute(verb, rest)
