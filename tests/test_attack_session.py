@@ -182,3 +182,41 @@ def test_backend_failure_looks_like_a_wrong_password(mail_env: MailEnv) -> None:
         assert "authentication backend File failed for alice from 127.0.0.1" in mail_env.error_log.read_text()
     finally:
         srv.stop()
+
+
+#: (line sent, what the --debug trace must show for it); every "S3cr..." is a secret.
+MASKED_LINES = [
+    (b"PASS\tS3cret-tab", "C: PASS ****"),
+    (b"pass\x0bS3cret-vtab", "C: PASS ****"),
+    (b"PaSs\xc2\xa0S3cret-nbsp", "C: PASS ****"),
+    (b" PASS S3cret-leading-space", "C: PASS ****"),
+    (b"PASSS3cret-glued", "C: PASS ****"),
+    (b"PASS\x00S3cret-nul", "C: PASS ****"),
+    (b"APOP\talice S3cret-apop", "C: APOP ****"),
+    (b"auth\tPLAIN S3cret-auth", "C: AUTH ****"),
+    (b"AUTH PLAIN S3cret-initial-response", "C: AUTH PLAIN ****"),
+    (b"APOP alice S3cret-digest", "C: APOP alice ****"),
+    (b"PASS S3cret-plain", "C: PASS ****"),
+]
+
+
+def test_debug_trace_masks_secrets_after_any_whitespace(mail_env: MailEnv) -> None:
+    """Item 15: PASS<TAB>secret was logged in clear; whatever follows the verb, it is masked."""
+    mail_env.add_user("alice", messages=[make_message()])
+    mail_env.write_conf(max_bad_commands="50", max_auth_failures="50")
+    srv = Server(mail_env, "--debug").start()
+    try:
+        c = RawClient(srv.port)
+        for line, _ in MASKED_LINES:
+            assert c.cmd("USER alice").startswith(b"+OK")
+            assert c.cmd(line).startswith(b"-ERR"), line
+        assert c.cmd("QUIT").startswith(b"+OK")
+        c.close()
+        wait_for(lambda: "disconnect from 127.0.0.1 (quit)" in srv.output(), what="the end of the session")
+    finally:
+        srv.stop()
+    trace = srv.output()
+    for line, shown in MASKED_LINES:
+        assert shown in trace, (line, shown)
+    assert "s3cr" not in trace.lower()  # the old trace upper-cased a malformed line: S3CRET-TAB
+    assert "s3cr" not in mail_env.error_log.read_text().lower()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import logging
 import os
 import socket
 import threading
@@ -703,3 +704,19 @@ def test_upgrade_discards_pipelined_input(site: Site) -> None:
     assert c.line() == b"+OK Begin."
     assert c.cmd("XAUTH") == b"+ "  # the injected line was dropped, not answered
     assert len(upgrades) == 1
+
+
+def test_debug_trace_masks_every_exchange_line(site: Site, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 8 item 15: each line an exchange (SASL AUTH) takes is a secret, whatever it holds."""
+    caplog.set_level(logging.DEBUG, logger="tpops")
+
+    def install(session: Session) -> None:
+        session.state = Starter([], [])
+
+    c = site.start(prepare=install, debug=True)
+    converse(c, [("XAUTH", [b"+ "]), ("c2VjcmV0LW9uZQ==", [b"+ next"]), ("PASS\tsecret-two", [b"+OK Done, 31 octets."])])
+    c.sock.shutdown(socket.SHUT_WR)
+    c.record()
+    trace = [r.getMessage() for r in caplog.records if r.getMessage().startswith("C: ")]
+    assert trace == ["C: XAUTH", "C: ****", "C: ****"]
+    assert "secret" not in caplog.text and "c2VjcmV0" not in caplog.text

@@ -228,7 +228,7 @@ class Session:
         verb, _, rest = text.partition(" ")  # SP only (RFC 1939): a tab or NBSP is no separator
         verb = verb.translate(_ASCII_UPPER)  # ASCII folding only: "\u017ftat".upper() is "STAT"
         if self.config.debug:
-            log.debug("C: %s", logs.escape(_mask(verb, rest)))
+            log.debug("C: %s", logs.escape(_mask(text, verb, rest)))
         reply = self.state.execute(verb, rest)
         if reply is not None:
             return reply
@@ -272,15 +272,25 @@ class Session:
             pass
 
 
-def _mask(verb: str, rest: str) -> str:
-    """The command line for the debug trace, with secrets replaced by ``****``."""
+def _mask(text: str, verb: str, rest: str) -> str:
+    """The command line for the debug trace, with secrets replaced by ``****``.
+
+    A well-formed ``PASS x`` / ``APOP name x`` / ``AUTH mech x`` keeps its
+    non-secret words. Any other line that starts (after any whitespace, in any case,
+    Unicode-folded to err on the safe side) with one of those verbs, such as
+    ``PASS<TAB>secret``, ``pass\x0bsecret`` or ``PASSsecret``, keeps only the verb: the
+    client meant a secret, and a malformed command must not put it in the log.
+    """
     position = _SECRET_ARGS.get(verb)
-    if position is None:
-        return f"{verb} {rest}".rstrip()
-    words = rest.split(" ")
-    if position < len(words):
-        words = words[:position] + ["****"]
-    return f"{verb} {' '.join(words)}".rstrip()
+    if position is not None:
+        words = rest.split(" ")
+        if position < len(words):
+            words = words[:position] + ["****"]
+        return f"{verb} {' '.join(words)}".rstrip()
+    head = text.lstrip()[:4].upper()
+    if head in _SECRET_ARGS:
+        return f"{head} ****"
+    return f"{verb} {rest}".rstrip()
 
 
 def make_timestamp(hostname: str, counter: int) -> str:
