@@ -220,3 +220,31 @@ def test_debug_trace_masks_secrets_after_any_whitespace(mail_env: MailEnv) -> No
         assert shown in trace, (line, shown)
     assert "s3cr" not in trace.lower()  # the old trace upper-cased a malformed line: S3CRET-TAB
     assert "s3cr" not in mail_env.error_log.read_text().lower()
+
+
+def test_pipelined_flood_past_the_bad_command_limit_reads_every_reply_then_eof(mail_env: MailEnv) -> None:
+    """Item 25: the server closed with unread pipelined input, so the kernel reset the
+    connection and clients lost the last replies (ECONNRESET). It must shut down its
+    side and drain: every reply up to "Too many bad commands.", then a clean EOF."""
+    srv = Server(mail_env).start()
+    flood = b"BOGUS\r\n" * 50 + b"NOOP\r\n" * 6000  # ~36 KB: more than the server reads at once
+    expected = [b"-ERR Unknown command."] * 9 + [b"-ERR Too many bad commands."]
+    try:
+        for attempt in range(20):
+            sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            sock.sendall(flood)
+            received = b""
+            try:
+                while chunk := sock.recv(65536):
+                    received += chunk
+            except ConnectionResetError:
+                raise AssertionError(f"attempt {attempt}: reset after {received!r}") from None
+            finally:
+                sock.close()
+            lines = received.split(b"\r\n")
+            assert lines[0].startswith(b"+OK tpops ready.")
+            assert lines[1:] == [*expected, b""], (attempt, received)
+        wait_for(lambda: srv.output().count("disconnect from 127.0.0.1 (too many bad commands)") == 20,
+                 what="20 disconnect lines with their own reason")
+    finally:
+        srv.stop()

@@ -149,7 +149,11 @@ class Client:
         assert self.cmd(f"PASS {password}").startswith(b"+OK Logged in")
 
     def closed(self) -> bool:
-        return self.file.read(1) == b""
+        """EOF from the server; the client then ends its side too, as a real client closes."""
+        if self.file.read(1) != b"":
+            return False
+        self.sock.shutdown(socket.SHUT_WR)
+        return True
 
     def record(self) -> SessionRecord:
         """The session's record once it has ended."""
@@ -213,6 +217,7 @@ class Site:
         def serve() -> None:
             try:
                 records.append(session.run())
+                session.finish()
             finally:
                 server.close()
 
@@ -720,3 +725,16 @@ def test_debug_trace_masks_every_exchange_line(site: Site, caplog: pytest.LogCap
     trace = [r.getMessage() for r in caplog.records if r.getMessage().startswith("C: ")]
     assert trace == ["C: XAUTH", "C: ****", "C: ****"]
     assert "secret" not in caplog.text and "c2VjcmV0" not in caplog.text
+
+
+def test_limit_closes_are_logged_with_their_own_reason(site: Site, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 8 item 25: a close forced by a limit was logged as "quit"."""
+    caplog.set_level(logging.INFO, logger="tpops")
+    c = site.start(max_bad_commands=1)
+    converse(c, [("X", err("Too many bad commands.") + [CLOSED])])
+    c.record()
+    c = site.start(max_auth_failures=1)
+    converse(c, [("USER alice", okl("Send your password.")), ("PASS no", err("[AUTH] Authentication failed.") + [CLOSED])])
+    c.record()
+    reasons = [r.getMessage() for r in caplog.records if r.getMessage().startswith("disconnect from")]
+    assert reasons == ["disconnect from memory (too many bad commands)", "disconnect from memory (too many failed logins)"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import os
 import select
+import socket
+import stat
 import time
 from collections.abc import Callable, Iterable
 
@@ -21,6 +23,10 @@ MAX_COMMAND_OCTETS = 255
 READ_BLOCK = 16 * 1024
 #: Replies are buffered up to this size before they are sent, even mid-pipeline.
 WRITE_BUFFER = 256 * 1024
+#: When the server ends a connection, how long and how much client input it drains
+#: after shutting down its sending side (see :meth:`Transport.shut_down`).
+LINGER_SECONDS = 1.0
+LINGER_OCTETS = 64 * 1024
 
 
 class ConnectionLost(Exception):
@@ -131,6 +137,53 @@ class Transport:
             stall = time.monotonic() + timeout
             if progress is not None:
                 progress()
+
+    def shut_down(self, linger: float = LINGER_SECONDS, limit: int = LINGER_OCTETS) -> None:
+        """End the server's side of a connection cleanly, before the owner closes the fds.
+
+        On a socket: shut down the sending side (the client reads every reply, then
+        EOF), then read and discard client input until EOF, at most ``limit`` octets for
+        at most ``linger`` seconds. Closing a socket with unread input makes the kernel
+        send a reset, and a client that had pipelined more than we read would lose the
+        last replies to ECONNRESET. Plain pipes (inetd) need nothing: replies are
+        flushed by the caller. Never raises.
+        """
+        try:
+            if not stat.S_ISSOCK(os.fstat(self.wfd).st_mode):
+                return
+            duplicate = os.dup(self.wfd)  # a socket object of our own; the owner's fd stays open
+            try:
+                sock = socket.socket(fileno=duplicate)
+            except OSError:
+                os.close(duplicate)
+                raise
+            with sock:
+                sock.shutdown(socket.SHUT_WR)
+            if not stat.S_ISSOCK(os.fstat(self.rfd).st_mode):
+                return
+        except OSError:
+            return
+        deadline = time.monotonic() + linger
+        poller = select.poll()
+        poller.register(self.rfd, select.POLLIN)
+        drained = 0
+        while drained < limit:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                data = os.read(self.rfd, min(READ_BLOCK, limit - drained))
+            except BlockingIOError:
+                try:
+                    poller.poll(remaining * 1000.0)
+                except InterruptedError:
+                    pass
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            drained += len(data)
 
     def pause(self, seconds: float) -> None:
         """Sleep (the `$error_interval` delay) but wake up for a stop request."""

@@ -16,6 +16,13 @@ client reading a big RETR at a trickle is cut at it) and buffered input (a pipel
 client, whose reads never block, is checked before each command). Writes block the
 loop, so while replies cannot drain no further input is read or parsed.
 
+Ending: :meth:`Session.run` returns the record; the owner logs it, then calls
+:meth:`Session.finish`, which (whenever the server ended the connection: QUIT, a limit,
+shutdown) shuts down the sending side and drains client input briefly before the owner
+closes it: closing with unread pipelined input would reset the connection and lose the
+last replies. The disconnect log line names the reason ("too many bad commands",
+"login time limit", ...).
+
 What a reply may ask of the loop (see :mod:`tpops.reply`): ``state`` switches the
 state object (before the reply is written, so a lost connection still ends the new
 state); ``exchange`` routes the next raw client line, up to ``exchange.max_line``
@@ -129,6 +136,10 @@ class Session:
         self.state: State = self.authorization
         self.exchange: Exchange | None = None
         self.bad_commands = 0
+        #: Why the loop ends when a reply closes the connection ("quit" unless a limit says otherwise).
+        self.close_reason = "quit"
+        #: Why the session ended, as logged; set when :meth:`run` returns.
+        self.reason = ""
         self.record = SessionRecord(peer, time.time(), 0.0, None, False)
 
     def run(self) -> SessionRecord:
@@ -149,6 +160,7 @@ class Session:
                 if reply.upgrade is not None:
                     self._upgrade(reply.upgrade)
                 if reply.close:
+                    reason = self.close_reason
                     break
             self.writer.flush()
         except Timeout:
@@ -182,7 +194,20 @@ class Session:
             self.record.end_msgs, self.record.end_octets = facts.end_msgs, facts.end_octets
             self.record.dropped_privileges = facts.dropped_privileges
             log.info("disconnect from %s (%s)", self.peer, reason)
+            self.reason = reason
         return self.record
+
+    def finish(self) -> None:
+        """End the server's side of the connection cleanly; the owner closes it afterwards.
+
+        Called by the owner after :meth:`run`, once it has written the access-log line,
+        so a client that sees EOF sees a session that is over and accounted. When the
+        server ended the connection, shut down the sending side and drain the client's
+        input briefly (:meth:`~tpops.protocol.Transport.shut_down`): a close with
+        unread pipelined input would reset the connection and lose the last replies.
+        """
+        if self.reason != "client disconnected":
+            self.transport.shut_down()
 
     def _hard_deadline(self) -> float:
         """When the connection must end whatever the client does: $connection_keep_time, and
@@ -207,10 +232,13 @@ class Session:
         if reply.auth_failed:
             self.writer.flush()
             self.transport.pause(self.config.error_interval)
+            if reply.close:
+                self.close_reason = "too many failed logins"
         if reply.bad:
             self.bad_commands += 1
             if self.bad_commands >= self.config.max_bad_commands:
                 log.warning("too many bad commands from %s, disconnecting", self.peer)
+                self.close_reason = "too many bad commands"
                 return err("Too many bad commands.", close=True)
         else:
             self.bad_commands = 0

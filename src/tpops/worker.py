@@ -178,6 +178,7 @@ class Worker:
             )
             record = session.run()
             write_access_log(self.log_files, record.access_log_line())
+            session.finish()  # after the access log: a client that sees EOF sees the session accounted
         except Exception:
             # A bug outside the session loop (it catches its own): this client gets a
             # short error, the worker lives on. Dying here would turn one bad input
@@ -341,6 +342,7 @@ def serve_inetd(config: Config, log_files: logs.LogSetup) -> int:
         )
         record = session.run()
         write_access_log(log_files, record.access_log_line())
+        session.finish()
     finally:
         authenticator.close()
         sys.stdout.flush()
