@@ -31,7 +31,7 @@ from tpops.mailbox.maildir import Maildir, MaildirRoot
 from tpops.privileges import Refused
 from tpops.protocol import LineTooLong, Transport
 from tpops.reply import Accounting, Reply, State, bad, more, ok
-from tpops.session import Session, SessionRecord
+from tpops.session import FailurePenalty, Session, SessionRecord
 
 TIMESTAMP = "<4711.1.1700000000.cafe@test.example.org>"
 #: (file name in cur/, content): bare-LF messages, so each wire size is len + number of LFs.
@@ -184,6 +184,8 @@ class Site:
         apop: bool = True,
         serve_as: Callable[[MailUser], bool] | None = None,
         prepare: Callable[[Session], None] | None = None,
+        progress: Callable[[], None] | None = None,
+        penalty: FailurePenalty | None = None,
         **overrides: Any,
     ) -> Client:
         """A Session in a thread; ``overrides`` replace Config defaults (error_interval=0 always)."""
@@ -208,7 +210,7 @@ class Site:
         server, client = socket.socketpair()
         session = Session(
             Transport(server.fileno(), server.fileno()), "memory", config, authenticator,
-            serve_as=serve_as, timestamp=TIMESTAMP,
+            serve_as=serve_as, timestamp=TIMESTAMP, progress=progress, penalty=penalty,
         )
         if prepare is not None:
             prepare(session)
@@ -738,3 +740,86 @@ def test_limit_closes_are_logged_with_their_own_reason(site: Site, caplog: pytes
     c.record()
     reasons = [r.getMessage() for r in caplog.records if r.getMessage().startswith("disconnect from")]
     assert reasons == ["disconnect from memory (too many bad commands)", "disconnect from memory (too many failed logins)"]
+
+
+
+# ---------------------------------------------------------------------------
+# Hooks for the worker: the watchdog heartbeat and the shared failed-login penalty
+
+
+@dataclass
+class FakePenalty:
+    """A per-address penalty table as the workers will share one: records every call."""
+
+    seconds: float
+    calls: list[str] = field(default_factory=list)
+
+    def delay(self, addr: str) -> float:
+        self.calls.append(f"delay {addr}")
+        return self.seconds
+
+    def failure(self, addr: str) -> None:
+        self.calls.append(f"failure {addr}")
+
+    def success(self, addr: str) -> None:
+        self.calls.append(f"success {addr}")
+
+
+def test_penalty_lengthens_the_pause_after_each_failed_login(site: Site) -> None:
+    penalty = FakePenalty(0.5)
+    c = site.start(penalty=penalty)  # $error_interval = 0: the whole pause is the penalty's
+    assert c.cmd("USER alice") == b"+OK Send your password."
+    start = time.monotonic()
+    assert c.cmd("PASS wrong") == b"-ERR [AUTH] Authentication failed."
+    assert 0.45 <= time.monotonic() - start < 3
+    assert penalty.calls == ["delay memory", "failure memory"]
+    # A backend outage is a failed login too; bad commands are not.
+    converse(c, [("BOGUS", err("Unknown command.")), ("USER outage", okl("Send your password.")),
+                 ("PASS x", err("[SYS/TEMP] Temporary authentication failure, try again later."))])
+    assert penalty.calls[2:] == ["delay memory", "failure memory"]
+    c.login()
+    assert penalty.calls[4:] == ["success memory"]
+    converse(c, [("NOOP", okl(""))])
+    assert len(penalty.calls) == 5
+
+
+def test_penalty_is_capped_and_added_to_error_interval(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tpops.session.PENALTY_CAP", 0.5)
+    c = site.start(penalty=FakePenalty(3600.0), error_interval=1)
+    assert c.cmd("USER alice") == b"+OK Send your password."
+    start = time.monotonic()
+    assert c.cmd("PASS wrong") == b"-ERR [AUTH] Authentication failed."
+    assert 1.4 <= time.monotonic() - start < 3  # 1 s + the 0.5 s cap, not an hour
+
+
+def test_progress_after_each_command_and_each_chunk_written(site: Site) -> None:
+    beats: list[float] = []
+    c = site.start(progress=lambda: beats.append(time.monotonic()))
+    c.login()
+    assert len(beats) >= 2  # USER and PASS handled, their replies written
+    before = len(beats)
+    converse(c, [("NOOP", okl("")), ("STAT", okl(f"3 {TOTAL}")), ("BOGUS", err("Unknown command."))])
+    assert len(beats) >= before + 3
+
+
+def test_progress_is_called_for_every_chunk_of_a_slow_write() -> None:
+    server, client = socket.socketpair()
+    with server, client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        beats: list[int] = []
+        data = b"z" * (1 << 20)
+        received: list[int] = []
+
+        def read() -> None:
+            while sum(received) < len(data):
+                chunk = client.recv(8192)
+                if not chunk:
+                    return
+                received.append(len(chunk))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        Transport(server.fileno(), server.fileno()).send(data, 10.0, progress=lambda: beats.append(1))
+        reader.join(10)
+        assert sum(received) == len(data)
+        assert len(beats) > 1  # one heartbeat per chunk the kernel took, not one per send

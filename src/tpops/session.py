@@ -4,7 +4,8 @@ The loop reads a line, hands it to the current state object (:class:`~tpops.repl
 first :class:`~tpops.authorization.Authorization`, after a login the
 :class:`~tpops.transaction.Transaction`), and writes the :class:`~tpops.reply.Reply` it
 returns. Only this loop writes to the client, counts bad commands, applies the
-``$error_interval`` delay after a failed login, enforces the time limits and keeps the
+``$error_interval`` delay after a failed login (plus a per-address penalty when the
+owner passes one), enforces the time limits and keeps the
 :class:`SessionRecord` for the access log. The states own everything else: the login,
 the mailbox, the lock, UPDATE. Mailbox changes happen in UPDATE only (after QUIT); any
 other end of the session deletes nothing.
@@ -39,6 +40,7 @@ import string
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from tpops import logs
 from tpops.auth.base import Authenticator, MailUser
@@ -65,6 +67,9 @@ _SECRET_ARGS = {"PASS": 0, "APOP": 1, "AUTH": 1}
 
 #: Upper-cases a-z and nothing else: commands are ASCII (RFC 1939), never Unicode-folded.
 _ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
+
+#: The most a :class:`FailurePenalty` adds to ``$error_interval`` after a failed login, in seconds.
+PENALTY_CAP = 15.0
 
 #: Every verb known in some state: a known verb in the wrong state gets a precise -ERR.
 ALL_VERBS = frozenset(AUTHORIZATION_COMMANDS) | frozenset(TRANSACTION_COMMANDS)
@@ -102,11 +107,36 @@ class SessionRecord:
         )
 
 
+class FailurePenalty(Protocol):
+    """Failed logins per client address, shared by all workers (Dovecot's auth penalty).
+
+    After a failed login the session pauses ``$error_interval`` plus ``delay(addr)``
+    (at most :data:`PENALTY_CAP` more) and records ``failure(addr)``; a successful login
+    calls ``success(addr)``, which should reset it.
+    """
+
+    def delay(self, addr: str) -> float:
+        """Seconds to add to the pause after a failed login from ``addr``."""
+        ...
+
+    def failure(self, addr: str) -> None:
+        """A login from ``addr`` failed."""
+        ...
+
+    def success(self, addr: str) -> None:
+        """A login from ``addr`` succeeded."""
+        ...
+
+
 class Session:
     """One client connection from greeting to close: the loop around a protocol state object.
 
-    The arguments after ``authenticator`` are handed to the first state,
-    :class:`~tpops.authorization.Authorization` (see it for ``serve_as`` and ``on_login``).
+    ``serve_as``, ``on_login`` and ``timestamp`` are handed to the first state,
+    :class:`~tpops.authorization.Authorization` (see it). ``progress()``, when given, is
+    called after each command is handled and after each chunk of a reply the kernel
+    accepted: a heartbeat for a watchdog (a session waiting for its client makes none).
+    ``penalty``, when given, lengthens the pause after a failed login per client address
+    (:class:`FailurePenalty`; ``peer`` is the address).
     """
 
     def __init__(
@@ -119,17 +149,21 @@ class Session:
         serve_as: Callable[[MailUser], bool] | None = None,
         on_login: Callable[[str], None] | None = None,
         timestamp: str | None = None,
+        progress: Callable[[], None] | None = None,
+        penalty: FailurePenalty | None = None,
     ) -> None:
         self.transport = transport
         self.peer = peer
         self.config = config
+        self.progress = progress
+        self.penalty = penalty
         now = time.monotonic()
         self.connection_deadline = now + config.connection_keep_time
         #: AUTHORIZATION as a whole ends here ($login_timeout), however busy the client keeps it.
         self.login_deadline = now + config.login_timeout
         self.logged_in = False
         self.reader = LineReader(transport)
-        self.writer = ReplyWriter(transport, float(config.command_timeout), self._hard_deadline())
+        self.writer = ReplyWriter(transport, float(config.command_timeout), self._hard_deadline(), progress)
         self.authorization = Authorization(
             config, authenticator, peer, serve_as=serve_as, on_login=on_login, timestamp=timestamp
         )
@@ -157,6 +191,8 @@ class Session:
                 line = self.reader.read_line(self._deadline(), limit)
                 reply = self._execute(line)
                 self._write(reply)
+                if self.progress is not None:
+                    self.progress()
                 if reply.upgrade is not None:
                     self._upgrade(reply.upgrade)
                 if reply.close:
@@ -228,10 +264,12 @@ class Session:
             if not self.logged_in and self.state.accounting().logged_in:
                 self.logged_in = True  # $login_timeout no longer applies
                 self.writer.deadline = self._hard_deadline()
+                if self.penalty is not None:
+                    self.penalty.success(self.peer)
         self.exchange = reply.exchange
         if reply.auth_failed:
             self.writer.flush()
-            self.transport.pause(self.config.error_interval)
+            self.transport.pause(self._failure_pause())
             if reply.close:
                 self.close_reason = "too many failed logins"
         if reply.bad:
@@ -243,6 +281,15 @@ class Session:
         else:
             self.bad_commands = 0
         return reply
+
+    def _failure_pause(self) -> float:
+        """Seconds to wait before answering a failed login: ``$error_interval`` plus the
+        address's penalty (capped), which this failure then raises."""
+        pause = float(self.config.error_interval)
+        if self.penalty is not None:
+            pause += min(max(self.penalty.delay(self.peer), 0.0), PENALTY_CAP)
+            self.penalty.failure(self.peer)
+        return pause
 
     def _dispatch(self, line: bytes | LineTooLong) -> Reply:
         if self.exchange is not None:  # the line belongs to the exchange, not the command table
@@ -280,7 +327,7 @@ class Session:
         self.writer.flush()
         self.transport = upgrade(self.transport)
         self.reader = LineReader(self.transport)  # a fresh buffer: pipelined plaintext is discarded
-        self.writer = ReplyWriter(self.transport, float(self.config.command_timeout), self._hard_deadline())
+        self.writer = ReplyWriter(self.transport, float(self.config.command_timeout), self._hard_deadline(), self.progress)
 
     def _farewell(self, reply: Reply) -> None:
         """Best-effort last words, at most one second; the connection is going away regardless.
