@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 TPOPS = str(Path(sys.executable).with_name("tpops"))
 IS_ROOT = os.geteuid() == 0
 #: CI runs as root: there a root-only test must run, never skip.

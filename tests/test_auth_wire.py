@@ -49,7 +49,7 @@ from tests.conftest import (
 from tests.sysusers import Accounts, run, shadow_hash
 
 REPO = Path(__file__).resolve().parents[1]
-SEED_SQL = REPO.parent / "shared/seed/tpops_auth-mysql.sql.orig"
+SEED_SQL = REPO / "tests" / "data" / "tpops_auth-mysql.tpops051.sql"
 NEW_SQL = REPO / "tpops_auth-mysql.sql"
 #: The query of the 2003 tpops.conf.sample, '%s' quoted.
 SEED_SAMPLE_QUERY = "select login,passwd,uid,maildir from user where login='%s'"
@@ -216,6 +216,19 @@ class MySQLSite(Site):
             conn.close()
         return maildir
 
+    def adopt(self, login: str, messages: list[bytes] | None = None, *, slash: bool = True) -> Path:
+        """Point ``login``'s existing row (a fixture row: its password as loaded) at a new Maildir."""
+        self.rows += 1
+        maildir = make_maildir(self.env, f"u{self.rows}", messages or [])
+        conn = self.srv.connect(self.db)
+        try:
+            changed = conn.cursor().execute("update user set maildir = %s where login = %s",
+                                            (str(maildir) + ("/" if slash else ""), login))
+        finally:
+            conn.close()
+        assert changed == 1, f"no row for {login!r} in the fixture"
+        return maildir
+
     def stored_passwd(self, login: str) -> str:
         conn = self.srv.connect(self.db)
         try:
@@ -252,14 +265,14 @@ FLOW_MSGS = [make_message(f"flow{i}", f"flow body {i}\n.\n..\n") for i in range(
 
 @pytest.fixture(scope="module")
 def seed_site() -> Iterator[MySQLSite]:
-    """TPOPS 0.5's schema loaded verbatim into a latin1 database, clear-text rows, the sample's query."""
+    """TPOPS 0.5.1's schema and clear-text rows (tests/data) in a latin1 database, the sample's query."""
     with mariadb.temp_database(charset="latin1") as (srv, db):
         mariadb.load_sql(srv, db, str(SEED_SQL))
         site = MySQLSite(srv, db, SEED_SAMPLE_QUERY)
         try:
             assert len(str(site.env.maildir("u99")) + "/") <= 64, "the seed's maildir column is char(64)"
-            site.add("tommy", "tanstaaf", SEED_MSGS)
-            site.add("o'brien", 'quote"pw', [make_message("obrien")], slash=False)
+            site.adopt("tommy", SEED_MSGS)  # the fixture's clear-text rows: tanstaaf, quote"pw
+            site.adopt("o'brien", [make_message("obrien")], slash=False)
             site.add("apopper", "apopsecret", [make_message("apop")])
             site.add("seedok", "okpw")
             site.start()
