@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from passlib import hash as ph
 
-from tests import mariadb
+from tests.support import mariadb
 from tpops.auth import make_authenticator
 from tpops.auth.base import AuthUnavailable, MailboxInUse, MailUser
 from tpops.auth.mysql import MySQLAuthenticator, compile_query, lock_name

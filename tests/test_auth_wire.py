@@ -1,7 +1,7 @@
 """Authentication through the real server: tpops with ``$auth_type`` 'MySQL', 'Passwd' and 'File', over the wire.
 
 The authenticators' unit tests (tests/test_auth_*.py) call the backends directly;
-these start ``tpops --fg`` against a real MariaDB (tests/mariadb.py) and real system
+these start ``tpops --fg`` against a real MariaDB (tests/support/mariadb.py) and real system
 accounts, and talk to it with RawClient, poplib, curl and fetchmail: the 2003 schema
 loaded verbatim, the new schema with hashed rows, APOP, injection attempts, a
 database stopped or hung mid-run, GET_LOCK shared by two tpops instances, Passwd
@@ -10,7 +10,7 @@ accounts (yescrypt, SHA-512, locked, expired) with both APOP file formats and
 unknown user and a wrong password, and hostile logins in the logs.
 
 System accounts are created with useradd/chpasswd and removed with ``userdel -r``
-(tests/sysusers.py), so the Passwd tests need root (CI runs as root).
+(tests/support/users.py), so the Passwd tests need root (CI runs as root).
 """
 
 from __future__ import annotations
@@ -32,21 +32,12 @@ from pathlib import Path
 import pytest
 from passlib import hash as ph
 
-from tests import mariadb
-from tests.conftest import (
-    IS_ROOT,
-    MAIL_GID,
-    MAIL_UID,
-    MailEnv,
-    RawClient,
-    Server,
-    make_message,
-    proc_ids,
-    root_only,
-    wait_for,
-    worker_serving,
-)
-from tests.sysusers import Accounts, run, shadow_hash
+from tests.support import mariadb
+from tests.support.client import RawClient
+from tests.support.marks import root_only
+from tests.support.procs import proc_ids, wait_for, worker_serving
+from tests.support.server import IS_ROOT, MAIL_GID, MAIL_UID, MailEnv, Server, make_message
+from tests.support.users import Accounts, run, shadow_hash
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_SQL = REPO / "tests" / "data" / "tpops_auth-mysql.tpops051.sql"

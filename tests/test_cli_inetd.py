@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.conftest import REPO, TPOPS, MailEnv, make_message, run_inetd
+from tests.support.server import REPO, TPOPS, MailEnv, make_message, run_inetd
 
 from tpops import __version__
 
