@@ -12,14 +12,15 @@ from typing import Any
 import pytest
 from passlib import hash as ph
 
-from tests import mariadb
+from tests.support import mariadb
 from tpops.auth import make_authenticator
 from tpops.auth.base import AuthUnavailable, MailboxInUse, MailUser
 from tpops.auth.mysql import MySQLAuthenticator, compile_query, lock_name
 from tpops.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
-SEED_SQL = Path(__file__).resolve().parents[2] / "shared/seed/tpops_auth-mysql.sql.orig"
+#: TPOPS 0.5.1's schema with its clear-text rows (tommy, o'brien): our own fixture.
+SEED_SQL = REPO / "tests" / "data" / "tpops_auth-mysql.tpops051.sql"
 NEW_SQL = REPO / "tpops_auth-mysql.sql"
 SEED_SAMPLE_QUERY = "select login,passwd,uid,maildir from user where login='%s'"
 DEFAULT_QUERY = 'select login,passwd,uid,maildir from user where login="%s"'
@@ -69,11 +70,9 @@ def insert(srv: mariadb.Server, db: str, rows: list[tuple[str, str, str]]) -> No
 
 @pytest.fixture(scope="module")
 def seed_db() -> Iterator[tuple[mariadb.Server, str]]:
-    """The 2003 schema, loaded verbatim into a latin1 database, with clear-text rows."""
+    """The 2003 schema and its clear-text rows, loaded with the mysql client into a latin1 database."""
     with mariadb.temp_database(charset="latin1") as (srv, db):
         mariadb.load_sql(srv, db, str(SEED_SQL))
-        insert(srv, db, [("tommy", "tanstaaf", "/home/tommy/Maildir/"),
-                         ("o'brien", "quote\"pw", "/home/obrien/Maildir")])
         yield srv, db
 
 

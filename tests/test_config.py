@@ -23,7 +23,16 @@ from tpops.config import (
     parse_config,
 )
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared/seed/tpops.conf.sample.orig"
+#: A tpops.conf written as TPOPS 0.5.1's sample writes it (our own fixture, in the repository).
+SAMPLE = Path(__file__).resolve().parent / "data" / "tpops.conf.tpops051"
+#: Every parameter TPOPS 0.5.1 knew (its README), each set in its sample tpops.conf.
+TPOPS051_PARAMETERS = (
+    "port", "hostname", "connection_keep_time", "command_timeout", "with_inetd", "access_log",
+    "error_log", "pid_file", "syslog_facility", "auth_type", "error_interval", "min_servers",
+    "max_servers", "max_use", "max_idle", "maildir_extended", "maildir_use_filesize",
+    "passwd_lock_dir", "apop_passwd_file", "mysql_server", "mysql_user", "mysql_pass", "mysql_db",
+    "mysql_auth_query",
+)
 NODENAME = os.uname().nodename
 
 
@@ -59,6 +68,22 @@ def test_original_sample_loads_unchanged() -> None:
     assert (c.mysql_server, c.mysql_user, c.mysql_pass, c.mysql_db) == (None,) * 4
     assert c.mysql_auth_query == "select login,passwd,uid,maildir from user where login='%s'"
     assert check_config(c) == []
+
+
+def test_original_sample_fixture_has_every_parameter_and_construct() -> None:
+    """The fixture sets each 0.5.1 parameter once and uses every construct the 0.5.1 sample does."""
+    text = SAMPLE.read_text()
+    assigned = re.findall(r"^\$([a-z_]+) = ", text, flags=re.M)
+    assert sorted(assigned) == sorted(TPOPS051_PARAMETERS)
+    assert "$hostname = `uname -n`.chomp\n" in text
+    assert "$connection_keep_time = 60*60" in text and "$command_timeout = 10*60\n" in text
+    assert "$syslog_facility = Syslog::LOG_MAIL\n" in text
+    assert re.search(r"^\$[a-z_]+ = nil\t+# '", text, flags=re.M)  # nil, a tab, a commented-out value
+    assert "= true\n" in text and "= false\n" in text
+    assert "$auth_type = 'Passwd'\n" in text
+    assert "login='%s'\"\n" in text  # a double-quoted string holding single quotes
+    hook = [line for line in text.splitlines() if line.startswith("#") and "#{" in line]
+    assert hook and text.rstrip().endswith("#end")  # the commented Ruby hook, interpolation and all
 
 
 # ---------------------------------------------------------------- defaults and files

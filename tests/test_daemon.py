@@ -14,20 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    TPOPS,
-    MailEnv,
-    RawClient,
-    free_port,
-    gone,
-    make_message,
-    proc_children,
-    proc_title,
-    root_only,
-    wait_for,
-    wait_for_port,
-    zombie_children,
-)
+from tests.support.client import RawClient
+from tests.support.marks import root_only
+from tests.support.procs import gone, proc_children, proc_title, wait_for, zombie_children
+from tests.support.server import TPOPS, MailEnv, free_port, make_message, wait_for_port
 
 PR_SET_CHILD_SUBREAPER = 36
 

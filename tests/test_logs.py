@@ -11,20 +11,11 @@ import time
 
 import pytest
 
-from tests.conftest import (
-    POOL_ARGS,
-    MailEnv,
-    RawClient,
-    Server,
-    SyslogServer,
-    gone,
-    idle_workers,
-    make_message,
-    proc_title,
-    root_only,
-    wait_for,
-    worker_titles,
-)
+from tests.support.client import RawClient
+from tests.support.marks import root_only
+from tests.support.procs import gone, idle_workers, proc_title, wait_for, worker_titles
+from tests.support.server import POOL_ARGS, MailEnv, Server, make_message
+from tests.support.syslog import SyslogServer
 
 needs_root = root_only("a private /dev/log (unshare --mount)")
 

@@ -13,21 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    POOL_ARGS,
-    TPOPS,
-    MailEnv,
-    RawClient,
-    Server,
-    gone,
-    idle_workers,
-    make_message,
-    proc_title,
-    root_only,
-    wait_for,
-    worker_serving,
-    worker_titles,
-)
+from tests.support.client import RawClient
+from tests.support.marks import root_only
+from tests.support.procs import gone, idle_workers, proc_title, wait_for, worker_serving, worker_titles
+from tests.support.server import POOL_ARGS, TPOPS, MailEnv, Server, make_message
 
 
 def start(env: MailEnv, *args: str, **settings: str) -> Server:

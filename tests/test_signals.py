@@ -11,19 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    POOL_ARGS,
-    MailEnv,
-    RawClient,
-    Server,
-    free_port,
-    gone,
-    idle_workers,
-    make_message,
-    wait_for,
-    worker_serving,
-    worker_titles,
-)
+from tests.support.client import RawClient
+from tests.support.procs import gone, idle_workers, wait_for, worker_serving, worker_titles
+from tests.support.server import POOL_ARGS, MailEnv, Server, free_port, make_message
 
 SHUTTING_DOWN = b"-ERR [SYS/TEMP] Server shutting down."
 
