@@ -238,27 +238,6 @@ def test_300_clients_against_max_servers_20(mail_env: MailEnv) -> None:
         srv.stop()
 
 
-@root_only("--user and a lock directory nobody can reach")
-def test_workers_failing_at_start_up_stop_the_master(mail_env: MailEnv) -> None:
-    private = mail_env.base / "private"
-    private.mkdir(mode=0o755)
-    srv = start(mail_env, "--user", "nobody", passwd_lock_dir=repr(str(private / "locks")))
-    master = srv.proc.pid
-    workers = wait_for(lambda: idle_workers(master), what="idle workers")
-    private.chmod(0o700)  # the environment changes under a running server ...
-    for pid in workers:  # ... and its workers must be replaced
-        os.kill(pid, signal.SIGKILL)
-    began = time.monotonic()
-    status = srv.proc.wait(10)
-    assert time.monotonic() - began < 5
-    assert status == 3
-    srv.stop()
-    out = srv.output()
-    assert out.count("workers keep failing at start-up (5 in a row): stopping") == 1
-    assert f"$passwd_lock_dir {private / 'locks'} is not usable as uid 65534" in out
-    assert 5 <= out.count("failed to start") <= 8  # no fork loop: at most $max_servers in flight
-
-
 @root_only("--user")
 @pytest.mark.parametrize(
     ("args", "message"),

@@ -6,9 +6,13 @@ TServer semantics, made robust (gunicorn's arbiter is the model): the master sta
 once, and the master then forks one more worker for each connection waiting in the
 listen queue. Signal handlers only queue the signal; the loop reaps, rescales and
 handles SIGTERM/SIGINT (stop), SIGHUP (reload, workers forced off) and SIGUSR1
-(reload, workers finish their session). Workers idle longer than ``$max_idle`` are
-retired while more than ``$min_servers`` run. Workers that keep failing at start-up
-stop the master instead of fork-looping; workers whose master died exit by themselves.
+(reload, workers finish their session). A reload whose configuration does not load or
+whose pre-flight worker cannot boot changes nothing: the running workers go on.
+Workers idle longer than ``$max_idle`` are retired while more than ``$min_servers``
+run. Workers that keep failing at start-up stop the master only if no worker ever
+booted (a start-up that never worked); once the server has served, a failing boot
+is retried with a growing delay (1, 2, 4 ... 60 s, one worker at a time) until the
+cause is removed. Workers whose master died exit by themselves.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ STOP_GRACE = 4.0
 SPARE_WORKERS = 2
 #: The loop's wake-up interval for ``$max_idle`` checks when nothing happens.
 TICK = 1.0
+#: Longest wait between two attempts to start a worker once boots fail after a good start.
+MAX_BACKOFF = 60.0
 
 
 @dataclass
@@ -69,6 +75,11 @@ class Arbiter:
     workers: dict[int, WorkerInfo] = field(default_factory=dict)
     signals: list[int] = field(default_factory=list)
     boot_failures: int = 0
+    #: A worker has booted since the master started: boot failures then back off instead of stopping.
+    ever_booted: bool = False
+    #: Current delay between boot attempts (0: workers boot fine) and when the next may start.
+    backoff: float = 0.0
+    spawn_after: float = 0.0
     stopping: bool = False
     exit_status: int = 0
     #: The backend prepared in the master (user list read, modules imported), inherited by workers.
@@ -132,6 +143,12 @@ class Arbiter:
         plus one for each connection already waiting in the listen queue (a burst is met
         with as many workers at once, not two per round trip)."""
         waiting = None
+        if self.backoff:
+            # Workers fail to boot: one attempt at a time, each after the current delay.
+            if time.monotonic() < self.spawn_after or any(not w.booted for w in self.workers.values()):
+                return
+            self.spawn()
+            return
         while True:
             active = [w for w in self.workers.values() if not w.retiring]
             idle = sum(1 for w in active if w.state == IDLE)
@@ -201,6 +218,10 @@ class Arbiter:
             if not info.booted:
                 info.booted = True
                 self.boot_failures = 0
+                self.ever_booted = True
+                if self.backoff:
+                    log.warning("worker %d started: workers boot again, the pool is refilled", pid)
+                    self.backoff = 0.0
             info.state = state
             info.since = now
 
@@ -220,6 +241,15 @@ class Arbiter:
                 continue
             if not info.booted or code == EXIT_BOOT_FAILED:
                 self.boot_failures += 1
+                if self.ever_booted:
+                    # The server has worked with this configuration: the cause is in the
+                    # environment (a file, a directory, a backend) and may go away. Never
+                    # take the whole service down for it; retry with a growing delay.
+                    self.backoff = min(max(1.0, self.backoff * 2), MAX_BACKOFF)
+                    self.spawn_after = time.monotonic() + self.backoff
+                    log.error("worker %d failed to start (exit status %d); next attempt in %d s",
+                              pid, code, self.backoff)
+                    continue
                 log.error("worker %d failed to start (exit status %d)", pid, code)
                 if self.boot_failures >= MAX_BOOT_FAILURES and not self.stopping:
                     log.error(
@@ -257,16 +287,24 @@ class Arbiter:
     def reload(self, force: bool) -> None:
         """SIGHUP (force) / SIGUSR1: new configuration, reopened logs, fresh workers.
 
-        A configuration that does not load (or whose workers could not start) is logged
-        and the running one kept; the logs are reopened and the workers replaced either
-        way, so logrotate's rename-then-signal always works.
+        A configuration that does not load, or whose pre-flight worker cannot boot, is
+        logged and changes nothing: the running configuration and workers go on (their
+        replacements might not boot, and a reload must never take the service down).
+        The master still reopens its own logs (logrotate's rename-then-signal); the
+        running workers write to the files they have until they are recycled
+        (``$max_use``, ``$max_idle``) or the next good reload.
         """
         name = "SIGHUP" if force else "SIGUSR1"
         try:
             config = self.reload_config()
         except (ConfigError, OSError, ValueError) as exc:
-            log.error("%s: configuration not reloaded, keeping the running one: %s", name, _one_line(exc))
-            config = self.config
+            log.error("%s: configuration not reloaded, keeping the running one and its workers: %s",
+                      name, _one_line(exc))
+            try:
+                self.log_files.reopen()
+            except OSError as reopen_error:
+                log.error("%s: cannot reopen the logs, keeping the open ones: %s", name, reopen_error)
+            return
         if (config.port, config.bind_address) != (self.config.port, self.config.bind_address):
             log.warning("%s: a new $port or $bind_address needs a restart; still listening on %s", name,
                         ", ".join(_address(s) for s in self.listeners))

@@ -1,0 +1,145 @@
+"""The pool under attack and faults (issue 8): reloads that must not take the service down,
+a watchdog for hung or stopped workers, per-address connection limits. Each test performs
+the attack over loopback against a real ``tpops --fg``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from tests.conftest import (
+    POOL_ARGS,
+    MailEnv,
+    RawClient,
+    Server,
+    gone,
+    idle_workers,
+    make_message,
+    root_only,
+    wait_for,
+)
+
+
+def start(env: MailEnv, *args: str, **settings: str) -> Server:
+    env.write_conf(**settings)
+    return Server(env, *args).start()
+
+
+# -- item 19: a reload must never take the server down ---------------------------------
+
+
+def _unbootable_lock_dir(env: MailEnv, case: str) -> str:
+    """A ``$passwd_lock_dir`` the reloaded configuration's workers cannot use."""
+    if case == "under-a-file":  # cannot even be created (any user)
+        blocker = env.base / "blocker"
+        blocker.write_text("")
+        return repr(str(blocker / "locks"))
+    private = env.base / "private"  # the pre-flight worker (--user nobody) cannot enter it
+    private.mkdir(mode=0o700)
+    return repr(str(private / "locks"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR1], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "case",
+    ["under-a-file", pytest.param("preflight-as-user", marks=root_only("--user and a private lock directory"))],
+)
+def test_a_reload_whose_workers_cannot_boot_keeps_the_running_workers(
+    mail_env: MailEnv, signum: int, case: str
+) -> None:
+    mail_env.add_user("rita", messages=[make_message("1"), make_message("2")])
+    srv = start(mail_env, *POOL_ARGS, min_servers="3", max_servers="6")
+    master = srv.proc.pid
+    try:
+        rita = RawClient(srv.port)  # a busy worker, mid-session
+        assert rita.login("rita").startswith(b"+OK")
+        assert rita.cmd("DELE 1").startswith(b"+OK")
+        idle = wait_for(lambda: len(idle_workers(master)) >= 2 and idle_workers(master), what="idle workers")
+        mail_env.write_conf(passwd_lock_dir=_unbootable_lock_dir(mail_env, case), min_servers="5")
+        srv.proc.send_signal(signum)
+        wait_for(lambda: "configuration not reloaded" in srv.output(), what="the failed reload logged")
+        time.sleep(1.5)  # give a wrong master time to end its workers
+        assert srv.proc.poll() is None
+        assert idle <= idle_workers(master), "the idle workers were replaced"
+        # The busy session goes on, and its QUIT still deletes.
+        assert rita.cmd("STAT").startswith(b"+OK 1 ")
+        assert rita.cmd("QUIT") == b"+OK Bye, 1 messages deleted, 1 left."
+        rita.close()
+        # The same configuration ($min_servers = 3, the old lock directory) still serves.
+        c = RawClient(srv.port)
+        assert c.login("rita").startswith(b"+OK Logged in, 1 messages")
+        assert c.cmd("QUIT").startswith(b"+OK Bye")
+        c.close()
+        assert "failed to start" not in srv.output()
+    finally:
+        srv.stop()
+    name = signal.Signals(signum).name
+    assert f"{name}: configuration not reloaded, keeping the running one and its workers: " in srv.output()
+    assert "configuration reloaded, replacing workers" not in srv.output()
+
+
+@root_only("--user and a lock directory nobody can reach")
+def test_workers_failing_after_a_good_start_back_off_and_recover(mail_env: MailEnv) -> None:
+    mail_env.add_user("bart", messages=[make_message()])
+    private = mail_env.base / "private"
+    private.mkdir(mode=0o755)
+    srv = start(mail_env, "--user", "nobody", passwd_lock_dir=repr(str(private / "locks")))
+    master = srv.proc.pid
+    try:
+        workers = wait_for(lambda: idle_workers(master), what="idle workers")
+        private.chmod(0o700)  # the environment changes under a running server ...
+        for pid in workers:  # ... and its workers must be replaced
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: "next attempt in 4 s" in srv.output(), timeout=15, what="a growing back-off")
+        assert srv.proc.poll() is None  # the master lives on
+        out = srv.output()
+        assert "next attempt in 1 s" in out and "next attempt in 2 s" in out
+        assert out.count("failed to start") == 3  # one attempt at a time, no fork loop
+        private.chmod(0o755)  # the cause is removed: the next attempt boots
+        wait_for(lambda: "workers boot again" in srv.output(), timeout=10, what="recovery logged")
+        wait_for(lambda: len(idle_workers(master)) >= 2, what="the pool refilled")
+        c = RawClient(srv.port)
+        assert c.login("bart").startswith(b"+OK Logged in, 1 messages")
+        assert c.cmd("QUIT").startswith(b"+OK Bye")
+        c.close()
+    finally:
+        srv.stop()
+    assert "workers keep failing at start-up" not in srv.output()
+    assert f"$passwd_lock_dir {private / 'locks'} is not usable as uid 65534" in srv.output()
+
+
+def test_a_start_up_that_never_worked_stops_the_master(mail_env: MailEnv) -> None:
+    """Workers that fail to boot before any ever booted: the master exits (status 3) after
+    a few attempts instead of fork-looping; nothing else does (see the back-off above)."""
+    from tpops import logs
+    from tpops.arbiter import MAX_BOOT_FAILURES, Arbiter
+    from tpops.config import load_config
+    from tpops.worker import EXIT_BOOT_FAILED
+
+    config = load_config(str(mail_env.conf))
+    pid = os.fork()
+    if pid == 0:  # the master under test, in a child so its signal handlers stay out of pytest
+        status = 1
+        try:
+            log_files = logs.setup(facility=None, error_log=str(mail_env.error_log), access_log=None,
+                                   debug=False, to_stderr=False)
+            arbiter = Arbiter(config, [], log_files, lambda: config, lambda c: log_files)
+            arbiter._worker_main = lambda: EXIT_BOOT_FAILED  # type: ignore[method-assign]
+            status = arbiter.run()
+        finally:
+            os._exit(status)
+    deadline = time.monotonic() + 10
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the master did not give up")
+    assert os.waitstatus_to_exitcode(done[1]) == EXIT_BOOT_FAILED
+    out = mail_env.error_log.read_text()
+    assert f"workers keep failing at start-up ({MAX_BOOT_FAILURES} in a row): stopping" in out
+    assert "next attempt in" not in out
