@@ -21,6 +21,7 @@ from tests.conftest import (
     make_message,
     root_only,
     wait_for,
+    worker_serving,
 )
 
 
@@ -128,7 +129,7 @@ def test_a_start_up_that_never_worked_stops_the_master(mail_env: MailEnv) -> Non
             log_files = logs.setup(facility=None, error_log=str(mail_env.error_log), access_log=None,
                                    debug=False, to_stderr=False)
             arbiter = Arbiter(config, [], log_files, lambda: config, lambda c: log_files)
-            arbiter._worker_main = lambda: EXIT_BOOT_FAILED  # type: ignore[method-assign]
+            arbiter._worker_main = lambda slot: EXIT_BOOT_FAILED  # type: ignore[method-assign]
             status = arbiter.run()
         finally:
             os._exit(status)
@@ -143,3 +144,59 @@ def test_a_start_up_that_never_worked_stops_the_master(mail_env: MailEnv) -> Non
     out = mail_env.error_log.read_text()
     assert f"workers keep failing at start-up ({MAX_BOOT_FAILURES} in a row): stopping" in out
     assert "next attempt in" not in out
+
+
+# -- items 10 and 11: the watchdog ----------------------------------------------------
+
+
+def test_a_stopped_worker_is_killed_by_the_watchdog_and_nothing_is_lost(mail_env: MailEnv) -> None:
+    """A user SIGSTOPs the worker serving them (or it hangs in a backend call): after
+    $command_timeout + grace without progress the master kills it; the lock dies with
+    it, no message is deleted, and the pool serves the mailbox again."""
+    mail_env.add_user("sam", messages=[make_message("1"), make_message("2")])
+    srv = start(mail_env, *POOL_ARGS, command_timeout="2")  # limit: 2 s + 2 s grace
+    master = srv.proc.pid
+    try:
+        c = RawClient(srv.port)
+        assert c.login("sam").startswith(b"+OK")
+        assert c.cmd("DELE 1").startswith(b"+OK")
+        busy = worker_serving(master, "sam@127.0.0.1")
+        os.kill(busy, signal.SIGSTOP)
+        began = time.monotonic()
+        c.send(b"QUIT\r\n")  # never answered: the worker is stopped, then killed
+        wait_for(lambda: gone(busy), timeout=10, what="the stopped worker killed")
+        took = time.monotonic() - began
+        assert 3.0 <= took <= 7.0, took
+        assert c.closed()
+        c.close()
+        assert len(mail_env.messages("sam")) == 2  # nothing deleted without an UPDATE
+        c = RawClient(srv.port)  # the lock is free at once
+        assert c.login("sam").startswith(b"+OK Logged in, 2 messages")
+        assert c.cmd("QUIT").startswith(b"+OK Bye, 0 messages deleted")
+        c.close()
+    finally:
+        srv.stop()
+    out = srv.output()
+    assert f"worker {busy} made no progress for 4 s (limit 4 s: $command_timeout and a grace): killing it" in out
+    assert f"worker {busy} killed by signal SIGKILL; replacing it" in out
+
+
+def test_a_slow_but_working_session_is_not_killed(mail_env: MailEnv) -> None:
+    """Progress is what counts, not the session's length: a client that sends a command
+    every second for longer than the watchdog's limit keeps its worker."""
+    mail_env.add_user("sue", messages=[make_message()])
+    srv = start(mail_env, *POOL_ARGS, command_timeout="1")  # limit: 1 s + 2 s grace
+    master = srv.proc.pid
+    try:
+        c = RawClient(srv.port)
+        assert c.login("sue").startswith(b"+OK")
+        busy = worker_serving(master, "sue@127.0.0.1")
+        for _ in range(6):
+            time.sleep(0.6)
+            assert c.cmd("NOOP").startswith(b"+OK")
+        assert not gone(busy)
+        assert c.cmd("QUIT").startswith(b"+OK Bye")
+        c.close()
+    finally:
+        srv.stop()
+    assert "made no progress" not in srv.output()

@@ -13,6 +13,13 @@ run. Workers that keep failing at start-up stop the master only if no worker eve
 booted (a start-up that never worked); once the server has served, a failing boot
 is retried with a growing delay (1, 2, 4 ... 60 s, one worker at a time) until the
 cause is removed. Workers whose master died exit by themselves.
+
+The watchdog (gunicorn's ``murder_workers``): a busy worker marks its progress in the
+pool's shared table (:mod:`tpops.limits`) on every read and write; one silent for
+longer than ``$command_timeout`` plus a grace period (hung in a backend call, an NFS
+read, a user's FIFO, or SIGSTOPped by the user it runs as) is killed with SIGKILL and
+replaced. Nothing is deleted (UPDATE runs only after QUIT, and a killed process
+writes nothing more) and its mailbox lock dies with it.
 """
 
 from __future__ import annotations
@@ -34,8 +41,9 @@ from setproctitle import setproctitle
 from tpops import logs
 from tpops.auth.base import Authenticator
 from tpops.config import Config, ConfigError
+from tpops.limits import SharedLimits
 from tpops.protocol import drain
-from tpops.worker import EXIT_BOOT_FAILED, IDLE, MASTER_SIGNALS, REPORT, Worker, warm_up
+from tpops.worker import BUSY, EXIT_BOOT_FAILED, IDLE, MASTER_SIGNALS, REPORT, Worker, warm_up
 
 log = logs.get("arbiter")
 
@@ -49,6 +57,23 @@ SPARE_WORKERS = 2
 TICK = 1.0
 #: Longest wait between two attempts to start a worker once boots fail after a good start.
 MAX_BACKOFF = 60.0
+#: Worker slots in the shared table at least (a reload may raise $max_servers up to
+#: the table's size; beyond it, a restart).
+MIN_SLOTS = 256
+#: The watchdog's grace beyond $command_timeout: $command_timeout itself, within these bounds.
+WATCHDOG_GRACE_MIN = 2
+WATCHDOG_GRACE_MAX = 60
+
+
+def watchdog_limit(config: Config) -> float:
+    """Seconds without progress after which a busy worker is killed.
+
+    A session never waits longer than ``$command_timeout`` for its client, so silence
+    beyond it is a worker stuck elsewhere; the grace leaves room for slow but working
+    backend calls and Maildir scans.
+    """
+    timeout = config.command_timeout
+    return float(timeout + min(max(timeout, WATCHDOG_GRACE_MIN), WATCHDOG_GRACE_MAX))
 
 
 @dataclass
@@ -61,6 +86,10 @@ class WorkerInfo:
     since: float = 0.0
     booted: bool = False
     retiring: bool = False
+    #: Its slot in the shared table, and the watchdog's limit under its configuration.
+    slot: int = 0
+    limit: float = 0.0
+    killed: bool = False
 
 
 @dataclass
@@ -84,6 +113,9 @@ class Arbiter:
     exit_status: int = 0
     #: The backend prepared in the master (user list read, modules imported), inherited by workers.
     authenticator: Authenticator | None = None
+    #: Per-worker heartbeats and per-address state shared with the workers (made in :meth:`run`).
+    limits: SharedLimits | None = None
+    slots_warned: bool = False
 
     # -- signal plumbing ---------------------------------------------------
 
@@ -103,6 +135,8 @@ class Arbiter:
             signal.signal(signum, self._queue_signal)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         self.authenticator = warm_up(self.config)
+        if self.limits is None:
+            self.limits = SharedLimits(max(self.config.max_servers, MIN_SLOTS))
         gc.freeze()  # workers share the master's objects: no collection copies their pages
         addresses = ", ".join(_address(s) for s in self.listeners)
         log.info("tpops master %d listening on %s", os.getpid(), addresses)
@@ -118,6 +152,7 @@ class Arbiter:
                     self.read_reports()
                 self.handle_signals()
                 self.reap()
+                self.murder_stuck()
                 self.retire_idle()
         finally:
             self.shutdown()
@@ -163,7 +198,24 @@ class Arbiter:
             if not self.spawn():
                 return
 
+    def _free_slot(self) -> int | None:
+        assert self.limits is not None
+        used = {w.slot for w in self.workers.values()}
+        for slot in range(self.limits.slots):
+            if slot not in used:
+                return slot
+        if not self.slots_warned:
+            log.warning("$max_servers above %d needs a restart; running %d workers",
+                        self.limits.slots, len(self.workers))
+            self.slots_warned = True
+        return None
+
     def spawn(self) -> bool:
+        slot = self._free_slot()
+        if slot is None:
+            return False
+        assert self.limits is not None
+        self.limits.reset_slot(slot)
         # Blocked across fork(): a signal meant for the new worker waits until the worker
         # has its own handlers (it unblocks them), instead of landing in the master's queue
         # it inherited, where nobody would ever look at it.
@@ -177,7 +229,7 @@ class Arbiter:
         if pid == 0:  # the child: never return into the master's loop
             status = 1
             try:
-                status = self._worker_main()
+                status = self._worker_main(slot)
             except BaseException:
                 log.exception("worker %d crashed", os.getpid())
                 status = 1
@@ -185,16 +237,17 @@ class Arbiter:
                 os._exit(status)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
         now = time.monotonic()
-        self.workers[pid] = WorkerInfo(pid, now, IDLE, now)
+        self.workers[pid] = WorkerInfo(pid, now, IDLE, now, slot=slot, limit=watchdog_limit(self.config))
         return True
 
-    def _worker_main(self) -> int:
+    def _worker_main(self, slot: int) -> int:
         os.close(self.report_r)
         os.close(self.wake_r)
         os.close(self.wake_w)
         signal.set_wakeup_fd(-1)
         self.signals.clear()
-        worker = Worker(self.config, self.listeners, self.report_w, self.log_files, self.authenticator)
+        worker = Worker(self.config, self.listeners, self.report_w, self.log_files, self.authenticator,
+                        limits=self.limits, slot=slot)
         return worker.run()
 
     def read_reports(self) -> None:
@@ -236,6 +289,8 @@ class Arbiter:
             info = self.workers.pop(pid, None)
             if info is None:
                 continue
+            if self.limits is not None:  # its connection no longer counts for its client's address
+                self.limits.reset_slot(info.slot)
             code = os.waitstatus_to_exitcode(status)
             if code == 0 or info.retiring:
                 continue
@@ -262,6 +317,21 @@ class Arbiter:
                 log.error("worker %d killed by signal %s; replacing it", pid, signal.Signals(-code).name)
             else:
                 log.error("worker %d exited with status %d; replacing it", pid, code)
+
+    def murder_stuck(self) -> None:
+        """The watchdog: SIGKILL busy workers silent for longer than their limit."""
+        if self.limits is None:
+            return
+        now = time.monotonic()
+        for info in self.workers.values():
+            if info.state != BUSY or info.killed:
+                continue
+            silent = now - max(info.since, self.limits.last_beat(info.slot))
+            if silent > info.limit:
+                log.error("worker %d made no progress for %d s (limit %d s: $command_timeout and a grace): "
+                          "killing it", info.pid, silent, info.limit)
+                self._signal(info, signal.SIGKILL)
+                info.killed = True
 
     def retire_idle(self) -> None:
         """Ask workers idle for more than $max_idle to exit while more than $min_servers run."""

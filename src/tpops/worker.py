@@ -9,6 +9,10 @@ record the request; the wake-up pipe makes a blocked wait notice it. A worker wh
 master died (the report pipe's reader is gone) finishes its session and exits, so
 orphans never keep the port.
 
+While serving, the worker marks its progress in its slot of the pool's shared table
+(:mod:`tpops.limits`): each read and write on the client's connection, each second
+of a pause. The master's watchdog reads it.
+
 Before its first accept a worker boots (:func:`boot`): backend built and modules
 imported while still root, then ``--user`` applied for good, then the lock directory
 checked as the identity that will use it. The master runs the same boot once in a
@@ -32,6 +36,7 @@ from tpops import logs
 from tpops.auth import make_authenticator
 from tpops.auth.base import Authenticator, LockingAuthenticator
 from tpops.config import Config
+from tpops.limits import SharedLimits
 from tpops.mailbox.lock import ensure_lock_dir
 from tpops.privileges import SessionPrivileges, become, lookup_identity
 from tpops.protocol import Transport, drain
@@ -83,6 +88,14 @@ class Worker:
     authenticator: Authenticator | None = None  # the master's prepared one, if it has one
     stop: StopRequest = field(default_factory=StopRequest)
     sessions: int = 0
+    #: The pool's shared table (None for a worker without a master) and this worker's slot in it.
+    limits: SharedLimits | None = None
+    slot: int = 0
+
+    def progress(self) -> None:
+        """A sign of life for the master's watchdog (cheap: one store into shared memory)."""
+        if self.limits is not None:
+            self.limits.beat(self.slot)
 
     def report(self, state: int) -> None:
         if self.report_fd is not None:
@@ -141,7 +154,12 @@ class Worker:
                         if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                             continue
                         raise
-                    self.serve(conn, peer_name(address), authenticator, privileges, wake_r)
+                    peer = peer_name(address)
+                    try:
+                        self.serve(conn, peer, authenticator, privileges, wake_r)
+                    finally:
+                        if self.limits is not None:
+                            self.limits.leave(self.slot)
                     if privileges.changed:
                         return 0
                     break  # re-check the limits before the next accept
@@ -158,6 +176,7 @@ class Worker:
         wake_r: int,
     ) -> None:
         """Serve one accepted connection to its end."""
+        self.progress()
         self.report(BUSY)
         self.sessions += 1
         setproctitle(f"tpops: worker {peer}")
@@ -166,7 +185,7 @@ class Worker:
         except OSError:
             pass
         try:
-            transport = Transport(conn.fileno(), conn.fileno(), wake_r, lambda: self.stop.force)
+            transport = Transport(conn.fileno(), conn.fileno(), wake_r, lambda: self.stop.force, self.progress)
             session = Session(
                 transport,
                 peer,
