@@ -200,3 +200,95 @@ def test_a_slow_but_working_session_is_not_killed(mail_env: MailEnv) -> None:
     finally:
         srv.stop()
     assert "made no progress" not in srv.output()
+
+
+# -- item 8: connections per address -----------------------------------------------------
+
+TOO_MANY = b"-ERR [SYS/TEMP] Too many connections from your address"
+
+
+def connect_from(port: int, source: str, timeout: float = 10.0) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
+
+
+def first_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(200)
+        if not chunk:
+            break
+        data += chunk
+    return data.rstrip(b"\r\n")
+
+
+def test_the_eleventh_connection_from_one_address_is_refused_at_once(mail_env: MailEnv) -> None:
+    mail_env.add_user("ivy", messages=[make_message()])
+    srv = start(mail_env, *POOL_ARGS, min_servers="2", max_servers="16")  # $max_connections_per_ip: default 10
+    master = srv.proc.pid
+    held: list[RawClient] = []
+    try:
+        held = [RawClient(srv.port) for _ in range(10)]
+        assert all(c.greeting.startswith(b"+OK") for c in held)
+        began = time.monotonic()
+        extra = connect_from(srv.port, "127.0.0.1")
+        assert first_line(extra) == TOO_MANY
+        assert extra.recv(100) == b""  # and closed
+        extra.close()
+        assert time.monotonic() - began < 1.0
+        # Another address is not affected.
+        other = connect_from(srv.port, "127.0.0.2")
+        assert first_line(other).startswith(b"+OK")
+        other.close()
+        # A session that ends gives its place back ...
+        assert held.pop().cmd("QUIT").startswith(b"+OK")
+        c = wait_for(lambda: _greeted(srv.port), what="a place given back")
+        held.append(c)
+        # ... and so does a worker that dies (the master clears its slot).
+        victim = worker_serving(master, "127.0.0.1")
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: gone(victim), what="the killed worker gone")
+        c = wait_for(lambda: _greeted(srv.port), what="the dead worker's place given back")
+        held.append(c)
+    finally:
+        for c in held:
+            c.close()
+        srv.stop()
+    assert "refused 1 connection(s) over $max_connections_per_ip (10), the last from 127.0.0.1" in srv.output()
+
+
+def _greeted(port: int) -> RawClient | None:
+    c = RawClient(port)
+    if c.greeting.startswith(b"+OK"):
+        return c
+    c.close()
+    return None
+
+
+def test_fifty_slow_clients_from_one_address_leave_room_for_another(mail_env: MailEnv) -> None:
+    """50 idle connections from 127.0.0.1 against $max_servers = 20: all but
+    $max_connections_per_ip are refused at once, so a client from 127.0.0.2 logs in
+    within a second."""
+    mail_env.add_user("liv", messages=[make_message()])
+    srv = start(mail_env, *POOL_ARGS, min_servers="2", max_servers="20", max_connections_per_ip="3")
+    slow: list[socket.socket] = []
+    try:
+        slow = [connect_from(srv.port, "127.0.0.1") for _ in range(50)]  # connect, never speak
+        answers = [first_line(s) for s in slow]
+        assert answers.count(TOO_MANY) == 47, answers
+        assert sum(a.startswith(b"+OK") for a in answers) == 3
+        began = time.monotonic()
+        legit = connect_from(srv.port, "127.0.0.2")
+        f = legit.makefile("rb")
+        assert f.readline().startswith(b"+OK")
+        legit.sendall(b"USER liv\r\nPASS secret\r\n")
+        assert f.readline().startswith(b"+OK")
+        assert f.readline().startswith(b"+OK Logged in, 1 messages")
+        assert time.monotonic() - began < 1.0
+        legit.sendall(b"QUIT\r\n")
+        assert f.readline().startswith(b"+OK Bye")
+        f.close()
+        legit.close()
+    finally:
+        for s in slow:
+            s.close()
+        srv.stop()
