@@ -91,6 +91,7 @@ class TpopsServer(Server):
             "min_servers": "8",
             "max_servers": str(max(world.profile.login_levels) + 12),
             "max_use": "0",
+            "max_connections_per_ip": "0",  # every bench client comes from 127.0.0.1
             "max_idle": "600",
             "hostname": "'bench.example.org'",
         }

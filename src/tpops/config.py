@@ -141,6 +141,9 @@ class Config:
     max_idle: int = _p(100, "maximum idle time of a worker process, in seconds")
     max_bad_commands: int = _p(10, "unknown/invalid commands before the connection is closed")
     max_auth_failures: int = _p(3, "failed logins before the connection is closed")
+    max_connections_per_ip: int = _p(10, "simultaneous connections from one address, loopback too (0 = no limit)")
+    max_auth_penalty: int = _p(15, "cap in seconds of the growing delay after failed logins from one address (0 = none)")
+    login_timeout: int = _p(60, "maximum seconds a connection may stay unauthenticated")
     # --- mailbox
     maildir_extended: bool = _p(
         False, "trust the Maildir++ ,S= size in file names (it is the file size)")
@@ -308,6 +311,9 @@ def _checks(config: Config) -> list[tuple[tuple[str, ...], str]]:
     at_least("max_auth_failures", 1)
     at_least("first_valid_uid", 1, " (uid 0 is never served)")
     at_least("last_valid_uid", 0, " (0 = no upper bound)")
+    at_least("max_connections_per_ip", 0, " (0 = no limit)")
+    at_least("max_auth_penalty", 0, " (0 = none)")
+    at_least("login_timeout", 1)
     if (ok("min_servers", "max_servers") and config.min_servers >= 1
             and config.max_servers < config.min_servers):
         bad(("min_servers", "max_servers"),

@@ -48,6 +48,8 @@ class Transport:
 
     ``wake_fd`` is the read end of a pipe that becomes readable when a signal arrives
     (``signal.set_wakeup_fd``); ``should_stop()`` then says whether to give up waiting.
+    ``progress()`` is called whenever data moves (and each second of a pause): the
+    worker's heartbeat for the master's watchdog.
     """
 
     def __init__(
@@ -56,11 +58,13 @@ class Transport:
         wfd: int,
         wake_fd: int | None = None,
         should_stop: Callable[[], bool] | None = None,
+        progress: Callable[[], None] | None = None,
     ) -> None:
         self.rfd = rfd
         self.wfd = wfd
         self.wake_fd = wake_fd
         self.should_stop = should_stop or (lambda: False)
+        self.progress = progress or (lambda: None)
         for fd in {rfd, wfd}:
             os.set_blocking(fd, False)
 
@@ -97,6 +101,7 @@ class Transport:
                 raise ConnectionLost(str(exc)) from None
             if not data:
                 raise ConnectionLost("end of input")
+            self.progress()
             return data
 
     def send(self, data: bytes | bytearray | memoryview, timeout: float) -> None:
@@ -113,6 +118,7 @@ class Transport:
                 raise ConnectionLost(str(exc)) from None
             view = view[sent:]
             deadline = time.monotonic() + timeout
+            self.progress()
 
     def pause(self, seconds: float) -> None:
         """Sleep (the `$error_interval` delay) but wake up for a stop request."""
@@ -128,7 +134,8 @@ class Transport:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            ready, _, _ = select.select([self.wake_fd], [], [], remaining)
+            self.progress()
+            ready, _, _ = select.select([self.wake_fd], [], [], min(remaining, 1.0))
             if ready:
                 drain(self.wake_fd)
 

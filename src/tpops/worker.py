@@ -9,6 +9,12 @@ record the request; the wake-up pipe makes a blocked wait notice it. A worker wh
 master died (the report pipe's reader is gone) finishes its session and exits, so
 orphans never keep the port.
 
+Every accepted connection is counted against ``$max_connections_per_ip`` in the
+pool's shared table (:mod:`tpops.limits`) before the worker turns busy: one over the
+limit is answered ``-ERR [SYS/TEMP]`` and closed at once. While serving, the worker
+marks its progress in its slot of that table: each read and write on the client's
+connection, each second of a pause. The master's watchdog reads it.
+
 Before its first accept a worker boots (:func:`boot`): backend built and modules
 imported while still root, then ``--user`` applied for good, then the lock directory
 checked as the identity that will use it. The master runs the same boot once in a
@@ -24,6 +30,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from dataclasses import dataclass, field
 
 from setproctitle import setproctitle
@@ -32,6 +39,7 @@ from tpops import logs
 from tpops.auth import make_authenticator
 from tpops.auth.base import Authenticator, LockingAuthenticator
 from tpops.config import Config
+from tpops.limits import ClientLimits, SharedLimits
 from tpops.mailbox.lock import ensure_lock_dir
 from tpops.privileges import SessionPrivileges, become, lookup_identity
 from tpops.protocol import Transport, drain
@@ -48,6 +56,11 @@ MASTER_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal
 #: Report-pipe message: (pid, state), small enough to be written atomically.
 REPORT = struct.Struct("=iB")
 IDLE, BUSY = 0, 1
+
+#: The answer to a connection over ``$max_connections_per_ip`` (instead of the greeting).
+TOO_MANY_CONNECTIONS = b"-ERR [SYS/TEMP] Too many connections from your address\r\n"
+#: A worker logs refused connections at most this often (a flood must not flood the log).
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 def peer_name(address: object) -> str:
@@ -83,6 +96,44 @@ class Worker:
     authenticator: Authenticator | None = None  # the master's prepared one, if it has one
     stop: StopRequest = field(default_factory=StopRequest)
     sessions: int = 0
+    #: The pool's shared table (None for a worker without a master) and this worker's slot in it.
+    limits: SharedLimits | None = None
+    slot: int = 0
+    #: Connections refused since the last log line about them, and when that was.
+    refused: int = 0
+    refused_logged: float = float("-inf")
+
+    def progress(self) -> None:
+        """A sign of life for the master's watchdog (cheap: one store into shared memory)."""
+        if self.limits is not None:
+            self.limits.beat(self.slot)
+
+    def client_limits(self, peer: str) -> ClientLimits:
+        """The failed-login penalty API for a session with ``peer`` (shared across the pool)."""
+        return ClientLimits(self.limits, peer, self.config.max_auth_penalty)
+
+    def admit(self, conn: socket.socket, peer: str) -> bool:
+        """Count the connection from ``peer`` across the pool; over ``$max_connections_per_ip``
+        it is answered ``-ERR [SYS/TEMP]`` and closed here (False), before any session starts."""
+        if self.limits is None:
+            return True
+        limit = self.config.max_connections_per_ip
+        count = self.limits.enter(self.slot, peer, limit)
+        if not limit or count <= limit:
+            return True
+        try:
+            conn.send(TOO_MANY_CONNECTIONS, socket.MSG_DONTWAIT)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        conn.close()
+        self.refused += 1
+        now = time.monotonic()
+        if now - self.refused_logged >= REFUSAL_LOG_INTERVAL:
+            log.warning("refused %d connection(s) over $max_connections_per_ip (%d), the last from %s",
+                        self.refused, limit, logs.escape(peer))
+            self.refused, self.refused_logged = 0, now
+        return False
 
     def report(self, state: int) -> None:
         if self.report_fd is not None:
@@ -141,7 +192,14 @@ class Worker:
                         if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                             continue
                         raise
-                    self.serve(conn, peer_name(address), authenticator, privileges, wake_r)
+                    peer = peer_name(address)
+                    if not self.admit(conn, peer):
+                        continue
+                    try:
+                        self.serve(conn, peer, authenticator, privileges, wake_r)
+                    finally:
+                        if self.limits is not None:
+                            self.limits.leave(self.slot)
                     if privileges.changed:
                         return 0
                     break  # re-check the limits before the next accept
@@ -158,6 +216,7 @@ class Worker:
         wake_r: int,
     ) -> None:
         """Serve one accepted connection to its end."""
+        self.progress()
         self.report(BUSY)
         self.sessions += 1
         setproctitle(f"tpops: worker {peer}")
@@ -166,7 +225,7 @@ class Worker:
         except OSError:
             pass
         try:
-            transport = Transport(conn.fileno(), conn.fileno(), wake_r, lambda: self.stop.force)
+            transport = Transport(conn.fileno(), conn.fileno(), wake_r, lambda: self.stop.force, self.progress)
             session = Session(
                 transport,
                 peer,
