@@ -25,11 +25,12 @@ from tests.conftest import (
     wait_for,
     worker_titles,
 )
+from tpops import logs
 
 needs_root = root_only("a private /dev/log (unshare --mount)")
 
 #: glibc's syslog(3) datagram: <PRI>Mmm dd hh:mm:ss tpops[PID]: message
-SYSLOG_LINE = re.compile(r"<(\d+)>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d tpops\[(\d+)\]: (.*)", re.S)
+SYSLOG_LINE = re.compile(r"<(\d+)>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d tpops\[(\d+)\]: (.*)", re.DOTALL)
 MAIL_INFO = (2 << 3) | 6  # LOG_MAIL | LOG_INFO
 MAIL_WARNING = (2 << 3) | 4
 #: The access log's format: IP START END LOGIN s_msgs s_octets e_msgs e_octets
@@ -191,6 +192,56 @@ def test_client_control_characters_are_escaped_in_syslog(mail_env: MailEnv) -> N
     assert r"C: NO\x0dOP\x1b[2J" in messages
     for message in messages:
         _assert_one_line_each(message, "syslog")
+
+
+#: A login that is one line to a byte-oriented reader but several to a Unicode-aware one
+#: (Python's str.splitlines, journald viewers, editors): NEL, LS, PS and a C1 CSI.
+UNICODE_BREAKS_LOGIN = "eve\u0085INFO forged\u2028two\u2029three\u009b2J"
+UNICODE_BREAKS_ESCAPED = r"eve\u0085INFO forged\u2028two\u2029three\u009b2J"
+
+
+@pytest.mark.parametrize(("raw", "escaped"), [
+    ("a\u0085b", r"a\u0085b"),                      # NEL
+    ("a\u2028b\u2029c", r"a\u2028b\u2029c"),        # line and paragraph separators
+    ("\x80\x9b\x9f", r"\u0080\u009b\u009f"),        # C1 controls, CSI among them
+    ("\x1c\x1d\x1e\x7f", r"\x1c\x1d\x1e\x7f"),        # what str.splitlines also splits on
+    ("caf\u00e9 \u65e5\u672c \u00a0\u00ad", "caf\u00e9 \u65e5\u672c \u00a0\u00ad"),  # printable text stays
+    ("back\\slash", r"back\\slash"),
+])
+def test_escape_covers_unicode_line_breaks(raw: str, escaped: str) -> None:
+    assert logs.escape(raw) == escaped
+    assert logs.escape(raw.encode()) == escaped
+
+
+def test_escape_keeps_undecodable_bytes_apart_from_c1_characters() -> None:
+    assert logs.escape(b"\x85|\xc2\x85") == r"\x85|\u0085"
+
+
+def test_nothing_python_splits_a_line_on_survives_escape() -> None:
+    breakers = [chr(c) for c in range(0x110000)
+                if not 0xD800 <= c <= 0xDFFF and len(f"a{chr(c)}b".splitlines()) > 1]
+    assert "\u0085" in breakers and "\u2028" in breakers
+    for ch in breakers:
+        assert len(logs.escape(f"a{ch}b").splitlines()) == 1, hex(ord(ch))
+        assert len(logs.one_line(f"a{ch}b").splitlines()) == 1, hex(ord(ch))
+
+
+def test_unicode_line_breaks_from_a_client_are_escaped_in_files(mail_env: MailEnv) -> None:
+    srv = Server(mail_env, "--debug").start()
+    try:
+        c = RawClient(srv.port)
+        assert c.cmd(b"USER " + UNICODE_BREAKS_LOGIN.encode()).startswith(b"+OK")
+        assert c.cmd("PASS whatever").startswith(b"-ERR [AUTH]")
+        c.cmd("QUIT")
+        c.close()
+    finally:
+        srv.stop()
+    error_log = mail_env.error_log.read_text()
+    assert f"authentication failed: {UNICODE_BREAKS_ESCAPED} from 127.0.0.1\n" in error_log
+    assert f"C: USER {UNICODE_BREAKS_ESCAPED}" in srv.output()
+    for where, text in (("access log", mail_env.access_log.read_text()), ("error log", error_log),
+                        ("stderr", srv.output())):
+        assert text.splitlines() == text.split("\n")[:-1], f"a Unicode line break in the {where}"
 
 
 @pytest.mark.timeout(60)

@@ -14,27 +14,34 @@ import re
 import syslog
 from dataclasses import dataclass
 
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]|[\ud800-\udfff]")
+#: Characters that could end, split or disguise a log line: C0 controls and DEL, the C1
+#: controls U+0080-U+009F (U+0085 is NEL, a line break to Unicode-aware readers), and the
+#: Unicode line and paragraph separators (categories Zl and Zp: U+2028, U+2029).
+_BREAKS = r"\x00-\x1f\x7f-\x9f\u2028\u2029"
+_UNSAFE = re.compile(rf"[{_BREAKS}\\]|[\ud800-\udfff]")
 
 
 def _escape_char(match: re.Match[str]) -> str:
+    """``\\xNN`` for an ASCII control or an undecodable byte, ``\\uNNNN`` for any other
+    character, so a C1 character (U+0085) and the raw byte 0x85 stay distinguishable."""
     ch = match.group()
     if ch == "\\":
         return "\\\\"
     code = ord(ch)
     if 0xDC80 <= code <= 0xDCFF:  # surrogateescape'd undecodable byte
         return f"\\x{code - 0xDC00:02x}"
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"
 
 
 def escape(text: str | bytes) -> str:
-    """Client data made safe for one log line: control characters and backslashes escaped."""
+    """Client data made safe for one log line: control characters, line and paragraph
+    separators and backslashes escaped."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "surrogateescape")
     return _UNSAFE.sub(_escape_char, text)
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(f"[{_BREAKS}]")
 
 
 def one_line(text: str) -> str:
