@@ -335,3 +335,110 @@ def test_logs_are_reopened_after_rename(mail_env: MailEnv, signum: int) -> None:
     assert " rolf " not in rotated_access.read_text()
     assert "authentication failed: rolf from 127.0.0.1" in mail_env.error_log.read_text()
     assert "authentication failed" not in rotated_error.read_text()
+
+
+# ---------------------------------------------------------------- failing log writes
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_log_failures_are_counted_and_reported_once_per_interval() -> None:
+    clock = FakeClock()
+    failures = logs.LogFailures(interval=60, clock=clock)
+    reports: list[str] = []
+
+    def broken_sink(message: str) -> None:
+        raise OSError("this sink is full too")
+
+    failures.sinks = [broken_sink, reports.append]
+    enospc = OSError(28, "No space left on device")
+    failures.failed("/var/log/tpops/error.log", enospc)  # the first one: reported at once
+    assert reports == [("1 log write failed (last: /var/log/tpops/error.log: [Errno 28] No space left "
+                       "on device); further failures are counted and reported at most every 60 s")]
+    for step in range(5):
+        clock.now += 10
+        failures.failed("/var/log/tpops/access.log", enospc)
+        failures.tick()
+    assert len(reports) == 1 and failures.count == 5
+    clock.now += 10.5  # 60.5 s after the first report
+    failures.tick()
+    assert reports[1].startswith("5 log writes failed (last: /var/log/tpops/access.log: [Errno 28] ")
+    clock.now += 3600
+    failures.tick()  # nothing new: nothing to say
+    assert len(reports) == 2 and failures.total == 6
+
+
+def test_counts_survive_a_log_reopen() -> None:
+    clock = FakeClock()
+    old = logs.LogFailures(clock=clock)
+    old.failed("/x", None)
+    old.failed("/x", None)
+    new = logs.LogFailures(clock=clock)
+    new.adopt(old)
+    reports: list[str] = []
+    new.sinks = [reports.append]
+    new.failed("/x", None)
+    assert reports == [] and new.count == 2  # still within the minute of old's report
+    clock.now += 60
+    new.tick()
+    assert reports[0].startswith("2 log writes failed (last: /x: write failed)")
+
+
+LOG_FAILED = re.compile(r".* tpops\[(\d+)\]: ERROR (\d+) log writes? failed \(last: (.*?)\); further failures "
+                        r"are counted and reported at most every 60 s")
+
+
+def test_a_full_log_file_system_costs_no_session_and_prints_no_traceback(mail_env: MailEnv) -> None:
+    # /dev/full fails every write with ENOSPC, exactly like a full file system.
+    mail_env.add_user("fay", messages=[make_message()])
+    mail_env.write_conf(error_log="'/dev/full'", access_log="'/dev/full'", min_servers="1", max_servers="1")
+    srv = Server(mail_env).start()
+    try:
+        for _ in range(5):
+            c = RawClient(srv.port)
+            assert c.cmd("USER fay").startswith(b"+OK")
+            assert c.cmd("PASS wrong").startswith(b"-ERR [AUTH]")  # a warning: the error log
+            assert c.login("fay").startswith(b"+OK Logged in, 1 messages")
+            assert c.cmd("QUIT").startswith(b"+OK Bye")  # a line in the access log
+            c.close()
+    finally:
+        srv.stop()
+    out = srv.output()
+    assert "Traceback" not in out and "Logging error" not in out, out
+    reports = [LOG_FAILED.fullmatch(line) for line in out.splitlines() if "log write" in line]
+    assert reports and all(reports), out
+    by_pid: dict[str, list[re.Match[str]]] = {}
+    for match in reports:
+        assert match is not None
+        by_pid.setdefault(match.group(1), []).append(match)
+        assert match.group(3) == "/dev/full: [Errno 28] No space left on device"
+    # At least 10 failed writes (5 warnings, 5 access-log lines) in well under a minute:
+    # one report per process, no more.
+    assert all(len(matches) == 1 for matches in by_pid.values()), out
+    assert "authentication failed: fay from 127.0.0.1" in out  # stderr still carries the log
+    assert "logout: fay" in out
+
+
+@needs_root
+def test_failed_log_writes_are_reported_to_syslog(mail_env: MailEnv) -> None:
+    mail_env.add_user("gil", messages=[make_message()])
+    mail_env.write_conf(error_log="'/dev/full'", access_log="'/dev/full'")
+    srv = syslog_server(mail_env, *POOL_ARGS)
+    try:
+        c = RawClient(srv.port)
+        assert c.login("gil").startswith(b"+OK")
+        assert c.cmd("QUIT").startswith(b"+OK Bye")
+        c.close()
+        srv.syslog.wait_for("log write failed")
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.output() and "Logging error" not in srv.output()
+    failed = [(pri, msg) for pri, _, msg in syslog_records(srv) if "log write" in msg]
+    assert failed[0] == ((2 << 3) | 3,  # LOG_MAIL | LOG_ERR
+                         ("1 log write failed (last: /dev/full: [Errno 28] No space left on device); "
+                         "further failures are counted and reported at most every 60 s"))
