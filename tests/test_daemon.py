@@ -28,6 +28,7 @@ from tests.conftest import (
     wait_for_port,
     zombie_children,
 )
+from tpops.daemonize import PidFile
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -173,6 +174,35 @@ def test_pid_file_held_by_a_live_tpops_is_refused_before_detaching(mail_env: Mai
             socket.create_connection(("127.0.0.1", second.port), timeout=2)
     finally:
         assert first.stop() == 0
+
+
+def test_pid_file_write_follows_no_planted_symlink(tmp_path: Path) -> None:
+    """The attack on the old ``<pidfile>.<pid>.tmp``: a symlink planted at that name made
+    root truncate and overwrite its target. Now the temp file has an unguessable name and
+    is created with O_EXCL; the planted link and its target stay untouched."""
+    target = tmp_path / "shadow"
+    target.write_text("root:secret-hash:19000:0:99999:7:::\n")
+    target.chmod(0o600)
+    before = (target.read_text(), target.stat().st_mode, target.stat().st_uid)
+    pid_path = tmp_path / "tpops.pid"
+    planted = tmp_path / f"tpops.pid.{os.getpid()}.tmp"
+    planted.symlink_to(target)
+    pid_file = PidFile(str(pid_path))
+    pid_file.write()
+    assert (target.read_text(), target.stat().st_mode, target.stat().st_uid) == before
+    assert planted.is_symlink() and os.readlink(planted) == str(target)
+    assert pid_path.read_text() == f"{os.getpid()}\n"
+    assert not pid_path.is_symlink()
+    assert pid_path.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shadow", "tpops.pid", planted.name]  # no temp left
+    # A symlink planted at the pid file itself is replaced by the rename, not followed.
+    pid_path.unlink()
+    pid_path.symlink_to(target)
+    pid_file.write()
+    assert target.read_text() == before[0]
+    assert not pid_path.is_symlink() and pid_path.read_text() == f"{os.getpid()}\n"
+    pid_file.remove()
+    assert not pid_path.exists() and target.read_text() == before[0]
 
 
 def _holding_port() -> socket.socket:
