@@ -62,8 +62,9 @@ def reap_orphans() -> None:
 class Daemon:
     """``tpops`` without --fg: the starter exits, the daemon is found through its pid file."""
 
-    def __init__(self, env: MailEnv, *args: str, pid_file: Path | None = None) -> None:
+    def __init__(self, env: MailEnv, *args: str, pid_file: Path | None = None, cwd: Path | None = None) -> None:
         self.env = env
+        self.cwd = cwd
         self.port = free_port()
         self.pid_file = pid_file or env.base / "tpops.pid"
         self.args = [TPOPS, "-f", str(env.conf), "--port", str(self.port), "--bind", "127.0.0.1",
@@ -71,7 +72,8 @@ class Daemon:
         self.pid: int | None = None
 
     def start(self) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.args, capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
+        return subprocess.run(self.args, capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL,
+                              cwd=self.cwd)
 
     def running(self) -> Daemon:
         out = self.start()
@@ -137,6 +139,32 @@ def test_daemon_detaches_serves_and_cleans_up(mail_env: MailEnv, subreaper: None
             socket.create_connection(("127.0.0.1", daemon.port), timeout=2)
     finally:
         daemon.stop()
+
+
+def first_bad_reply(port: int) -> bytes:
+    c = RawClient(port)
+    try:
+        return c.cmd("BOGUS")
+    finally:
+        c.close()
+
+
+def test_reload_reads_the_file_given_by_a_relative_path(mail_env: MailEnv, subreaper: None) -> None:
+    """Started with a relative ``-f`` from some directory, the daemon (which changes to /)
+    still reloads that file on SIGHUP: -f was made absolute at start-up."""
+    daemon = Daemon(mail_env, cwd=mail_env.base)
+    daemon.args[daemon.args.index(str(mail_env.conf))] = mail_env.conf.name
+    try:
+        daemon.running()
+        assert daemon.pid is not None
+        assert first_bad_reply(daemon.port) == b"-ERR Unknown command."
+        mail_env.write_conf(max_bad_commands="1")
+        os.kill(daemon.pid, signal.SIGHUP)
+        wait_for(lambda: first_bad_reply(daemon.port) == b"-ERR Too many bad commands.",
+                 what="$max_bad_commands = 1 from the reloaded file")
+        assert "not reloaded" not in mail_env.error_log.read_text()
+    finally:
+        assert daemon.stop() == 0
 
 
 def test_stale_pid_files_are_replaced(mail_env: MailEnv, subreaper: None) -> None:

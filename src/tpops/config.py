@@ -49,11 +49,14 @@ __all__ = [
     "SYSLOG_FACILITIES",
     "Config",
     "ConfigError",
+    "ConfigFile",
     "Kind",
     "check_config",
+    "config_problems",
     "format_effective",
     "load_config",
     "parse_config",
+    "read_config_file",
 ]
 
 DEFAULT_PATH = "/etc/tpops/tpops.conf"
@@ -252,8 +255,12 @@ _NONEMPTY_OPTIONAL = ("bind_address", "user", "group", "pid_file", "access_log",
 _NONEMPTY = ("hostname", "passwd_lock_dir", "mysql_auth_query")
 
 
-def _checks(config: Config) -> list[tuple[tuple[str, ...], str]]:
-    """Every problem as (parameters involved, message)."""
+def _checks(config: Config, *, complete: bool = True) -> list[tuple[tuple[str, ...], str]]:
+    """Every problem as (parameters involved, message).
+
+    ``complete=False`` leaves out what the command line may still fix (``--user``
+    for a file's ``$group``): a file is checked on its own before the options apply.
+    """
     out: list[tuple[tuple[str, ...], str]] = []
 
     def bad(names: str | tuple[str, ...], msg: str) -> None:
@@ -321,6 +328,12 @@ def _checks(config: Config) -> list[tuple[tuple[str, ...], str]]:
 
     if ok("bind_address") and config.bind_address and not config.bind_addresses():
         bad("bind_address", "$bind_address: no address given (use nil for all addresses)")
+    if ok("auth_type", "mysql_auth_query") and config.auth_type == "MySQL" \
+            and "%s" not in config.mysql_auth_query:
+        bad(("auth_type", "mysql_auth_query"),
+            "$mysql_auth_query has no %s where the login name goes")
+    if complete and ok("user", "group") and config.group is not None and config.user is None:
+        bad(("user", "group"), "$group requires $user (the workers run as $user, in $group)")
     return out
 
 
@@ -330,6 +343,12 @@ def check_config(config: Config) -> list[str]:
     Use this after applying command-line overrides with :func:`dataclasses.replace`.
     """
     return [msg for _, msg in _checks(config)]
+
+
+def config_problems(config: Config) -> list[tuple[tuple[str, ...], str]]:
+    """Like :func:`check_config`, each message with the parameters it involves
+    (for :meth:`ConfigFile.blame`)."""
+    return _checks(config)
 
 
 # ---------------------------------------------------------------- reading a file
@@ -376,16 +395,12 @@ def _read_values(text: str, filename: str
     return values, lines_of, errors, failed
 
 
-def parse_config(text: str, filename: str = "<string>") -> Config:
-    """The :class:`Config` described by ``text``; :class:`ConfigError` lists every problem.
-
-    Parameters the text does not set keep their defaults.  Errors are ordered by
-    line; a problem involving several parameters is reported at the last line
-    that set one of them.
-    """
+def _parse(text: str, filename: str) -> tuple[Config, dict[str, int]]:
+    """(the configuration, the line that last set each parameter); ConfigError as documented
+    for :func:`parse_config`."""
     values, lines_of, errors, failed = _read_values(text, filename)
     config = Config(**values)  # type: ignore[arg-type]  # types were checked above
-    for names, msg in _checks(config):
+    for names, msg in _checks(config, complete=False):
         if failed.intersection(names):
             continue  # a default stands in for a broken line; don't blame it twice
         set_at = [lines_of[n] for n in names if n in lines_of]
@@ -393,15 +408,42 @@ def parse_config(text: str, filename: str = "<string>") -> Config:
         errors.append((line, f"{filename}:{line}: {msg}" if line else f"{filename}: {msg}"))
     if errors:
         raise ConfigError([msg for _, msg in sorted(errors, key=lambda e: e[0])])
-    return config
+    return config, lines_of
 
 
-def load_config(path: str | None) -> Config:
-    """Read the configuration file at ``path``.
+def parse_config(text: str, filename: str = "<string>") -> Config:
+    """The :class:`Config` described by ``text``; :class:`ConfigError` lists every problem.
 
-    ``None`` means :data:`DEFAULT_PATH`, where a missing file means all defaults
-    (as TPOPS could run without tpops.conf); an explicit path must exist.
+    Parameters the text does not set keep their defaults.  Errors are ordered by
+    line; a problem involving several parameters is reported at the last line
+    that set one of them.
     """
+    return _parse(text, filename)[0]
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """A configuration as read from :attr:`path`, with the line that last set each parameter,
+    so that a problem found later (after command-line overrides, or by a look at the
+    system) is still reported as ``FILE:LINE: what is wrong``."""
+
+    path: str
+    config: Config
+    lines: dict[str, int] = field(default_factory=dict)
+
+    def blame(self, names: Iterable[str], message: str, *, overridden: Iterable[str] = ()) -> str:
+        """``message`` prefixed with where the parameters ``names`` were set: ``command
+        line:`` if an option in ``overridden`` set one, else ``FILE:LINE:`` (the last such
+        line), else ``FILE:`` (all defaults)."""
+        names = tuple(names)
+        if set(names).intersection(overridden):
+            return f"command line: {message}"
+        line = max((self.lines[n] for n in names if n in self.lines), default=0)
+        return f"{self.path}:{line}: {message}" if line else f"{self.path}: {message}"
+
+
+def read_config_file(path: str | None) -> ConfigFile:
+    """Read the configuration file at ``path`` (see :func:`load_config`), keeping its lines."""
     explicit = path is not None
     real = path if path is not None else DEFAULT_PATH
     try:
@@ -410,10 +452,20 @@ def load_config(path: str | None) -> Config:
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"{real}: no such file") from None
-        return Config()
+        return ConfigFile(real, Config())
     except OSError as exc:
         raise ConfigError(f"{real}: {exc.strerror or exc}") from None
-    return parse_config(data.decode("utf-8", "surrogateescape"), real)
+    config, lines = _parse(data.decode("utf-8", "surrogateescape"), real)
+    return ConfigFile(real, config, lines)
+
+
+def load_config(path: str | None) -> Config:
+    """Read the configuration file at ``path``.
+
+    ``None`` means :data:`DEFAULT_PATH`, where a missing file means all defaults
+    (as TPOPS could run without tpops.conf); an explicit path must exist.
+    """
+    return read_config_file(path).config
 
 
 # ---------------------------------------------------------------- output
