@@ -456,3 +456,25 @@ def test_format_effective_masks_mysql_pass() -> None:
     assert "s3cr3t" not in out
     assert "$mysql_pass = '********'\n" in out
     assert parse_config(out) == dataclasses.replace(c, mysql_pass="********")
+
+
+# ---------------------------------------------------------------- read_config_file / blame
+
+def test_read_config_file_keeps_lines_for_later_blame(tmp_path: Path) -> None:
+    path = tmp_path / "t.conf"
+    path.write_text("# x\n$group = 'mail'\n$port = 1\n$port = 2\n")
+    source = config_mod.read_config_file(str(path))  # $group alone: --user may still come
+    assert source.config.group == "mail" and source.lines == {"group": 2, "port": 4}
+    problems = config_mod.config_problems(source.config)
+    assert problems == [(("user", "group"), "$group requires $user (the workers run as $user, in $group)")]
+    names, message = problems[0]
+    assert source.blame(names, message) == f"{path}:2: {message}"
+    assert source.blame(names, message, overridden={"group"}) == f"command line: {message}"
+    assert source.blame(("error_log",), "m") == f"{path}: m"
+    assert check_config(dataclasses.replace(source.config, user="mail")) == []
+
+
+def test_mysql_query_needs_its_placeholder() -> None:
+    assert errors_of("$auth_type = 'MySQL'\n$mysql_auth_query = 'select 1'\n") == [
+        "t.conf:2: $mysql_auth_query has no %s where the login name goes"]
+    assert parse_config("$mysql_auth_query = 'select 1'\n").mysql_auth_query == "select 1"  # unused

@@ -23,7 +23,8 @@ import tempfile
 from collections.abc import Sequence
 from typing import TextIO
 
-DEFAULT_CONFIG = "/etc/tpops/tpops.conf"
+from tpops.config import DEFAULT_PATH, ConfigError, load_config
+
 FILE_MODE = 0o600
 
 
@@ -34,12 +35,8 @@ class Failure(Exception):
 def _config_path(config: str) -> str:
     """``$apop_passwd_file`` from the tpops configuration file."""
     try:
-        from tpops.config import load_config
-    except ImportError as e:
-        raise Failure("no -f FILE given and tpops.config is unavailable to find $apop_passwd_file") from e
-    try:
         path = load_config(config).apop_passwd_file
-    except Exception as e:  # ConfigError and friends: show them, they name the problem
+    except ConfigError as e:  # it names the file, the line and the problem
         raise Failure(str(e)) from e
     if not path:
         raise Failure(f"no -f FILE given and $apop_passwd_file is not set in {config}")
@@ -157,8 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Set (or delete) a login's APOP secret in tpops's text secrets file.",
     )
     parser.add_argument("-f", "--file", help="the secrets file (default: $apop_passwd_file of the config)")
-    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG,
-                        help=f"tpops configuration file (default: {DEFAULT_CONFIG})")
+    parser.add_argument("-c", "--config", default=DEFAULT_PATH,
+                        help=f"tpops configuration file (default: {DEFAULT_PATH})")
     parser.add_argument("-d", "--delete", action="store_true", help="delete LOGIN's secret")
     parser.add_argument("login", metavar="LOGIN")
     args = parser.parse_args(argv)
