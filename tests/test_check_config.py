@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TPOPS, MailEnv
+from tests.support.server import TPOPS, MailEnv
 
 NO_USER = "no-such-user-tpops"
 
