@@ -10,8 +10,9 @@ master died (the report pipe's reader is gone) finishes its session and exits, s
 orphans never keep the port.
 
 Before its first accept a worker boots (:func:`boot`): backend built and modules
-imported while still root, then ``--user`` applied for good, then the lock directory
-checked as the identity that will use it. The master runs the same boot once in a
+imported while still root, the lock directory prepared (created, handed to
+``--user``) by :func:`tpops.mailbox.lock.prepare_lock_dir`, then ``--user`` applied for
+good, then the lock directory checked as the identity that will use it. The master runs the same boot once in a
 throw-away child (:func:`preflight`) before detaching and before accepting a reload.
 """
 
@@ -32,7 +33,7 @@ from tpops import logs
 from tpops.auth import make_authenticator
 from tpops.auth.base import Authenticator, LockingAuthenticator
 from tpops.config import Config
-from tpops.mailbox.lock import ensure_lock_dir
+from tpops.mailbox.lock import check_lock_dir, prepare_lock_dir
 from tpops.privileges import SessionPrivileges, become, lookup_identity
 from tpops.protocol import Transport, drain
 from tpops.session import Session, make_timestamp
@@ -206,8 +207,11 @@ def boot(config: Config, authenticator: Authenticator | None = None) -> tuple[Se
     if authenticator is None:
         authenticator = prepared_authenticator(config)
     try:
+        locking = isinstance(authenticator, LockingAuthenticator)
+        if locking:  # as root: created and handed to --user, or refused
+            prepare_lock_dir(config.passwd_lock_dir, lock_dir_owner(config))
         privileges = boot_privileges(config)
-        if isinstance(authenticator, LockingAuthenticator):
+        if locking:  # as the identity that will lock
             check_lock_dir(config.passwd_lock_dir)
     except BaseException:
         authenticator.close()
@@ -230,18 +234,6 @@ def warm_up(config: Config) -> Authenticator | None:
         return prepared_authenticator(config)
     except Exception:
         return None
-
-
-def check_lock_dir(path: str) -> None:
-    """Refuse to start when ``$passwd_lock_dir`` cannot be used as this process's identity
-    (the rules of :func:`tpops.mailbox.lock.ensure_lock_dir`): otherwise every login would
-    fail later with ``-ERR [SYS/TEMP]``."""
-    try:
-        ensure_lock_dir(path)
-    except OSError as exc:
-        raise ValueError(
-            f"$passwd_lock_dir {path} is not usable as uid {os.geteuid()}: {exc.strerror or exc}"
-        ) from None
 
 
 def preflight(config: Config) -> str | None:
@@ -277,6 +269,14 @@ def preflight(config: Config) -> str | None:
     if os.waitstatus_to_exitcode(status) == 0:
         return None
     return b"".join(chunks).decode("utf-8", "replace") or f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+def lock_dir_owner(config: Config) -> tuple[int, int] | None:
+    """Who will lock in ``$passwd_lock_dir``: the ``--user`` a root worker drops to, else None (this process)."""
+    if os.geteuid() != 0 or config.user is None:
+        return None
+    identity = lookup_identity(config.user, config.group)
+    return identity.uid, identity.gid
 
 
 def boot_privileges(config: Config) -> SessionPrivileges:

@@ -18,8 +18,9 @@ Methods the session calls
     APOP timestamp only then.
 ``lock(user)``
     Take the one-session-per-mailbox lock; return a :class:`MailboxLock` or raise
-    :class:`MailboxInUse`. The default (:meth:`Authenticator.lock`) is a kernel file
-    lock in ``$passwd_lock_dir``; MySQL overrides it with ``GET_LOCK``.
+    :class:`MailboxInUse` (both live in :mod:`tpops.mailbox.lock`, re-exported here).
+    The default (:meth:`LockingAuthenticator.lock`) is a kernel file lock in
+    ``$passwd_lock_dir``; MySQL overrides it with ``GET_LOCK``.
 ``prepare()``
     Load now what the workers will need: read files, import hash handlers. Called once
     in the master, as root, before workers are forked (and again after a reload), so a
@@ -44,13 +45,22 @@ import os
 from dataclasses import dataclass
 from typing import Protocol
 
+from tpops.auth import hashes
+from tpops.mailbox.lock import MailboxInUse, MailboxLock, acquire
+
+__all__ = [
+    "AuthUnavailable",
+    "Authenticator",
+    "LockingAuthenticator",
+    "MailUser",
+    "MailboxInUse",
+    "MailboxLock",
+    "apply_default_domain",
+]
+
 
 class AuthUnavailable(Exception):
     """The backend could not answer (not a credentials problem). Message is for the log."""
-
-
-class MailboxInUse(Exception):
-    """Another session holds this mailbox's lock."""
 
 
 @dataclass(frozen=True)
@@ -66,12 +76,6 @@ class MailUser:
     maildir: str
     uid: int | None = None
     gid: int | None = None
-
-
-class MailboxLock(Protocol):
-    """A held mailbox lock; ``release()`` is idempotent. Process death releases it too."""
-
-    def release(self) -> None: ...
 
 
 class Authenticator(Protocol):
@@ -114,18 +118,13 @@ class LockingAuthenticator:
 
     def lock(self, user: MailUser) -> MailboxLock:
         """Take the one-session-per-mailbox file lock, or raise :class:`MailboxInUse`."""
-        from tpops.mailbox.lock import acquire  # imported late: written alongside, optional here
-
         try:
             return acquire(self._lock_dir, os.path.realpath(user.maildir))
         except OSError as e:
             raise AuthUnavailable(f"cannot lock in {self._lock_dir}: {e.strerror or e}") from e
 
     def prepare(self) -> None:
-        """Import the hash handlers and the lock module while still root (see the module docstring)."""
-        from tpops.auth import hashes
-        from tpops.mailbox import lock  # noqa: F401
-
+        """Import the hash handlers while still root (see the module docstring)."""
         hashes.preload()
 
     def close(self) -> None:

@@ -35,8 +35,8 @@ import hashlib
 import os
 import stat
 from types import TracebackType
+from typing import Protocol
 
-from tpops.auth.base import MailboxInUse
 from tpops.logs import escape, get
 
 log = get("mailbox")
@@ -47,8 +47,18 @@ LOCK_DIR_MODE = 0o700
 LOCK_FILE_MODE = 0o600
 
 
+class MailboxInUse(Exception):
+    """Another session holds this mailbox's lock."""
+
+
+class MailboxLock(Protocol):
+    """A held mailbox lock; ``release()`` is idempotent. Process death releases it too."""
+
+    def release(self) -> None: ...
+
+
 class FileMailboxLock:
-    """A held mailbox lock (a :class:`tpops.auth.base.MailboxLock`).
+    """A held mailbox lock (a :class:`MailboxLock`) on a file in the lock directory.
 
     ``release()`` is idempotent; process death releases the lock too. Usable as a
     context manager.
@@ -119,6 +129,29 @@ def ensure_lock_dir(lock_dir: str) -> None:
         raise PermissionError(errno.EPERM, "lock directory belongs to another user", lock_dir)
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise PermissionError(errno.EPERM, "lock directory is group or world writable", lock_dir)
+
+
+def prepare_lock_dir(lock_dir: str, owner: tuple[int, int] | None = None) -> None:
+    """Make ``lock_dir`` ready for the workers: run before they drop privileges.
+
+    Creates it (0700) when missing; as root with ``owner`` (the ``--user`` uid/gid the
+    workers will lock as) it is handed to that owner.
+    """
+    os.makedirs(lock_dir, mode=LOCK_DIR_MODE, exist_ok=True)
+    if os.geteuid() == 0 and owner is not None:
+        os.chown(lock_dir, owner[0], owner[1])
+
+
+def check_lock_dir(lock_dir: str) -> None:
+    """Refuse to start when ``lock_dir`` cannot be used as this process's identity (the
+    rules of :func:`ensure_lock_dir`): otherwise every login would fail later with
+    ``-ERR [SYS/TEMP]``. Raises ValueError with a message for the administrator."""
+    try:
+        ensure_lock_dir(lock_dir)
+    except OSError as exc:
+        raise ValueError(
+            f"$passwd_lock_dir {lock_dir} is not usable as uid {os.geteuid()}: {exc.strerror or exc}"
+        ) from None
 
 
 def acquire(lock_dir: str, key: str) -> FileMailboxLock:
