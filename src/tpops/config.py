@@ -41,6 +41,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tpops.mailbox.lock import default_lock_dir
+
 __all__ = [
     "DEFAULT_PATH",
     "AUTH_TYPES",
@@ -150,7 +152,8 @@ class Config:
     auth_type: str = _p("Passwd", "authentication type: 'Passwd', 'MySQL' or 'File'")
     default_domain: str | None = _p(
         None, "domain tried as user@domain when a login has no '@', '%' or '+'")
-    passwd_lock_dir: str = _p("/var/tmp/tpops", "directory holding the mailbox lock files")
+    passwd_lock_dir: str = field(default_factory=default_lock_dir, metadata={
+        "doc": "directory holding the mailbox lock files (default /run/tpops/locks as root)"})
     apop_passwd_file: str | None = _p(None, "APOP password database (login -> plain password)")
     auth_file: str | None = _p(None, "user file for auth_type 'File'")
     # --- MySQL (auth_type 'MySQL')
