@@ -41,7 +41,6 @@ session logs with a traceback and answers with ``-ERR [SYS/TEMP]``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -104,12 +103,29 @@ def apply_default_domain(login: str, domain: str | None) -> str:
     return login
 
 
+def lock_key(user: MailUser) -> str:
+    """What a mailbox lock is named after: the login exactly as the backend returned it.
+
+    Not the Maildir path: that is resolved as root through components the user
+    controls (``~/Maildir`` may be a symlink), so a user could point it at another
+    user's Maildir and take, and hold, that user's lock. The login is the backend's
+    canonical name of the account (after ``$default_domain``; MySQL's row login, not
+    the spelling a case-insensitive collation matched), which no user can redirect.
+    The opened directory's device/inode would be unredirectable too, but the lock is
+    taken before the Maildir is opened (as its owner), so it is not known yet.
+
+    The price: logins that share one Maildir (aliases) no longer exclude each other.
+    Their sessions stay safe apart from that, since UPDATE treats a message another
+    session already removed as gone.
+    """
+    return user.login
+
+
 class LockingAuthenticator:
     """Base for backends whose mailbox lock is the default kernel file lock (File, Passwd).
 
-    ``lock()`` takes an exclusive ``flock`` in ``lock_dir`` (``$passwd_lock_dir``),
-    keyed by the Maildir's real path, so two logins or two paths naming one Maildir
-    share one lock. A lock directory that cannot be used is backend trouble
+    ``lock()`` takes an exclusive ``flock`` in ``lock_dir`` (``$passwd_lock_dir``) keyed by
+    :func:`lock_key`. A lock directory that cannot be used is backend trouble
     (:class:`AuthUnavailable`), not a busy mailbox.
     """
 
@@ -119,7 +135,7 @@ class LockingAuthenticator:
     def lock(self, user: MailUser) -> MailboxLock:
         """Take the one-session-per-mailbox file lock, or raise :class:`MailboxInUse`."""
         try:
-            return acquire(self._lock_dir, os.path.realpath(user.maildir))
+            return acquire(self._lock_dir, lock_key(user))
         except OSError as e:
             raise AuthUnavailable(f"cannot lock in {self._lock_dir}: {e.strerror or e}") from e
 

@@ -16,7 +16,7 @@ rows. ``maildir`` is used as stored (trailing slash or not) and must be absolute
 Each authenticator (one per worker process) owns one connection, opened at first
 use with short timeouts; a connection lost to a server restart is reopened once,
 transparently. A dead, hung or firewalled server gives :class:`AuthUnavailable`
-within 5 seconds. The mailbox lock is ``GET_LOCK`` on that connection, so every
+within 5 seconds. The mailbox lock is ``GET_LOCK`` (named after the row's login) on that connection, so every
 tpops host sharing the database sees one lock, and the server drops it when the
 worker (its connection) dies. A lock taken on a connection that is later lost is
 gone with it.
@@ -39,6 +39,7 @@ from tpops.auth.base import (
     MailboxLock,
     MailUser,
     apply_default_domain,
+    lock_key,
 )
 from tpops.logs import escape, get
 
@@ -100,10 +101,11 @@ def compile_query(query: str) -> str:
     return "".join(parts)
 
 
-def lock_name(maildir: str) -> str:
-    """The GET_LOCK name of a Maildir (at most 64 characters, the server's limit)."""
-    normal = os.path.normpath(maildir).encode("utf-8", "surrogateescape")
-    return LOCK_PREFIX + hashlib.sha1(normal, usedforsecurity=False).hexdigest()
+def lock_name(key: str) -> str:
+    """The GET_LOCK name for a lock key (:func:`tpops.auth.base.lock_key`: the row's login),
+    a digest so it fits the server's 64-character limit."""
+    data = key.encode("utf-8", "surrogateescape")
+    return LOCK_PREFIX + hashlib.sha1(data, usedforsecurity=False).hexdigest()
 
 
 def _text(value: Any) -> str | None:
@@ -336,10 +338,12 @@ class MySQLAuthenticator:
     # -- locking --------------------------------------------------------------------
 
     def lock(self, user: MailUser) -> MailboxLock:
-        """``GET_LOCK`` (no wait) named after the Maildir; MailboxInUse when another session has it."""
-        name = lock_name(user.maildir)
+        """``GET_LOCK`` (no wait) named after the login (:func:`tpops.auth.base.lock_key`);
+        MailboxInUse when another session has it."""
+        key = lock_key(user)
+        name = lock_name(key)
         if self._current() is not None and name in self._held:
-            raise MailboxInUse(user.maildir)  # GET_LOCK is re-entrant per connection; we are not
+            raise MailboxInUse(key)  # GET_LOCK is re-entrant per connection; we are not
         try:
             rows = self._run("SELECT GET_LOCK(%s, 0)", (name,))
         except MySQLdb.Error as e:
@@ -348,7 +352,7 @@ class MySQLAuthenticator:
         if result is None:
             raise AuthUnavailable(f"MySQL: GET_LOCK({name}) returned NULL")
         if int(result) != 1:
-            raise MailboxInUse(user.maildir)
+            raise MailboxInUse(key)
         self._held.add(name)
         return _Lock(self, self._conn, name)
 
