@@ -33,6 +33,10 @@ Methods a backend may rely on
 -----------------------------
 ``apply_default_domain(login)`` turns ``tommy`` into ``tommy@example.org`` when
 ``$default_domain`` / ``--domain`` is set and the login has none of ``@ % +``.
+``file_key(stat)`` is the reload key of a file a backend re-reads when it changes.
+:class:`tpops.auth.stored.StoredPasswordAuthenticator` is the whole USER/PASS/APOP
+check (default domain, timing defence, APOP digest) for backends that store one
+password per login (File, MySQL): they supply only the lookup.
 
 Backends never raise anything but :class:`AuthUnavailable` out of the three
 ``authenticate*``/``lock`` calls for backend trouble; anything else is a bug the
@@ -41,6 +45,7 @@ session logs with a traceback and answers with ``-ERR [SYS/TEMP]``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -55,6 +60,8 @@ __all__ = [
     "MailboxInUse",
     "MailboxLock",
     "apply_default_domain",
+    "file_key",
+    "lock_key",
 ]
 
 
@@ -94,6 +101,12 @@ class Authenticator(Protocol):
     def prepare(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+def file_key(st: os.stat_result) -> tuple[int, ...]:
+    """What tells a changed file from the one a backend read (its reload key): identity,
+    size and both times, so a rewrite in place and a rename over it are both noticed."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def apply_default_domain(login: str, domain: str | None) -> str:

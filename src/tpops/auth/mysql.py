@@ -33,14 +33,8 @@ from typing import TYPE_CHECKING, Any
 import MySQLdb
 
 from tpops.auth import hashes
-from tpops.auth.base import (
-    AuthUnavailable,
-    MailboxInUse,
-    MailboxLock,
-    MailUser,
-    apply_default_domain,
-    lock_key,
-)
+from tpops.auth.base import AuthUnavailable, MailboxInUse, MailboxLock, MailUser, lock_key
+from tpops.auth.stored import StoredEntry, StoredPasswordAuthenticator
 from tpops.logs import escape, get
 
 if TYPE_CHECKING:
@@ -48,7 +42,6 @@ if TYPE_CHECKING:
 
 log = get("auth.mysql")
 
-DEFAULT_QUERY = 'select login,passwd,uid,maildir from user where login="%s"'
 #: Seconds for connect, each read and each write on the connection.
 TIMEOUT = 3
 #: connect timeout of the one reconnect after a lost connection (a restarted server answers fast).
@@ -147,14 +140,15 @@ class _Lock:
             self._owner._release(self._conn, self._name)
 
 
-class MySQLAuthenticator:
+class MySQLAuthenticator(StoredPasswordAuthenticator):
     """Users from ``$mysql_auth_query``; one lazily opened connection; GET_LOCK mailbox locks."""
 
     name = "MySQL"
+    plain_ok = True  # the 2003 schema's rows are clear text
 
     def __init__(self, config: Config) -> None:
-        self._query = compile_query(config.mysql_auth_query or DEFAULT_QUERY)
-        self._domain: str | None = config.default_domain
+        super().__init__(config.default_domain, log)
+        self._query = compile_query(config.mysql_auth_query)
         params: dict[str, Any] = {
             "read_timeout": TIMEOUT,
             "write_timeout": TIMEOUT,
@@ -266,8 +260,8 @@ class MySQLAuthenticator:
 
     # -- authentication -------------------------------------------------------------
 
-    def _lookup(self, login: str) -> tuple[str, str, str] | None:
-        """``(row login, passwd, maildir)`` of a login, None (logged) when it has no usable row.
+    def lookup(self, login: str) -> StoredEntry | None:
+        """The row of a login (row login, passwd, maildir), None (logged) when it has no usable row.
 
         The row's login names the session: a case- or accent-insensitive collation may
         match ``TOMMY`` to ``tommy``, and logs and locks must see one account.
@@ -301,39 +295,7 @@ class MySQLAuthenticator:
             log.warning("login %s refused: maildir %s is not an absolute path", escape(login),
                         escape(maildir or ""))
             return None
-        return _text(row[0]) or login, stored, maildir
-
-    def authenticate(self, login: str, password: bytes) -> MailUser | None:
-        """USER/PASS against the row of ``$mysql_auth_query``; None for bad credentials."""
-        login = apply_default_domain(login, self._domain)
-        found = self._lookup(login)
-        if found is None:
-            hashes.dummy_verify(password)
-            return None
-        canonical, stored, maildir = found
-        if not hashes.verify_password(password, stored, plain_ok=True):
-            if hashes.plain_secret(stored, plain_ok=True) is not None:
-                hashes.dummy_verify(password)  # a failed clear-text check costs what an unknown user does
-            log.info("login %s refused: wrong password", escape(login))
-            return None
-        return MailUser(canonical, maildir)
-
-    def authenticate_apop(self, login: str, timestamp: str, digest: str) -> MailUser | None:
-        """APOP: rows with a clear-text (or ``{PLAIN}``) password only."""
-        login = apply_default_domain(login, self._domain)
-        found = self._lookup(login)
-        if found is None:
-            return None
-        canonical, stored, maildir = found
-        secret = hashes.plain_secret(stored, plain_ok=True)
-        if secret is None:
-            log.info("APOP login %s refused: the stored password is a hash, APOP needs clear text",
-                     escape(login))
-            return None
-        if not hashes.apop_digest_ok(timestamp, secret, digest):
-            log.info("APOP login %s refused: wrong digest", escape(login))
-            return None
-        return MailUser(canonical, maildir)
+        return StoredEntry(_text(row[0]) or login, stored, maildir)
 
     # -- locking --------------------------------------------------------------------
 
