@@ -53,6 +53,7 @@ class _Table:
     key: tuple[int, ...]
     users: dict[str, StoredEntry | _Bad]
     apop: bool
+    dummy: str | None  # a stored value of the majority scheme and cost (hashes.SchemeTally)
 
 
 class BadLine(ValueError):
@@ -189,9 +190,13 @@ class FileAuthenticator(StoredPasswordAuthenticator, LockingAuthenticator):
         apop = any(
             isinstance(u, StoredEntry) and hashes.plain_secret(u.stored) is not None for u in users.values()
         )
+        tally = hashes.SchemeTally()
+        for entry in users.values():
+            if isinstance(entry, StoredEntry):
+                tally.add(entry.stored)
         log.info("loaded %d users from %s", sum(isinstance(u, StoredEntry) for u in users.values()),
                  escape(self._path))
-        self._table = _Table(key, users, apop)
+        self._table = _Table(key, users, apop, tally.template())
         return self._table
 
     def prepare(self) -> None:
@@ -211,6 +216,10 @@ class FileAuthenticator(StoredPasswordAuthenticator, LockingAuthenticator):
         except Exception as e:  # a greeting must never fail
             log.error("%s", e)
             return False
+
+    def dummy_template(self) -> str | None:
+        """The majority scheme and cost of the file's users, as of its last load."""
+        return None if self._table is None else self._table.dummy
 
     def lookup(self, login: str) -> StoredEntry | None:
         """The usable entry for a login; None (logged) for unknown users and bad lines."""

@@ -172,11 +172,17 @@ class MySQLAuthenticator(StoredPasswordAuthenticator):
         self._conn: Any = None
         self._conn_pid = 0
         self._held: set[str] = set()
+        self._tally = hashes.SchemeTally(plain_ok=True)  # the schemes of the rows looked up so far
 
     @property
     def supports_apop(self) -> bool:
         """Always: APOP works for rows with clear-text passwords."""
         return True
+
+    def dummy_template(self) -> str | None:
+        """The majority scheme and cost of the rows this worker has looked up (a table cannot
+        be listed through ``$mysql_auth_query``); sha512-crypt until the first hashed row."""
+        return self._tally.template()
 
     # -- the connection -------------------------------------------------------------
 
@@ -295,6 +301,7 @@ class MySQLAuthenticator(StoredPasswordAuthenticator):
             log.warning("login %s refused: maildir %s is not an absolute path", escape(login),
                         escape(maildir or ""))
             return None
+        self._tally.add(stored)
         return StoredEntry(_text(row[0]) or login, stored, maildir)
 
     # -- locking --------------------------------------------------------------------

@@ -5,9 +5,10 @@ bare crypt hash, or, for MySQL's 2003 rows, clear text). Everything after the lo
 lives here once, so the timing defence cannot drift between them:
 
 * ``--domain`` / ``$default_domain`` is applied before the lookup;
-* an unknown user (or an unusable entry) costs a dummy check of the scheme real
-  users have (:meth:`StoredPasswordAuthenticator.dummy_verify`), so "no such user"
-  and "wrong password" take the same time;
+* an unknown user (or an unusable entry) costs a dummy check of the scheme and cost
+  most real users have (:meth:`StoredPasswordAuthenticator.dummy_verify`: bcrypt,
+  argon2, yescrypt, SHA512-CRYPT, SSHA ... as the backend's entries use them), so
+  "no such user" and "wrong password" take the same time;
 * a failed clear-text comparison (microseconds) pays the same dummy check, so a
   ``{PLAIN}`` user's wrong password cannot be told from an unknown user either;
 * APOP compares MD5 digests in constant time and works only for clear-text entries.
@@ -63,9 +64,13 @@ class StoredPasswordAuthenticator:
         """
         raise NotImplementedError
 
+    def dummy_template(self) -> str | None:
+        """A stored value of the scheme and cost most users have (see :class:`hashes.SchemeTally`)."""
+        return None
+
     def dummy_verify(self, password: bytes) -> None:
-        """Work like a real check of a typical stored password, for a login without one."""
-        hashes.dummy_verify(password)
+        """Work like a real check of the majority scheme and cost, for a login without a password."""
+        hashes.dummy_verify(password, self.dummy_template(), plain_ok=self.plain_ok)
 
     def authenticate(self, login: str, password: bytes) -> MailUser | None:
         """USER/PASS: the entry's :class:`MailUser`, or None for bad credentials."""
