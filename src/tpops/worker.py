@@ -249,6 +249,7 @@ def preflight(config: Config) -> str | None:
         try:
             os.close(read_fd)
             _, authenticator = boot(config)
+            authenticator.check()  # one real backend round trip as the worker's identity
             authenticator.close()
             status = 0
         except BaseException as exc:

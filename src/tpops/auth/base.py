@@ -26,6 +26,13 @@ Methods the session calls
     in the master, as root, before workers are forked (and again after a reload), so a
     worker neither re-reads the user list on its first login nor imports code after it
     dropped privileges. Must not open connections: they would be shared across fork.
+``check()``
+    One real round trip as the worker will make it, called by the pre-flight worker
+    (:func:`tpops.worker.preflight`) after the privilege drop, at start-up and before a
+    reload is accepted. Raise ValueError, with a message for the administrator, for a
+    configuration error that would fail every login (MySQL: a ``$mysql_auth_query``
+    that returns too few columns or does not run); backend trouble that may pass (the
+    database down) is only logged. File and Passwd have nothing to check here yet.
 ``close()``
     Release backend resources (a database connection). Called when the worker exits.
 
@@ -100,6 +107,8 @@ class Authenticator(Protocol):
 
     def prepare(self) -> None: ...
 
+    def check(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -155,6 +164,9 @@ class LockingAuthenticator:
     def prepare(self) -> None:
         """Import the hash handlers while still root (see the module docstring)."""
         hashes.preload()
+
+    def check(self) -> None:
+        """Nothing to check beyond what the worker boot already did (the lock directory)."""
 
     def close(self) -> None:
         """Nothing to release: file locks die with their holder."""

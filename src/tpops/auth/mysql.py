@@ -56,6 +56,8 @@ CONNECTION_ERRORS = frozenset({1053, 1927, 2002, 2003, 2006, 2013, 2014, 2026, 2
 #: "Illegal mix of collations": the login cannot even be expressed in the column's charset.
 COLLATION_ERRORS = frozenset({1267, 1270, 1271})
 LOCK_PREFIX = "tpops:"
+#: The columns ``$mysql_auth_query`` must return, by position.
+COLUMNS = ("login", "passwd", "uid", "maildir")
 
 _TOKEN = re.compile(r"""%%|(['"])%s\1|%s|%""")
 
@@ -259,6 +261,38 @@ class MySQLAuthenticator(StoredPasswordAuthenticator):
         """Hash handlers imported before workers fork; no connection (it would be shared)."""
         hashes.preload()
 
+    def check(self) -> None:
+        """Run ``$mysql_auth_query`` once (in the pre-flight worker, as the worker's identity).
+
+        A query that fails with an SQL error or returns fewer than the four columns
+        ``login, passwd, uid, maildir`` would fail every login: ValueError, so start-up
+        (or the reload) stops with the reason. The column count comes from the result's
+        description, so no row has to match. A server that cannot be reached now is
+        only logged: it may be back before the first login.
+        """
+        try:
+            conn = self._current() or self._open(TIMEOUT, time.monotonic())
+            cursor = conn.cursor()
+            try:
+                cursor.execute(self._query, ("",))
+                columns = len(cursor.description or ())
+                cursor.fetchall()
+            finally:
+                cursor.close()
+        except AuthUnavailable as e:
+            log.warning("%s; $mysql_auth_query not checked at start-up", e)
+            return
+        except MySQLdb.Error as e:
+            if _code(e) in CONNECTION_ERRORS:
+                self._drop()
+                log.warning("MySQL: lost connection to %s (%s); $mysql_auth_query not checked at start-up",
+                            self._where, _describe(e))
+                return
+            raise ValueError(f"$mysql_auth_query fails on {self._where}: {_describe(e)}") from None
+        if columns < len(COLUMNS):
+            raise ValueError(f"$mysql_auth_query returns {columns} column{'s' if columns != 1 else ''}; "
+                             f"it must return {', '.join(COLUMNS)} (in that order)")
+
     def close(self) -> None:
         """Close the connection (the server then drops this worker's locks)."""
         if self._current() is not None:
@@ -289,9 +323,9 @@ class MySQLAuthenticator(StoredPasswordAuthenticator):
             log.warning("login %s refused: $mysql_auth_query returned %d rows", escape(login), len(rows))
             return None
         row = rows[0]
-        if len(row) < 4:
+        if len(row) < len(COLUMNS):  # check() stops start-up for this; kept for safety
             raise AuthUnavailable(
-                f"MySQL: $mysql_auth_query returns {len(row)} columns; it must return login, passwd, uid, maildir"
+                f"MySQL: $mysql_auth_query returns {len(row)} columns; it must return {', '.join(COLUMNS)}"
             )
         stored, maildir = _text(row[1]), _text(row[3])
         if not stored:
