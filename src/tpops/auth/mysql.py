@@ -2,7 +2,10 @@
 
 ``$mysql_auth_query`` keeps the 2003 server's form: ``%s`` stands for the login,
 bare or quoted (``'%s'`` / ``"%s"``). It is turned into a query with one bound
-parameter, so the login is always data, never SQL. ``%%`` is a literal percent
+parameter, so the login is always data, never SQL. The query is tokenized
+(literals, quoted identifiers, comments): a ``%s`` inside a literal such as
+``'/home/%s/Maildir/'`` is refused at start-up, since the bound login would end
+that literal. ``%%`` is a literal percent
 (as with the old server's sprintf), and so is any other lone ``%``. The query's
 columns are taken by position: ``login, passwd, uid, maildir``. The ``uid`` column
 is the schema's auto-increment row id, not a system uid: it is ignored, and the
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -59,36 +61,111 @@ LOCK_PREFIX = "tpops:"
 #: The columns ``$mysql_auth_query`` must return, by position.
 COLUMNS = ("login", "passwd", "uid", "maildir")
 
-_TOKEN = re.compile(r"""%%|(['"])%s\1|%s|%""")
+_PLACEHOLDER_HINT = (
+    "write the placeholder bare (login = %s) or as a whole literal (login = '%s'), "
+    "and build longer strings with CONCAT('/home/', %s, '/Maildir/')"
+)
+
+
+def _skip_literal(query: str, start: int) -> int:
+    """The index after the SQL literal or quoted identifier opening at ``start``.
+
+    MySQL's rules: ``'...'`` and ``"..."`` end at an unescaped quote, where ``\\x``
+    escapes any character and a doubled quote stands for one; `` `...` `` (an identifier)
+    knows only the doubled backtick. ValueError when it never ends.
+    """
+    quote = query[start]
+    i = start + 1
+    while i < len(query):
+        ch = query[i]
+        if ch == "\\" and quote != "`":
+            i += 2
+        elif ch == quote:
+            if query[i + 1 : i + 2] == quote:
+                i += 2
+            else:
+                return i + 1
+        else:
+            i += 1
+    raise ValueError(f"$mysql_auth_query: unterminated {quote}...{quote} starting at offset {start}")
+
+
+def _comment_end(query: str, start: int) -> int | None:
+    """The index after the comment opening at ``start`` (``#``, ``-- ``, ``/* */``), None if none opens there."""
+    if query[start] == "#" or (query.startswith("--", start)
+                               and (start + 2 == len(query) or query[start + 2] in " \t\r\n\f\v")):
+        end = query.find("\n", start)
+        return len(query) if end < 0 else end + 1
+    if query.startswith("/*", start):
+        end = query.find("*/", start + 2)
+        if end < 0:
+            raise ValueError(f"$mysql_auth_query: unterminated /* comment starting at offset {start}")
+        return end + 2
+    return None
+
+
+def _no_placeholder(text: str, what: str) -> str:
+    """``text`` (a literal, identifier or comment) with every ``%`` doubled for MySQLdb;
+    ValueError when it holds the login placeholder, which would be spliced into it."""
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        if text.startswith("%%", i):
+            out.append("%%")
+            i += 2
+        elif text.startswith("%s", i):
+            raise ValueError(
+                f"$mysql_auth_query: the login placeholder %s is inside {what} {text}, where a "
+                f"login could end it and inject SQL; {_PLACEHOLDER_HINT}"
+            )
+        else:
+            out.append("%%" if text[i] == "%" else text[i])
+            i += 1
+    return "".join(out)
 
 
 def compile_query(query: str) -> str:
     """``$mysql_auth_query`` as a MySQLdb query with one ``%s`` parameter for the login.
 
-    Raises ValueError when the query has no login placeholder, several, or one inside
-    a larger string literal (``'%s@example.org'``: use ``CONCAT(%s, '@example.org')``).
+    The query is tokenized as MySQL reads it: string literals (``'...'``, ``"..."``,
+    with backslash and doubled-quote escapes), quoted identifiers and comments (``#``,
+    ``-- ``, ``/* */``). The login placeholder is ``%s`` outside them, or a literal that
+    is exactly ``'%s'`` / ``"%s"`` (the 2003 form, which becomes a bound parameter). A
+    ``%s`` anywhere inside a literal, identifier or comment (``'/home/%s/Maildir/'``)
+    is refused: bound there, the quoted login would close the literal and the rest of
+    it would run as SQL. ``%%`` and any other ``%`` are literal percents.
+
+    Raises ValueError (for the start-up error) when the query has no login placeholder,
+    several, one inside a literal or comment, or an unterminated literal or comment.
     """
     parts: list[str] = []
     count = 0
-    pos = 0
-    for match in _TOKEN.finditer(query):
-        parts.append(query[pos:match.start()])
-        token = match.group()
-        if token in ("%%", "%"):
+    i = 0
+    while i < len(query):
+        ch = query[i]
+        comment = _comment_end(query, i)
+        if comment is not None:
+            parts.append(_no_placeholder(query[i:comment], "a comment"))
+            i = comment
+        elif ch in "'\"`":
+            end = _skip_literal(query, i)
+            literal = query[i:end]
+            if ch != "`" and literal[1:-1] == "%s":
+                parts.append("%s")  # '%s' as a whole: the bound login takes the literal's place
+                count += 1
+            else:
+                parts.append(_no_placeholder(literal, "an identifier" if ch == "`" else "a string literal"))
+            i = end
+        elif query.startswith("%%", i):
             parts.append("%%")
-        else:
-            count += 1
-            if token == "%s" and (
-                query[match.start() - 1 : match.start()] in ("'", '"', "`")
-                or query[match.end() : match.end() + 1] in ("'", '"', "`")
-            ):
-                raise ValueError(
-                    "$mysql_auth_query: the login placeholder must be a whole string literal "
-                    "('%s') or bare (%s), not part of one; use CONCAT(%s, '...') instead"
-                )
+            i += 2
+        elif query.startswith("%s", i):
             parts.append("%s")
-        pos = match.end()
-    parts.append(query[pos:])
+            count += 1
+            i += 2
+        else:
+            parts.append("%%" if ch == "%" else ch)
+            i += 1
     if count != 1:
         raise ValueError(
             f"$mysql_auth_query must contain the login placeholder %s exactly once (found {count})"
