@@ -21,6 +21,12 @@ Methods the session calls
     :class:`MailboxInUse` (both live in :mod:`tpops.mailbox.lock`, re-exported here).
     The default (:meth:`LockingAuthenticator.lock`) is a kernel file lock in
     ``$passwd_lock_dir``; MySQL overrides it with ``GET_LOCK``.
+    The lock has ``release()`` (idempotent) and ``still_held()``: whether it is still
+    ours right now. The session must call ``still_held()`` just before UPDATE and,
+    when it is False, delete nothing (end the session with ``-ERR [SYS/TEMP]``): a
+    MySQL ``GET_LOCK`` vanishes with its connection (server restart, ``wait_timeout``,
+    KILL) and another session may hold the mailbox by then. A file lock is held until
+    released.
 ``prepare()``
     Load now what the workers will need: read files, import hash handlers. Called once
     in the master, as root, before workers are forked (and again after a reload), so a

@@ -22,7 +22,8 @@ transparently. A dead, hung or firewalled server gives :class:`AuthUnavailable`
 within 5 seconds. The mailbox lock is ``GET_LOCK`` (named after the row's login) on that connection, so every
 tpops host sharing the database sees one lock, and the server drops it when the
 worker (its connection) dies. A lock taken on a connection that is later lost is
-gone with it.
+gone with it, silently: the lock's ``still_held()`` asks the server, on that same
+connection, before the session's UPDATE (``IS_USED_LOCK(name) = CONNECTION_ID()``).
 """
 
 from __future__ import annotations
@@ -217,6 +218,10 @@ class _Lock:
         if not self._released:
             self._released = True
             self._owner._release(self._conn, self._name)
+
+    def still_held(self) -> bool:
+        """Whether the server still gives this lock to our connection (see :meth:`MySQLAuthenticator._still_held`)."""
+        return not self._released and self._owner._still_held(self._conn, self._name)
 
 
 class MySQLAuthenticator(StoredPasswordAuthenticator):
@@ -435,6 +440,31 @@ class MySQLAuthenticator(StoredPasswordAuthenticator):
             raise MailboxInUse(key)
         self._held.add(name)
         return _Lock(self, self._conn, name)
+
+    def _still_held(self, conn: Any, name: str) -> bool:
+        """``IS_USED_LOCK(name) = CONNECTION_ID()`` on ``conn``, the connection that took the lock.
+
+        A GET_LOCK lives exactly as long as its connection: a server restart, a
+        ``wait_timeout`` or a KILL ends both, silently. The check runs on that same
+        connection and never reconnects (a new connection holds nothing); any error,
+        or a connection that is no longer ours, means the lock is gone: UPDATE must not
+        run, another session may already have the mailbox.
+        """
+        if conn is None or conn is not self._current():
+            return False
+        try:
+            rows = self._execute(conn, "SELECT IS_USED_LOCK(%s) = CONNECTION_ID()", (name,))
+        except MySQLdb.Error as e:
+            log.warning("MySQL: the mailbox lock cannot be confirmed (%s); it is lost with its connection",
+                        _describe(e))
+            if _code(e) in CONNECTION_ERRORS:
+                self._drop()
+            return False
+        held = bool(rows and rows[0] and rows[0][0] == 1)
+        if not held:
+            log.warning("MySQL: the mailbox lock %s is no longer held by this connection", name)
+            self._held.discard(name)
+        return held
 
     def _release(self, conn: Any, name: str) -> None:
         """RELEASE_LOCK if ``conn`` is still our live connection; errors ignored (the lock dies with it)."""

@@ -61,9 +61,16 @@ class MailboxInUse(Exception):
 
 
 class MailboxLock(Protocol):
-    """A held mailbox lock; ``release()`` is idempotent. Process death releases it too."""
+    """A held mailbox lock; ``release()`` is idempotent. Process death releases it too.
+
+    ``still_held()`` says whether the lock is still ours right now: a flock cannot be
+    lost while its descriptor is open, but a MySQL ``GET_LOCK`` ends silently with its
+    connection. The session asks it before UPDATE and deletes nothing when it is False.
+    """
 
     def release(self) -> None: ...
+
+    def still_held(self) -> bool: ...
 
 
 class FileMailboxLock:
@@ -83,6 +90,10 @@ class FileMailboxLock:
     def held(self) -> bool:
         """True until :meth:`release` is called."""
         return self._fd >= 0
+
+    def still_held(self) -> bool:
+        """True until :meth:`release`: the kernel keeps a flock as long as its descriptor is open."""
+        return self.held
 
     def release(self) -> None:
         """Give up the lock. Safe to call more than once.
