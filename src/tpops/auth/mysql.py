@@ -29,6 +29,7 @@ connection, before the session's UPDATE (``IS_USED_LOCK(name) = CONNECTION_ID()`
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,34 @@ COLLATION_ERRORS = frozenset({1267, 1270, 1271})
 LOCK_PREFIX = "tpops:"
 #: The columns ``$mysql_auth_query`` must return, by position.
 COLUMNS = ("login", "passwd", "uid", "maildir")
+
+#: What MySQLdb imports only at its first connect, query or warning (and what those import:
+#: decimal, datetime, array, warnings). Imported in the master by :func:`preload_driver`:
+#: a worker that dropped to ``--user`` may be unable to read the interpreter's files.
+DRIVER_MODULES = (
+    "MySQLdb.connections",
+    "MySQLdb.cursors",
+    "MySQLdb.converters",
+    "MySQLdb.times",
+    "MySQLdb._exceptions",
+    "MySQLdb.constants.CLIENT",
+    "MySQLdb.constants.CR",
+    "MySQLdb.constants.ER",
+    "MySQLdb.constants.FIELD_TYPE",
+    "MySQLdb.constants.FLAG",
+    "array",
+    "datetime",
+    "decimal",
+    "warnings",
+)
+
+
+def preload_driver() -> None:
+    """Import everything the driver would import lazily after the privilege drop (issue:
+    ``No module named 'decimal'`` at every login under a 0700 pyenv home)."""
+    for name in DRIVER_MODULES:
+        importlib.import_module(name)
+
 
 _PLACEHOLDER_HINT = (
     "write the placeholder bare (login = %s) or as a whole literal (login = '%s'), "
@@ -340,8 +369,10 @@ class MySQLAuthenticator(StoredPasswordAuthenticator):
             raise AuthUnavailable(f"MySQL: query failed on {self._where}: {_describe(e)}") from e
 
     def prepare(self) -> None:
-        """Hash handlers imported before workers fork; no connection (it would be shared)."""
+        """Hash handlers and the driver's lazily imported modules loaded before workers fork
+        (and before they drop privileges); no connection (it would be shared)."""
         hashes.preload()
+        preload_driver()
 
     def check(self) -> None:
         """Run ``$mysql_auth_query`` once (in the pre-flight worker, as the worker's identity).
