@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import IS_ROOT, MAIL_GID, MAIL_UID, TPOPS, MailEnv, RawClient, Server, root_only, wait_for
+from tests.conftest import (
+    IS_ROOT,
+    MAIL_GID,
+    MAIL_UID,
+    TPOPS,
+    MailEnv,
+    RawClient,
+    Server,
+    root_only,
+    wait_for,
+)
 from tpops.config import Config
 from tpops.mailbox.lock import (
     DEFAULT_LOCK_PARENT,
@@ -136,7 +146,7 @@ def test_symlinked_lock_dir_stops_start_up_and_root_chowns_nothing(mail_env: Mai
     _as_nobody(f"ln -s {target} {lock_dir}")
     mail_env.write_conf(passwd_lock_dir=repr(str(lock_dir)))
     out = subprocess.run([TPOPS, "--fg", "-f", str(mail_env.conf), "--port", "0", "--bind", "127.0.0.1",
-                          "--user", "nobody"], capture_output=True, text=True, timeout=30)
+                          "--user", "nobody"], capture_output=True, text=True, timeout=30, check=False)
     assert out.returncode == 1
     assert (f"tpops: cannot start: workers cannot start: $passwd_lock_dir {lock_dir}: "
             "refused: it is a symbolic link") in out.stderr

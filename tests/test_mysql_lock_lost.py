@@ -49,7 +49,7 @@ def test_killed_connection_loses_the_lock_and_still_held_says_so(db: tuple[maria
         with pytest.raises(MailboxInUse):
             other.lock(user)
         # mid-session, the server drops the worker's connection (restart, wait_timeout, KILL)
-        admin.cursor().execute(f"KILL {worker._conn.thread_id()}")  # noqa: SLF001 - the connection under test
+        admin.cursor().execute(f"KILL {worker._conn.thread_id()}")
         taken = None
         for _ in range(100):  # the server frees the lock as it processes the kill
             try:

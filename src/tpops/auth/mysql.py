@@ -37,7 +37,13 @@ from typing import TYPE_CHECKING, Any
 import MySQLdb
 
 from tpops.auth import hashes
-from tpops.auth.base import AuthUnavailable, MailboxInUse, MailboxLock, MailUser, lock_key
+from tpops.auth.base import (
+    AuthUnavailable,
+    MailboxInUse,
+    MailboxLock,
+    MailUser,
+    lock_key,
+)
 from tpops.auth.stored import StoredEntry, StoredPasswordAuthenticator
 from tpops.logs import escape, get
 

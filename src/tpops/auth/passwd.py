@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tpops.auth import hashes
-from tpops.auth.base import AuthUnavailable, LockingAuthenticator, MailUser, apply_default_domain, file_key
+from tpops.auth.base import (
+    AuthUnavailable,
+    LockingAuthenticator,
+    MailUser,
+    apply_default_domain,
+    file_key,
+)
 from tpops.logs import escape, get
 
 if TYPE_CHECKING:
