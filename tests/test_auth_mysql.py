@@ -215,7 +215,7 @@ def test_broken_query_or_credentials_are_unavailable(new_db: tuple[mariadb.Serve
     assert time.monotonic() - start < 5
 
 
-def test_get_lock_is_one_per_maildir(new_db: tuple[mariadb.Server, str]) -> None:
+def test_get_lock_is_one_per_login(new_db: tuple[mariadb.Server, str]) -> None:
     srv, db = new_db
     one, two = MySQLAuthenticator(config(srv, db)), MySQLAuthenticator(config(srv, db))
     try:
@@ -223,10 +223,10 @@ def test_get_lock_is_one_per_maildir(new_db: tuple[mariadb.Server, str]) -> None
         assert user is not None
         held = one.lock(user)
         with pytest.raises(MailboxInUse):
-            two.lock(MailUser("other", user.maildir + "/"))  # same Maildir, other spelling
+            two.lock(MailUser(user.login, "/srv/mail/elsewhere"))  # keyed on the login, not the path
         with pytest.raises(MailboxInUse):
             one.lock(user)  # not re-entrant within one worker either
-        two.lock(MailUser("x", "/srv/mail/elsewhere")).release()
+        two.lock(MailUser("x", user.maildir)).release()  # another login pointing at the same Maildir
         held.release()
         held.release()
         again = two.lock(user)

@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import TextIO
 
+from tpops.auth.passwd import is_bdb
 from tpops.config import DEFAULT_PATH, ConfigError, load_config
 
 FILE_MODE = 0o600
@@ -64,13 +65,6 @@ def read_secret(stdin: TextIO | None = None) -> str:
     if any(c in secret for c in "\r\n\0"):
         raise Failure("the secret may not contain line breaks or NUL")
     return secret
-
-
-def _is_bdb(head: bytes) -> bool:
-    """Whether a file starts like a Berkeley DB hash/btree (the 2003 format)."""
-    return len(head) >= 16 and any(
-        int.from_bytes(head[12:16], order) in (0x061561, 0x053162) for order in ("little", "big")
-    )
 
 
 def updated_lines(lines: list[str], login: str, secret: str | None) -> tuple[list[str], bool]:
@@ -130,7 +124,7 @@ def run(path: str, login: str, delete: bool, stdin: TextIO | None = None) -> str
             raise Failure(f"{path} does not exist") from None
     except OSError as e:
         raise Failure(f"cannot read {path}: {e.strerror or e}") from e
-    if _is_bdb(data[:16]):
+    if is_bdb(data[:16]):
         raise Failure(f"{path} is a Berkeley DB file; convert it to login:secret text first "
                       f"(db5.3_dump -p {path})")
     lines = data.decode("utf-8", "surrogateescape").splitlines(keepends=True)

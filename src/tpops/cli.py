@@ -195,12 +195,11 @@ def run_standalone(config: Config, options: argparse.Namespace) -> int:
 
 
 def prepare_workers(config: Config) -> None:
-    """The lock directory, then a throw-away worker boot: raises ValueError if workers
+    """A throw-away worker boot (lock directory included): raises ValueError if workers
     could not start, so the error is reported before detaching (or before a reload is
     accepted) rather than by a master that gives up after forking."""
     from tpops.worker import preflight
 
-    prepare_lock_dir(config)
     reason = preflight(config)
     if reason is not None:
         raise ValueError(f"workers cannot start: {reason}")
@@ -210,17 +209,6 @@ def _stderr_to(log_files: logs.LogSetup) -> None:
     """A daemon's stderr (uncaught tracebacks) is ``$error_log``, the file now at that path."""
     if log_files.error_log is not None:
         os.dup2(log_files.error_log.fd, 2)
-
-
-def prepare_lock_dir(config: Config) -> None:
-    """Create ``$passwd_lock_dir`` (0700); with ``--user`` it belongs to that user."""
-    from tpops.privileges import lookup_identity
-
-    path = config.passwd_lock_dir
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    if os.geteuid() == 0 and config.user is not None:
-        identity = lookup_identity(config.user, config.group)
-        os.chown(path, identity.uid, identity.gid)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -40,6 +40,7 @@ from tpops.config_syntax import (
     quote,
     read_statements,
 )
+from tpops.mailbox.lock import default_lock_dir
 
 __all__ = [
     "AUTH_TYPES",
@@ -141,7 +142,8 @@ class Config:
     auth_type: str = _p("Passwd", "authentication type: 'Passwd', 'MySQL' or 'File'")
     default_domain: str | None = _p(
         None, "domain tried as user@domain when a login has no '@', '%' or '+'")
-    passwd_lock_dir: str = _p("/var/tmp/tpops", "directory holding the mailbox lock files")
+    passwd_lock_dir: str = field(default_factory=default_lock_dir, metadata={
+        "doc": "directory holding the mailbox lock files (default /run/tpops/locks as root)"})
     apop_passwd_file: str | None = _p(None, "APOP password database (login -> plain password)")
     auth_file: str | None = _p(None, "user file for auth_type 'File'")
     # --- MySQL (auth_type 'MySQL')

@@ -16,8 +16,9 @@ marks its progress in its slot of that table: each read and write on the client'
 connection, each second of a pause. The master's watchdog reads it.
 
 Before its first accept a worker boots (:func:`boot`): backend built and modules
-imported while still root, then ``--user`` applied for good, then the lock directory
-checked as the identity that will use it. The master runs the same boot once in a
+imported while still root, the lock directory prepared (created, handed to
+``--user``) by :func:`tpops.mailbox.lock.prepare_lock_dir`, then ``--user`` applied for
+good, then the lock directory checked as the identity that will use it. The master runs the same boot once in a
 throw-away child (:func:`preflight`) before detaching and before accepting a reload.
 """
 
@@ -40,7 +41,7 @@ from tpops.auth import make_authenticator
 from tpops.auth.base import Authenticator, LockingAuthenticator
 from tpops.config import Config
 from tpops.limits import ClientLimits, SharedLimits
-from tpops.mailbox.lock import ensure_lock_dir
+from tpops.mailbox.lock import check_lock_dir, prepare_lock_dir
 from tpops.privileges import SessionPrivileges, become, lookup_identity
 from tpops.protocol import Transport, drain
 from tpops.session import Session, make_timestamp
@@ -265,8 +266,11 @@ def boot(config: Config, authenticator: Authenticator | None = None) -> tuple[Se
     if authenticator is None:
         authenticator = prepared_authenticator(config)
     try:
+        locking = isinstance(authenticator, LockingAuthenticator)
+        if locking:  # as root: created and handed to --user, or refused
+            prepare_lock_dir(config.passwd_lock_dir, lock_dir_owner(config))
         privileges = boot_privileges(config)
-        if isinstance(authenticator, LockingAuthenticator):
+        if locking:  # as the identity that will lock
             check_lock_dir(config.passwd_lock_dir)
     except BaseException:
         authenticator.close()
@@ -291,18 +295,6 @@ def warm_up(config: Config) -> Authenticator | None:
         return None
 
 
-def check_lock_dir(path: str) -> None:
-    """Refuse to start when ``$passwd_lock_dir`` cannot be used as this process's identity
-    (the rules of :func:`tpops.mailbox.lock.ensure_lock_dir`): otherwise every login would
-    fail later with ``-ERR [SYS/TEMP]``."""
-    try:
-        ensure_lock_dir(path)
-    except OSError as exc:
-        raise ValueError(
-            f"$passwd_lock_dir {path} is not usable as uid {os.geteuid()}: {exc.strerror or exc}"
-        ) from None
-
-
 def preflight(config: Config) -> str | None:
     """Boot a throw-away worker in a child process: None if it could, else the reason.
 
@@ -316,6 +308,7 @@ def preflight(config: Config) -> str | None:
         try:
             os.close(read_fd)
             _, authenticator = boot(config)
+            authenticator.check()  # one real backend round trip as the worker's identity
             authenticator.close()
             status = 0
         except BaseException as exc:
@@ -336,6 +329,14 @@ def preflight(config: Config) -> str | None:
     if os.waitstatus_to_exitcode(status) == 0:
         return None
     return b"".join(chunks).decode("utf-8", "replace") or f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+def lock_dir_owner(config: Config) -> tuple[int, int] | None:
+    """Who will lock in ``$passwd_lock_dir``: the ``--user`` a root worker drops to, else None (this process)."""
+    if os.geteuid() != 0 or config.user is None:
+        return None
+    identity = lookup_identity(config.user, config.group)
+    return identity.uid, identity.gid
 
 
 def boot_privileges(config: Config) -> SessionPrivileges:

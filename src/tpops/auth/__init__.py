@@ -43,16 +43,16 @@ def make_authenticator(config: Config) -> Authenticator:
     hint when MySQL is chosen without ``mysqlclient``. Nothing is connected or read
     here: backends open their files/connections at first use (in the worker).
     """
-    kind = (config.auth_type or "Passwd").strip().lower()
-    if kind == "passwd":
+    kind = config.auth_type  # exactly as config.py validates it: 'Passwd', 'File', 'MySQL'
+    if kind == "Passwd":
         from tpops.auth.passwd import PasswdAuthenticator
 
         return PasswdAuthenticator(config)
-    if kind == "file":
+    if kind == "File":
         from tpops.auth.file import FileAuthenticator
 
         return FileAuthenticator(config)
-    if kind == "mysql":
+    if kind == "MySQL":
         try:
             from tpops.auth.mysql import MySQLAuthenticator
         except ImportError as e:

@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tpops.auth import hashes
-from tpops.auth.base import AuthUnavailable, LockingAuthenticator, MailUser, apply_default_domain
+from tpops.auth.base import (
+    AuthUnavailable,
+    LockingAuthenticator,
+    MailUser,
+    apply_default_domain,
+    file_key,
+)
 from tpops.logs import escape, get
 
 if TYPE_CHECKING:
@@ -105,7 +111,7 @@ def _read_shadow(login: str, path: str) -> list[str] | None:
     return None
 
 
-def _is_bdb(head: bytes) -> bool:
+def is_bdb(head: bytes) -> bool:
     """Whether a file's first bytes are a Berkeley DB hash/btree (either byte order)."""
     if len(head) < 16:
         return False
@@ -173,7 +179,7 @@ def read_secrets(path: str) -> dict[str, str]:
             data = f.read()
     except OSError as e:
         raise AuthUnavailable(f"Passwd: cannot read APOP file {path}: {e.strerror or e}") from e
-    if _is_bdb(data[:16]):
+    if is_bdb(data[:16]):
         return _read_bdb(path)
     return parse_secrets_text(data.decode("utf-8", "surrogateescape"), path)
 
@@ -260,7 +266,7 @@ class PasswdAuthenticator(LockingAuthenticator):
             st = os.stat(self._apop_path)
         except OSError as e:
             raise AuthUnavailable(f"Passwd: cannot read APOP file {self._apop_path}: {e.strerror or e}") from e
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        key = file_key(st)
         if self._secrets is None or self._secrets.key != key:
             self._secrets = _Secrets(key, read_secrets(self._apop_path))
         return self._secrets.secrets
