@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import mariadb
-from tests.conftest import TPOPS, MailEnv
+from tests.support import mariadb
+from tests.support.server import TPOPS, MailEnv
 from tpops.auth.mysql import MySQLAuthenticator
 from tpops.config import Config
 

@@ -9,7 +9,8 @@ import time
 import pytest
 from passlib.hash import argon2, bcrypt, ldap_salted_sha1, sha512_crypt
 
-from tests.conftest import MailEnv, RawClient, Server
+from tests.support.client import RawClient
+from tests.support.server import MailEnv, Server
 from tpops.auth import hashes
 
 TRIES = 50

@@ -11,17 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    IS_ROOT,
-    MAIL_GID,
-    MAIL_UID,
-    TPOPS,
-    MailEnv,
-    RawClient,
-    Server,
-    root_only,
-    wait_for,
-)
+from tests.support.client import RawClient
+from tests.support.marks import root_only
+from tests.support.procs import wait_for
+from tests.support.server import IS_ROOT, MAIL_GID, MAIL_UID, TPOPS, MailEnv, Server
 from tpops.config import Config
 from tpops.mailbox.lock import (
     DEFAULT_LOCK_PARENT,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from tests.conftest import MailEnv, RawClient, Server, make_message
+from tests.support.client import RawClient
+from tests.support.server import MailEnv, Server, make_message
 
 
 def test_symlinked_maildir_cannot_take_anothers_lock(mail_env: MailEnv) -> None:

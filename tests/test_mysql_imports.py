@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import mariadb
+from tests.support import mariadb
 
 NEW_SQL = Path(__file__).resolve().parents[1] / "tpops_auth-mysql.sql"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import mariadb
+from tests.support import mariadb
 from tpops.auth.base import MailboxInUse
 from tpops.auth.mysql import MySQLAuthenticator
 from tpops.config import Config

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import TPOPS, MailEnv
+from tests.support.server import TPOPS, MailEnv
 from tpops.auth.mysql import compile_query
 
 TPOPS_ORIGINAL = "select login,passwd,uid,maildir from user where login='%s'"
