@@ -207,6 +207,21 @@ class FileAuthenticator(StoredPasswordAuthenticator, LockingAuthenticator):
         except AuthUnavailable as e:  # the first login reports it again
             log.error("%s", e)
 
+    def check(self) -> None:
+        """The passwd-file is readable by the identity that will re-read it (issue 8 item 6).
+
+        Run in the pre-flight worker after ``--user`` was applied: a root-only file would
+        pass a root master's ``prepare()`` and then fail every login once it changes.
+        """
+        super().check()
+        try:
+            os.close(os.open(self._path, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as e:
+            raise ValueError(
+                f"$auth_file {self._path} cannot be read as uid {os.geteuid()} (the workers' identity): "
+                f"{e.strerror or e}; make it readable by that user or group"
+            ) from None
+
     @property
     def supports_apop(self) -> bool:
         """True when some entry has a clear-text (``{PLAIN}``) password; False when the file

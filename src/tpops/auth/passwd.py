@@ -205,6 +205,27 @@ class PasswdAuthenticator(LockingAuthenticator):
             except AuthUnavailable as e:  # the first APOP login reports it again
                 log.error("%s", e)
 
+    def check(self) -> None:
+        """The shadow file and the APOP file are readable by the workers' identity.
+
+        Run in the pre-flight worker after ``--user`` was applied: without this, a
+        ``--user`` (or an ordinary invoker) that cannot read ``/etc/shadow`` would start
+        and then answer every login ``[SYS/TEMP]`` (issue 8 item 6).
+        """
+        super().check()
+        paths = [(self._shadow_path, "the shadow file")] if os.path.exists(self._shadow_path) else []
+        if self._apop_path is not None:
+            paths.append((self._apop_path, "$apop_passwd_file"))
+        for path, what in paths:
+            try:
+                os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as e:
+                raise ValueError(
+                    f"$auth_type 'Passwd' needs to read {what} {path}, which uid {os.geteuid()} "
+                    f"(the workers' identity) cannot: {e.strerror or e}; run as root without --user, "
+                    f"or use the File or MySQL authenticator"
+                ) from None
+
     @property
     def supports_apop(self) -> bool:
         """True when ``$apop_passwd_file`` is set."""
