@@ -28,6 +28,9 @@ import pytest
 
 from tests import mariadb
 from tests.conftest import (
+    IS_ROOT,
+    MAIL_GID,
+    MAIL_UID,
     POOL_ARGS,
     MailEnv,
     RawClient,
@@ -144,7 +147,8 @@ def test_kill9_during_update_of_5000_deletions(mail_env: MailEnv, pool: Server) 
         mail_env.deliver("cid", f"Subject: {i}\n\nbody {i}\n".encode(), folder="cur")
     quota = maildir / "maildirsize"
     quota.write_bytes(b"0S\n0 0\n")
-    mail_env.chown(quota)
+    if IS_ROOT:
+        os.chown(quota, MAIL_UID, MAIL_GID)
     before = contents(mail_env, "cid")
     c = RawClient(pool.port, timeout=60)
     assert c.login("cid").startswith(f"+OK Logged in, {total} messages".encode())
