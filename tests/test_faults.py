@@ -26,21 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from tests import mariadb
-from tests.conftest import (
-    IS_ROOT,
-    MAIL_GID,
-    MAIL_UID,
-    POOL_ARGS,
-    MailEnv,
-    RawClient,
-    Server,
-    gone,
-    make_message,
-    root_only,
-    wait_for,
-    worker_serving,
-)
+from tests.support import mariadb
+from tests.support.client import RawClient
+from tests.support.marks import root_only
+from tests.support.procs import gone, wait_for, worker_serving
+from tests.support.server import IS_ROOT, MAIL_GID, MAIL_UID, POOL_ARGS, MailEnv, Server, make_message
 
 REPO = Path(__file__).resolve().parents[1]
 NEW_SQL = REPO / "tpops_auth-mysql.sql"
@@ -456,8 +446,8 @@ def test_mysql_unreachable_then_back(mail_env: MailEnv) -> None:
                             mysql_user=repr(db_server.user),
                             mysql_pass=repr(db_server.password) if db_server.password else "nil",
                             mysql_db=repr(db), min_servers="1", max_servers="2")
-        # Without --user: with it, an interpreter under a 0700 home cannot import what
-        # MySQLdb imports lazily at its first connect (issue 8 item 20, fixed elsewhere).
+        # Root mode, sessions served as the Maildir owner. What --user needs of the driver
+        # (its lazy imports done before the drop, issue 8 item 20) is tests/test_mysql_imports.py.
         srv = Server(mail_env).start()
         assert srv.proc is not None
         master = srv.proc.pid
