@@ -391,3 +391,15 @@ def test_config_file_syntax_for_tls() -> None:
         "t.conf:3: $disable_plaintext_auth: expected true, false or nil, got the string 'yes'",
         "t.conf:4: $tls_ciphers: must not be empty (use nil to leave it unset)",
     ]
+
+
+def test_text_around_the_pem_blocks_is_accepted(rsa_certs: CertFiles, tmp_path: Path) -> None:
+    """As OpenSSL does: 'openssl pkcs12' and 'x509 -text' put headers before the blocks."""
+    annotated = tmp_path / "annotated.crt"
+    annotated.write_bytes(b"Bag Attributes\nsubject=CN = localhost\n"
+                          + rsa_certs.cert_file.read_bytes() + b"\n# end\n")
+    server = tls.load_server_tls(str(annotated), str(rsa_certs.key_file))
+    client, result = handshake(server, rsa_certs.client_context())
+    with client:
+        assert client.getpeercert(binary_form=True) == rsa_certs.leaf_der
+    result["thread"].join(10)  # type: ignore[attr-defined]
