@@ -73,7 +73,9 @@ def test_literal_reads_back(value: config_syntax.Value) -> None:
 
 
 def test_kinds_are_an_enum_naming_what_they_accept() -> None:
-    assert [k.name for k in Kind] == ["INT", "BOOL", "STR", "OPT_STR", "FACILITY"]
+    assert [k.name for k in Kind] == ["INT", "BOOL", "STR", "OPT_STR", "OPT_INT", "OPT_BOOL", "FACILITY"]
+    assert Kind.OPT_INT.accepts(None) and Kind.OPT_INT.accepts(995) and not Kind.OPT_INT.accepts(True)
+    assert Kind.OPT_BOOL.accepts(None) and Kind.OPT_BOOL.accepts(False) and not Kind.OPT_BOOL.accepts(0)
     assert Kind.INT.accepts(5) and not Kind.INT.accepts(True) and not Kind.INT.accepts("5")
     assert Kind.BOOL.accepts(False) and not Kind.BOOL.accepts(0)
     assert Kind.STR.accepts("") and not Kind.STR.accepts(None)

@@ -41,6 +41,7 @@ from tpops.config_syntax import (
     read_statements,
 )
 from tpops.mailbox.lock import default_lock_dir
+from tpops.tls import TLSConfigError, parse_min_version
 
 __all__ = [
     "AUTH_TYPES",
@@ -99,7 +100,7 @@ class Config:
     """The effective tpops configuration; field names are the file's ``$names``.
 
     Field order is the order :func:`format_effective` prints: server and
-    process settings, logging, worker limits, mailbox, authentication, MySQL.
+    process settings, TLS, logging, worker limits, mailbox, authentication, MySQL.
     """
 
     # --- server
@@ -114,6 +115,16 @@ class Config:
     pid_file: str | None = _p(None, "file to write the server's process id to")
     connection_keep_time: int = _p(3600, "maximum seconds a connection may last")
     command_timeout: int = _p(600, "maximum seconds to wait for the next command")
+    # --- TLS (on when $tls_cert_file is set)
+    tls_cert_file: str | None = _p(
+        None, "PEM server certificate, optionally followed by its chain (nil = no TLS)")
+    tls_key_file: str | None = _p(None, "PEM private key of $tls_cert_file (unencrypted)")
+    tls_port: int | None = _p(995, "implicit-TLS port on $bind_address (nil = none; STLS only)")
+    tls_min_version: str = _p("TLSv1.2", "oldest TLS version accepted: 'TLSv1.2' or 'TLSv1.3'")
+    tls_ciphers: str | None = _p(
+        None, "OpenSSL cipher list for TLS 1.2 (nil = OpenSSL's secure default)")
+    disable_plaintext_auth: bool | None = _p(
+        None, "refuse passwords in clear off TLS and loopback (nil = true when TLS is on)")
     # --- logging
     access_log: str | None = _p(None, "file logging one line per finished session")
     error_log: str | None = _p(None, "file for error messages")
@@ -163,6 +174,13 @@ class Config:
             return []
         return [a for a in re.split(r"[\s,]+", self.bind_address) if a]
 
+    def plaintext_auth_disabled(self) -> bool:
+        """The effective :attr:`disable_plaintext_auth`: when unset (``nil``), true exactly
+        when a certificate is configured (TPOPS compatibility without TLS)."""
+        if self.disable_plaintext_auth is None:
+            return self.tls_cert_file is not None
+        return self.disable_plaintext_auth
+
     def validate(self) -> None:
         """Raise :class:`ConfigError` listing every problem :func:`check_config` finds."""
         errors = check_config(self)
@@ -179,6 +197,8 @@ class Kind(enum.Enum):
     BOOL = "true or false"
     STR = "a string"
     OPT_STR = "a string or nil"
+    OPT_INT = "an integer or nil"
+    OPT_BOOL = "true, false or nil"
     FACILITY = "a syslog facility (Syslog::LOG_MAIL, ...) or nil"
 
     def accepts(self, value: object) -> bool:
@@ -192,6 +212,8 @@ class Kind(enum.Enum):
             return isinstance(value, str)
         if self is Kind.OPT_STR:
             return value is None or isinstance(value, str)
+        if self is Kind.OPT_BOOL:
+            return value is None or isinstance(value, bool)
         return value is None or is_int
 
 
@@ -212,6 +234,10 @@ def _kind_of(name: str) -> Kind:
         return Kind.STR
     if hint == (str | None):
         return Kind.OPT_STR
+    if hint == (int | None):
+        return Kind.OPT_INT
+    if hint == (bool | None):
+        return Kind.OPT_BOOL
     raise TypeError(f"config field {name}: unsupported type {hint!r}")  # pragma: no cover
 
 
@@ -246,9 +272,9 @@ def _type_error(name: str, kind: Kind, value: object) -> str | None:
     hint = ""
     if name in ("user", "group") and is_int:
         hint = f" (write a numeric id as a string: '{value}')"
-    elif kind is Kind.BOOL and isinstance(value, str) and value.lower() in ("true", "false"):
+    elif kind in (Kind.BOOL, Kind.OPT_BOOL) and isinstance(value, str) and value.lower() in ("true", "false"):
         hint = f" (write {value.lower()} without quotes)"
-    elif kind is Kind.INT and isinstance(value, str) and re.fullmatch(r" *[0-9]+ *", value):
+    elif kind in (Kind.INT, Kind.OPT_INT) and isinstance(value, str) and re.fullmatch(r" *[0-9]+ *", value):
         hint = f" (write {value.strip()} without quotes)"
     return f"${name}: expected {kind.value}, got {_describe(value)}{hint}"
 
@@ -258,7 +284,7 @@ _SURROGATES = re.compile(r"[\ud800-\udfff]")
 # Optional strings that would be meaningless when empty (use nil instead).
 _NONEMPTY_OPTIONAL = ("bind_address", "user", "group", "pid_file", "access_log",
                       "error_log", "default_domain", "apop_passwd_file", "auth_file",
-                      "mysql_socket")
+                      "mysql_socket", "tls_cert_file", "tls_key_file", "tls_ciphers")
 _NONEMPTY = ("hostname", "passwd_lock_dir", "mysql_auth_query")
 
 
@@ -304,6 +330,8 @@ def _checks(config: Config, *, complete: bool = True) -> list[tuple[tuple[str, .
 
     in_range("port", 0, 65535)
     in_range("mysql_port", 1, 65535)
+    if ok("tls_port") and config.tls_port is not None:
+        in_range("tls_port", 0, 65535)
     at_least("connection_keep_time", 1)
     at_least("command_timeout", 1)
     at_least("error_interval", 0)
@@ -337,6 +365,21 @@ def _checks(config: Config, *, complete: bool = True) -> list[tuple[tuple[str, .
                          f"got {quote(config.auth_type)}{hint}")
     if ok("auth_type", "auth_file") and config.auth_type == "File" and config.auth_file is None:
         bad(("auth_type", "auth_file"), "$auth_type 'File' requires $auth_file")
+
+    if ok("tls_cert_file", "tls_key_file") and \
+            (config.tls_cert_file is None) != (config.tls_key_file is None):
+        given, missing = (("tls_cert_file", "tls_key_file") if config.tls_key_file is None
+                          else ("tls_key_file", "tls_cert_file"))
+        bad(("tls_cert_file", "tls_key_file"), f"${given} requires ${missing}")
+    if ok("tls_min_version"):
+        try:
+            parse_min_version(config.tls_min_version)
+        except TLSConfigError as e:
+            bad("tls_min_version", str(e))
+    if ok("tls_cert_file", "tls_port", "port") and config.tls_cert_file is not None \
+            and config.tls_port is not None and config.tls_port == config.port != 0:
+        bad(("port", "tls_port"), f"$tls_port and $port are both {config.port}; "
+                                  f"use another $tls_port (or nil for STLS only)")
 
     if ok("bind_address") and config.bind_address and not config.bind_addresses():
         bad("bind_address", "$bind_address: no address given (use nil for all addresses)")
@@ -495,7 +538,7 @@ def _format_value(name: str, value: object) -> str:
 def format_effective(config: Config) -> str:
     """Every parameter as a ``$name = value`` line, in the file's own syntax.
 
-    Lines follow the :class:`Config` field order (server, logging, workers,
+    Lines follow the :class:`Config` field order (server, TLS, logging, workers,
     mailbox, authentication, MySQL) and end with a newline.  A set
     ``$mysql_pass`` is shown as ``'********'``.  The text parses back with
     :func:`parse_config` to the same configuration (apart from the mask).
