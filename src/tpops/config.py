@@ -40,7 +40,8 @@ from tpops.config_syntax import (
     quote,
     read_statements,
 )
-from tpops.mailbox.lock import default_lock_dir
+from tpops.mailbox.lock import MAILBOX_LOCKS, default_lock_dir
+from tpops.proxy import TrustedNetworks
 
 __all__ = [
     "AUTH_TYPES",
@@ -114,6 +115,9 @@ class Config:
     pid_file: str | None = _p(None, "file to write the server's process id to")
     connection_keep_time: int = _p(3600, "maximum seconds a connection may last")
     command_timeout: int = _p(600, "maximum seconds to wait for the next command")
+    haproxy_trusted_networks: str | None = _p(
+        None, "load balancers (addresses/CIDRs, by spaces or commas) whose connections start "
+              "with a PROXY v1/v2 header naming the client (nil = none)")
     # --- logging
     access_log: str | None = _p(None, "file logging one line per finished session")
     error_log: str | None = _p(None, "file for error messages")
@@ -144,6 +148,9 @@ class Config:
         None, "domain tried as user@domain when a login has no '@', '%' or '+'")
     passwd_lock_dir: str = field(default_factory=default_lock_dir, metadata={
         "doc": "directory holding the mailbox lock files (default /run/tpops/locks as root)"})
+    mailbox_lock: str | None = _p(
+        None, "one-session lock: 'local' (flock in $passwd_lock_dir), 'maildir' (OFD lock file in "
+              "the Maildir, for shared storage) or 'mysql' (GET_LOCK); nil = 'mysql' for MySQL, else 'local'")
     apop_passwd_file: str | None = _p(None, "APOP password database (login -> plain password)")
     auth_file: str | None = _p(None, "user file for auth_type 'File'")
     # --- MySQL (auth_type 'MySQL')
@@ -258,7 +265,7 @@ _SURROGATES = re.compile(r"[\ud800-\udfff]")
 # Optional strings that would be meaningless when empty (use nil instead).
 _NONEMPTY_OPTIONAL = ("bind_address", "user", "group", "pid_file", "access_log",
                       "error_log", "default_domain", "apop_passwd_file", "auth_file",
-                      "mysql_socket")
+                      "mysql_socket", "haproxy_trusted_networks", "mailbox_lock")
 _NONEMPTY = ("hostname", "passwd_lock_dir", "mysql_auth_query")
 
 
@@ -338,6 +345,15 @@ def _checks(config: Config, *, complete: bool = True) -> list[tuple[tuple[str, .
     if ok("auth_type", "auth_file") and config.auth_type == "File" and config.auth_file is None:
         bad(("auth_type", "auth_file"), "$auth_type 'File' requires $auth_file")
 
+    if ok("mailbox_lock") and config.mailbox_lock is not None and config.mailbox_lock not in MAILBOX_LOCKS:
+        bad("mailbox_lock", f"$mailbox_lock must be one of {', '.join(repr(k) for k in MAILBOX_LOCKS)} "
+                            f"or nil, got {quote(config.mailbox_lock)}")
+    if ok("haproxy_trusted_networks") and config.haproxy_trusted_networks:
+        try:
+            if not TrustedNetworks.parse(config.haproxy_trusted_networks):
+                bad("haproxy_trusted_networks", "$haproxy_trusted_networks: no network given (use nil for none)")
+        except ValueError as exc:
+            bad("haproxy_trusted_networks", str(exc))
     if ok("bind_address") and config.bind_address and not config.bind_addresses():
         bad("bind_address", "$bind_address: no address given (use nil for all addresses)")
     if ok("auth_type", "mysql_auth_query") and config.auth_type == "MySQL" \

@@ -19,8 +19,9 @@ Methods the session calls
 ``lock(user)``
     Take the one-session-per-mailbox lock; return a :class:`MailboxLock` or raise
     :class:`MailboxInUse` (both live in :mod:`tpops.mailbox.lock`, re-exported here).
-    The default (:meth:`LockingAuthenticator.lock`) is a kernel file lock in
-    ``$passwd_lock_dir``; MySQL overrides it with ``GET_LOCK``.
+    ``$mailbox_lock`` chooses it: a kernel file lock in ``$passwd_lock_dir``
+    (``'local'``, the default for File/Passwd), an OFD lock in the Maildir
+    (``'maildir'``), or ``GET_LOCK`` (``'mysql'``, the default for MySQL).
     The lock has ``release()`` (idempotent) and ``still_held()``: whether it is still
     ours right now. The session must call ``still_held()`` just before UPDATE and,
     when it is False, delete nothing (end the session with ``-ERR [SYS/TEMP]``): a
@@ -60,10 +61,20 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tpops.auth import hashes
-from tpops.mailbox.lock import MailboxInUse, MailboxLock, acquire
+from tpops.mailbox.lock import (
+    MailboxInUse,
+    MailboxLock,
+    acquire,
+    acquire_in_maildir,
+    lock_kind,
+)
+
+if TYPE_CHECKING:
+    from tpops.auth.mysql import MySQLConnection
+    from tpops.config import Config
 
 __all__ = [
     "AuthUnavailable",
@@ -75,6 +86,7 @@ __all__ = [
     "apply_default_domain",
     "file_key",
     "lock_key",
+    "lock_on_host",
 ]
 
 
@@ -149,30 +161,66 @@ def lock_key(user: MailUser) -> str:
     return user.login
 
 
-class LockingAuthenticator:
-    """Base for backends whose mailbox lock is the default kernel file lock (File, Passwd).
+def lock_on_host(kind: str, user: MailUser, lock_dir: str) -> MailboxLock:
+    """A file lock for ``user``: ``'maildir'`` in the Maildir itself (shared storage),
+    otherwise (``'local'``) a flock in ``lock_dir``. An unusable lock place is backend
+    trouble (:class:`AuthUnavailable`), not a busy mailbox."""
+    if kind == "maildir":
+        try:
+            return acquire_in_maildir(user.maildir, lock_key(user))
+        except OSError as e:
+            raise AuthUnavailable(f"cannot lock in the Maildir {user.maildir}: {e.strerror or e}") from e
+    try:
+        return acquire(lock_dir, lock_key(user))
+    except OSError as e:
+        raise AuthUnavailable(f"cannot lock in {lock_dir}: {e.strerror or e}") from e
 
-    ``lock()`` takes an exclusive ``flock`` in ``lock_dir`` (``$passwd_lock_dir``) keyed by
-    :func:`lock_key`. A lock directory that cannot be used is backend trouble
-    (:class:`AuthUnavailable`), not a busy mailbox.
+
+class LockingAuthenticator:
+    """Base for backends without a lock of their own (File, Passwd).
+
+    ``lock()`` takes the lock ``$mailbox_lock`` names (``config``; without one, ``'local'``):
+    an exclusive ``flock`` in ``lock_dir`` (``$passwd_lock_dir``), an OFD lock in the
+    Maildir, or ``GET_LOCK`` on ``$mysql_server`` through a connection used only for
+    locks (opened at first use, closed by :meth:`close`). All keyed by :func:`lock_key`.
     """
 
-    def __init__(self, lock_dir: str) -> None:
+    def __init__(self, lock_dir: str, config: Config | None = None) -> None:
         self._lock_dir = lock_dir
+        self._lock_kind = lock_kind(config.mailbox_lock, config.auth_type) if config is not None else "local"
+        self._lock_config = config
+        self._mysql: MySQLConnection | None = None
+
+    def _locker(self) -> MySQLConnection:
+        """The connection for ``'mysql'`` locks (built at first use; the driver is preloaded)."""
+        if self._mysql is None:
+            from tpops.auth.mysql import MySQLConnection
+
+            assert self._lock_config is not None  # 'mysql' comes only from a config
+            self._mysql = MySQLConnection(self._lock_config)
+        return self._mysql
 
     def lock(self, user: MailUser) -> MailboxLock:
-        """Take the one-session-per-mailbox file lock, or raise :class:`MailboxInUse`."""
-        try:
-            return acquire(self._lock_dir, lock_key(user))
-        except OSError as e:
-            raise AuthUnavailable(f"cannot lock in {self._lock_dir}: {e.strerror or e}") from e
+        """Take the one-session-per-mailbox lock, or raise :class:`MailboxInUse`."""
+        if self._lock_kind == "mysql":
+            return self._locker().get_lock(user)
+        return lock_on_host(self._lock_kind, user, self._lock_dir)
 
     def prepare(self) -> None:
-        """Import the hash handlers while still root (see the module docstring)."""
+        """Import the hash handlers (and the MySQL driver for 'mysql' locks) while still root."""
         hashes.preload()
+        if self._lock_kind == "mysql":
+            from tpops.auth.mysql import preload_driver
+
+            preload_driver()
 
     def check(self) -> None:
-        """Nothing to check beyond what the worker boot already did (the lock directory)."""
+        """For 'mysql' locks one round trip to the database (only logged when it fails);
+        the lock directory was checked by the worker boot."""
+        if self._lock_kind == "mysql":
+            self._locker().check_connection()
 
     def close(self) -> None:
-        """Nothing to release: file locks die with their holder."""
+        """Close the lock connection, if any (file locks die with their holder)."""
+        if self._mysql is not None:
+            self._mysql.close()
