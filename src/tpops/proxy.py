@@ -210,7 +210,7 @@ def read_header(
     """
     deadline = time.monotonic() + timeout
     poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
     if wake_fd is not None:
         poller.register(wake_fd, select.POLLIN)
     seen = -1
@@ -223,6 +223,7 @@ def read_header(
         events = dict(poller.poll(min(left, 1.0) * 1000))
         if sock.fileno() not in events:
             continue
+        closed = bool(events[sock.fileno()] & (select.POLLRDHUP | select.POLLHUP))
         try:
             data = sock.recv(v2_max, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -233,6 +234,8 @@ def read_header(
             raise ProxyError("connection closed before a complete PROXY header")
         length = header_length(data, v2_max)
         if length is None or length > len(data):
+            if closed:  # the peer finished sending: the rest of the header will never come
+                raise ProxyError("connection closed before a complete PROXY header")
             if len(data) == seen:  # nothing new yet: do not spin on the readable socket
                 time.sleep(min(_PEEK_PAUSE, max(left, 0)))
             seen = len(data)
