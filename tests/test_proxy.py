@@ -312,15 +312,23 @@ def test_health_check_local_is_greeted(proxied: Server) -> None:
     check.close()
 
 
+def _closed_without_greeting(s: socket.socket) -> bool:
+    """EOF (or a reset: our unread bytes were still queued at the close) before any byte."""
+    try:
+        return s.recv(512) == b""
+    except ConnectionResetError:
+        return True
+
+
 def test_trusted_peer_without_a_header_is_closed_with_a_log_line(proxied: Server) -> None:
     with socket.create_connection(("127.0.0.1", proxied.port), timeout=10) as s:
         s.sendall(b"USER tommy\r\n")
-        assert s.recv(512) == b""  # closed, no greeting
+        assert _closed_without_greeting(s)
     log = _wait_for_text(proxied.env.error_log, "haproxy_trusted_networks")
     assert "does not start with a PROXY header" in log
     with socket.create_connection(("127.0.0.1", proxied.port), timeout=10) as s:
         s.sendall(v2(tlvs=b"\x20\x00"))  # malformed TLV
-        assert s.recv(512) == b""
+        assert _closed_without_greeting(s)
     _wait_for_text(proxied.env.error_log, "truncated TLV")
 
 
