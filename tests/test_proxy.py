@@ -267,7 +267,7 @@ def wait_for_proxied_port(port: int, proc: subprocess.Popen[bytes], host: str = 
 def proxied(mail_env: MailEnv) -> Iterator[Server]:
     """tpops trusting 127.0.0.1 as its balancer, one user with one message."""
     mail_env.add_user("tommy", messages=[make_message("one")])
-    mail_env.write_conf(haproxy_trusted_networks="'127.0.0.1/32'", max_connections_per_ip="1")
+    mail_env.write_conf(haproxy_trusted_networks="'127.0.0.1/32'", max_connections_per_ip="2")
     srv = Server(mail_env)
     srv.stderr = srv.stderr_path.open("wb")
     srv.proc = subprocess.Popen(srv.args, stdin=subprocess.DEVNULL, stdout=srv.stderr, stderr=srv.stderr)
@@ -294,14 +294,14 @@ def test_proxied_client_address_reaches_logs_and_the_first_command_is_kept(proxi
 
 
 def test_per_ip_limit_counts_the_proxied_client_not_the_balancer(proxied: Server) -> None:
-    """$max_connections_per_ip = 1: two clients behind one balancer both get in; a second
+    """$max_connections_per_ip = 2: three clients behind one balancer all get in; a third
     connection of one client does not."""
-    one = _connect(proxied.port, v2("192.0.2.1"))
-    two = _connect(proxied.port, v2("2001:db8::2", "::1"))
-    assert one.greeting.startswith(b"+OK") and two.greeting.startswith(b"+OK")
+    clients = [_connect(proxied.port, v2(src)) for src in ("192.0.2.1", "192.0.2.1", "192.0.2.2")]
+    clients.append(_connect(proxied.port, v2("2001:db8::2", "::1")))
+    assert all(c.greeting.startswith(b"+OK") for c in clients)
     again = _connect(proxied.port, v2("192.0.2.1"))
     assert again.greeting.startswith(b"-ERR [SYS/TEMP]")
-    for c in (one, two, again):
+    for c in (*clients, again):
         c.close()
 
 
