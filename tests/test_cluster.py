@@ -38,7 +38,7 @@ LOAD_SECONDS = float(os.environ.get("TPOPS_CLUSTER_SECONDS", "15"))
 CLIENT_ADDRESS = "127.0.0.9"
 MAILBOXES = [f"u{i:02d}" for i in range(16)]
 PER_MAILBOX = 40
-SUBJECT = re.compile(rb"^Subject: (m-\S+)\r?$", re.M)
+SUBJECT = re.compile(rb"^Subject: (m-\S+)\r?$", re.MULTILINE)
 
 pytestmark = pytest.mark.skipif(not os.path.exists(HAPROXY),
                                 reason="haproxy not installed (scripts/test installs it)")

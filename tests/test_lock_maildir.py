@@ -14,7 +14,12 @@ from tests.support.server import IS_ROOT, MAIL_GID, MAIL_UID, MailEnv, make_mess
 from tpops.auth.base import AuthUnavailable, MailboxInUse, MailUser, lock_on_host
 from tpops.config import Config, check_config
 from tpops.mailbox import maildir as maildir_module
-from tpops.mailbox.lock import MAILDIR_LOCK_NAME, NoMailboxLock, acquire_in_maildir, lock_kind
+from tpops.mailbox.lock import (
+    MAILDIR_LOCK_NAME,
+    NoMailboxLock,
+    acquire_in_maildir,
+    lock_kind,
+)
 from tpops.mailbox.maildir import SIZE_CACHE_NAME, Maildir
 
 
@@ -163,3 +168,30 @@ def test_size_cache_rebuilt_by_two_processes_at_once_stays_whole(tmp_path: Path)
     assert maildir_module._SizeCache._parse(data) == {f"{1700000000 + i}.M{i}P1.host": 100 + i for i in range(50)}
     assert sorted(os.listdir(md)) == sorted(["cur", "new", "tmp", SIZE_CACHE_NAME])
     assert maildir_module._HOST and "/" not in maildir_module._HOST
+
+
+def test_file_backend_with_mysql_locks(tmp_path: Path) -> None:
+    """$mailbox_lock = 'mysql' for a File backend: GET_LOCK through a connection of its own,
+    seen by another node's authenticator; released, the other one gets it."""
+    from tests.support import mariadb
+    from tpops.auth import make_authenticator
+
+    users = tmp_path / "users"
+    users.write_text(f"tommy:{{PLAIN}}secret::::{tmp_path}::\n")
+    with mariadb.temp_database() as (srv, db):
+        config = Config(auth_type="File", auth_file=str(users), mailbox_lock="mysql", mysql_server=srv.host,
+                        mysql_port=srv.port, mysql_user=srv.user, mysql_pass=srv.password, mysql_db=db)
+        one, two = make_authenticator(config), make_authenticator(config)
+        try:
+            one.prepare()
+            one.check()
+            user = MailUser("tommy", str(tmp_path / "Maildir"))
+            held = one.lock(user)
+            with pytest.raises(MailboxInUse):
+                two.lock(user)
+            assert held.still_held()
+            held.release()
+            two.lock(user).release()
+        finally:
+            one.close()
+            two.close()

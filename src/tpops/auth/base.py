@@ -73,12 +73,12 @@ from tpops.mailbox.lock import (
 )
 
 if TYPE_CHECKING:
-    from tpops.auth.mysql import MySQLConnection
     from tpops.config import Config
 
 __all__ = [
     "AuthUnavailable",
     "Authenticator",
+    "LockConnection",
     "LockingAuthenticator",
     "MailUser",
     "MailboxInUse",
@@ -176,6 +176,18 @@ def lock_on_host(kind: str, user: MailUser, lock_dir: str) -> MailboxLock:
         raise AuthUnavailable(f"cannot lock in {lock_dir}: {e.strerror or e}") from e
 
 
+class LockConnection(Protocol):
+    """A database connection that takes ``GET_LOCK`` mailbox locks (:class:`tpops.auth.mysql.MySQLConnection`)."""
+
+    def get_lock(self, user: MailUser) -> MailboxLock: ...
+
+    def prepare(self) -> None: ...
+
+    def check_connection(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class LockingAuthenticator:
     """Base for backends without a lock of their own (File, Passwd).
 
@@ -188,37 +200,36 @@ class LockingAuthenticator:
     def __init__(self, lock_dir: str, config: Config | None = None) -> None:
         self._lock_dir = lock_dir
         self._lock_kind = lock_kind(config.mailbox_lock, config.auth_type) if config is not None else "local"
-        self._lock_config = config
-        self._mysql: MySQLConnection | None = None
+        self._mysql: LockConnection | None = None
 
-    def _locker(self) -> MySQLConnection:
-        """The connection for ``'mysql'`` locks (built at first use; the driver is preloaded)."""
-        if self._mysql is None:
-            from tpops.auth.mysql import MySQLConnection
+    @property
+    def lock_kind(self) -> str:
+        """The effective ``$mailbox_lock``: 'local', 'maildir' or 'mysql'."""
+        return self._lock_kind
 
-            assert self._lock_config is not None  # 'mysql' comes only from a config
-            self._mysql = MySQLConnection(self._lock_config)
-        return self._mysql
+    def use_lock_connection(self, connection: LockConnection) -> None:
+        """Take ``'mysql'`` locks through ``connection`` (set up by :func:`tpops.auth.make_authenticator`)."""
+        self._mysql = connection
 
     def lock(self, user: MailUser) -> MailboxLock:
         """Take the one-session-per-mailbox lock, or raise :class:`MailboxInUse`."""
         if self._lock_kind == "mysql":
-            return self._locker().get_lock(user)
+            if self._mysql is None:
+                raise AuthUnavailable("$mailbox_lock 'mysql' without a MySQL connection")
+            return self._mysql.get_lock(user)
         return lock_on_host(self._lock_kind, user, self._lock_dir)
 
     def prepare(self) -> None:
         """Import the hash handlers (and the MySQL driver for 'mysql' locks) while still root."""
         hashes.preload()
-        if self._lock_kind == "mysql":
-            from tpops.auth.mysql import preload_driver
-
-            preload_driver()
+        if self._mysql is not None:
+            self._mysql.prepare()
 
     def check(self) -> None:
         """For 'mysql' locks one round trip to the database (only logged when it fails);
         the lock directory was checked by the worker boot."""
-        if self._lock_kind == "mysql":
-            self._locker().check_connection()
+        if self._mysql is not None:
+            self._mysql.check_connection()
 
     def close(self) -> None:
         """Close the lock connection, if any (file locks die with their holder)."""

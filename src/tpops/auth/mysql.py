@@ -361,6 +361,10 @@ class MySQLConnection:
                 self._drop()
             raise AuthUnavailable(f"MySQL: query failed on {self._where}: {_describe(e)}") from e
 
+    def prepare(self) -> None:
+        """The driver's lazily imported modules, loaded before workers fork (and drop privileges)."""
+        preload_driver()
+
     def check_connection(self) -> None:
         """One round trip (the pre-flight worker's, for ``$mailbox_lock = 'mysql'``): a server
         that cannot be reached now is only logged; it may be back before the first login."""
