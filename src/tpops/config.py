@@ -42,6 +42,8 @@ from tpops.config_syntax import (
 )
 from tpops.mailbox.lock import default_lock_dir
 from tpops.tls import TLSConfigError, parse_min_version
+from tpops.mailbox.lock import MAILBOX_LOCKS, default_lock_dir
+from tpops.proxy import TrustedNetworks
 
 __all__ = [
     "AUTH_TYPES",
@@ -125,6 +127,9 @@ class Config:
         None, "OpenSSL cipher list for TLS 1.2 (nil = OpenSSL's secure default)")
     disable_plaintext_auth: bool | None = _p(
         None, "refuse passwords in clear off TLS and loopback (nil = true when TLS is on)")
+    haproxy_trusted_networks: str | None = _p(
+        None, "load balancers (addresses/CIDRs, by spaces or commas) whose connections start "
+              "with a PROXY v1/v2 header naming the client (nil = none)")
     # --- logging
     access_log: str | None = _p(None, "file logging one line per finished session")
     error_log: str | None = _p(None, "file for error messages")
@@ -155,6 +160,9 @@ class Config:
         None, "domain tried as user@domain when a login has no '@', '%' or '+'")
     passwd_lock_dir: str = field(default_factory=default_lock_dir, metadata={
         "doc": "directory holding the mailbox lock files (default /run/tpops/locks as root)"})
+    mailbox_lock: str | None = _p(
+        None, "one-session lock: 'local' (flock in $passwd_lock_dir), 'maildir' (OFD lock file in "
+              "the Maildir, for shared storage) or 'mysql' (GET_LOCK); nil = 'mysql' for MySQL, else 'local'")
     apop_passwd_file: str | None = _p(None, "APOP password database (login -> plain password)")
     auth_file: str | None = _p(None, "user file for auth_type 'File'")
     # --- MySQL (auth_type 'MySQL')
@@ -284,7 +292,8 @@ _SURROGATES = re.compile(r"[\ud800-\udfff]")
 # Optional strings that would be meaningless when empty (use nil instead).
 _NONEMPTY_OPTIONAL = ("bind_address", "user", "group", "pid_file", "access_log",
                       "error_log", "default_domain", "apop_passwd_file", "auth_file",
-                      "mysql_socket", "tls_cert_file", "tls_key_file", "tls_ciphers")
+                      "mysql_socket", "tls_cert_file", "tls_key_file", "tls_ciphers",
+                      "haproxy_trusted_networks", "mailbox_lock")
 _NONEMPTY = ("hostname", "passwd_lock_dir", "mysql_auth_query")
 
 
@@ -381,6 +390,15 @@ def _checks(config: Config, *, complete: bool = True) -> list[tuple[tuple[str, .
         bad(("port", "tls_port"), f"$tls_port and $port are both {config.port}; "
                                   f"use another $tls_port (or nil for STLS only)")
 
+    if ok("mailbox_lock") and config.mailbox_lock is not None and config.mailbox_lock not in MAILBOX_LOCKS:
+        bad("mailbox_lock", f"$mailbox_lock must be one of {', '.join(repr(k) for k in MAILBOX_LOCKS)} "
+                            f"or nil, got {quote(config.mailbox_lock)}")
+    if ok("haproxy_trusted_networks") and config.haproxy_trusted_networks:
+        try:
+            if not TrustedNetworks.parse(config.haproxy_trusted_networks):
+                bad("haproxy_trusted_networks", "$haproxy_trusted_networks: no network given (use nil for none)")
+        except ValueError as exc:
+            bad("haproxy_trusted_networks", str(exc))
     if ok("bind_address") and config.bind_address and not config.bind_addresses():
         bad("bind_address", "$bind_address: no address given (use nil for all addresses)")
     if ok("auth_type", "mysql_auth_query") and config.auth_type == "MySQL" \

@@ -38,12 +38,13 @@ from setproctitle import setproctitle
 
 from tpops import logs
 from tpops.auth import make_authenticator
-from tpops.auth.base import Authenticator, LockingAuthenticator
+from tpops.auth.base import Authenticator
 from tpops.config import Config
 from tpops.limits import ClientLimits, SharedLimits
-from tpops.mailbox.lock import check_lock_dir, prepare_lock_dir
+from tpops.mailbox.lock import check_lock_dir, lock_kind, prepare_lock_dir
 from tpops.privileges import SessionPrivileges, become, lookup_identity
 from tpops.protocol import Transport, drain
+from tpops.proxy import ProxyError, ProxyInfo, TrustedNetworks, read_header
 from tpops.session import Session, make_timestamp
 
 log = logs.get("worker")
@@ -136,6 +137,24 @@ class Worker:
             self.refused, self.refused_logged = 0, now
         return False
 
+    def read_proxy(self, conn: socket.socket, peer: str, wake_r: int) -> ProxyInfo | None:
+        """The PROXY header a trusted balancer at ``peer`` must send first (see
+        :mod:`tpops.proxy`), read exactly and within ``$command_timeout``; None when it is
+        missing or malformed: the connection is then closed here, with a log line."""
+        setproctitle(f"tpops: worker {peer} (PROXY header)")
+        self.progress()
+        try:
+            info = read_header(conn, self.config.command_timeout, lambda: self.stop.force, wake_fd=wake_r)
+        except ProxyError as exc:
+            log.warning("closing the connection from %s ($haproxy_trusted_networks): %s", logs.escape(peer), exc)
+            conn.close()
+            setproctitle("tpops: worker idle")
+            return None
+        if self.config.debug:
+            log.debug("PROXY v%d header from %s: client %s%s", info.version, logs.escape(peer),
+                      logs.escape(info.client(peer)), ", TLS terminated by the balancer" if info.ssl else "")
+        return info
+
     def report(self, state: int) -> None:
         if self.report_fd is not None:
             try:
@@ -171,6 +190,7 @@ class Worker:
         if self.report_fd is not None:  # POLLERR on the write end: the master died
             poller.register(self.report_fd, 0)
         by_fd = {listener.fileno(): listener for listener in self.listeners}
+        trusted = TrustedNetworks.parse(self.config.haproxy_trusted_networks)
         try:
             while not (self.stop.force or self.stop.graceful):
                 if self.config.max_use and self.sessions >= self.config.max_use:
@@ -194,10 +214,16 @@ class Worker:
                             continue
                         raise
                     peer = peer_name(address)
+                    proxy: ProxyInfo | None = None
+                    if peer in trusted:  # before the slot is counted: it counts the client, not the balancer
+                        proxy = self.read_proxy(conn, peer, wake_r)
+                        if proxy is None:
+                            continue
+                        peer = proxy.client(peer)
                     if not self.admit(conn, peer):
                         continue
                     try:
-                        self.serve(conn, peer, authenticator, privileges, wake_r)
+                        self.serve(conn, peer, authenticator, privileges, wake_r, proxy)
                     finally:
                         if self.limits is not None:
                             self.limits.leave(self.slot)
@@ -215,8 +241,14 @@ class Worker:
         authenticator: Authenticator,
         privileges: SessionPrivileges,
         wake_r: int,
+        proxy: ProxyInfo | None = None,
     ) -> None:
-        """Serve one accepted connection to its end."""
+        """Serve one accepted connection to its end.
+
+        ``peer`` is the client's address (a trusted balancer's PROXY header already
+        applied); ``proxy`` what that header said (``proxy.ssl``: the balancer terminated
+        TLS), None for a direct connection.
+        """
         self.progress()
         self.report(BUSY)
         self.sessions += 1
@@ -266,7 +298,7 @@ def boot(config: Config, authenticator: Authenticator | None = None) -> tuple[Se
     if authenticator is None:
         authenticator = prepared_authenticator(config)
     try:
-        locking = isinstance(authenticator, LockingAuthenticator)
+        locking = lock_kind(config.mailbox_lock, config.auth_type) == "local"
         if locking:  # as root: created and handed to --user, or refused
             prepare_lock_dir(config.passwd_lock_dir, lock_dir_owner(config))
         privileges = boot_privileges(config)

@@ -19,8 +19,9 @@ Methods the session calls
 ``lock(user)``
     Take the one-session-per-mailbox lock; return a :class:`MailboxLock` or raise
     :class:`MailboxInUse` (both live in :mod:`tpops.mailbox.lock`, re-exported here).
-    The default (:meth:`LockingAuthenticator.lock`) is a kernel file lock in
-    ``$passwd_lock_dir``; MySQL overrides it with ``GET_LOCK``.
+    ``$mailbox_lock`` chooses it: a kernel file lock in ``$passwd_lock_dir``
+    (``'local'``, the default for File/Passwd), an OFD lock in the Maildir
+    (``'maildir'``), or ``GET_LOCK`` (``'mysql'``, the default for MySQL).
     The lock has ``release()`` (idempotent) and ``still_held()``: whether it is still
     ours right now. The session must call ``still_held()`` just before UPDATE and,
     when it is False, delete nothing (end the session with ``-ERR [SYS/TEMP]``): a
@@ -60,14 +61,24 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tpops.auth import hashes
-from tpops.mailbox.lock import MailboxInUse, MailboxLock, acquire
+from tpops.mailbox.lock import (
+    MailboxInUse,
+    MailboxLock,
+    acquire,
+    acquire_in_maildir,
+    lock_kind,
+)
+
+if TYPE_CHECKING:
+    from tpops.config import Config
 
 __all__ = [
     "AuthUnavailable",
     "Authenticator",
+    "LockConnection",
     "LockingAuthenticator",
     "MailUser",
     "MailboxInUse",
@@ -75,6 +86,7 @@ __all__ = [
     "apply_default_domain",
     "file_key",
     "lock_key",
+    "lock_on_host",
 ]
 
 
@@ -149,30 +161,77 @@ def lock_key(user: MailUser) -> str:
     return user.login
 
 
-class LockingAuthenticator:
-    """Base for backends whose mailbox lock is the default kernel file lock (File, Passwd).
+def lock_on_host(kind: str, user: MailUser, lock_dir: str) -> MailboxLock:
+    """A file lock for ``user``: ``'maildir'`` in the Maildir itself (shared storage),
+    otherwise (``'local'``) a flock in ``lock_dir``. An unusable lock place is backend
+    trouble (:class:`AuthUnavailable`), not a busy mailbox."""
+    if kind == "maildir":
+        try:
+            return acquire_in_maildir(user.maildir, lock_key(user))
+        except OSError as e:
+            raise AuthUnavailable(f"cannot lock in the Maildir {user.maildir}: {e.strerror or e}") from e
+    try:
+        return acquire(lock_dir, lock_key(user))
+    except OSError as e:
+        raise AuthUnavailable(f"cannot lock in {lock_dir}: {e.strerror or e}") from e
 
-    ``lock()`` takes an exclusive ``flock`` in ``lock_dir`` (``$passwd_lock_dir``) keyed by
-    :func:`lock_key`. A lock directory that cannot be used is backend trouble
-    (:class:`AuthUnavailable`), not a busy mailbox.
+
+class LockConnection(Protocol):
+    """A database connection that takes ``GET_LOCK`` mailbox locks (:class:`tpops.auth.mysql.MySQLConnection`)."""
+
+    def get_lock(self, user: MailUser) -> MailboxLock: ...
+
+    def prepare(self) -> None: ...
+
+    def check_connection(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LockingAuthenticator:
+    """Base for backends without a lock of their own (File, Passwd).
+
+    ``lock()`` takes the lock ``$mailbox_lock`` names (``config``; without one, ``'local'``):
+    an exclusive ``flock`` in ``lock_dir`` (``$passwd_lock_dir``), an OFD lock in the
+    Maildir, or ``GET_LOCK`` on ``$mysql_server`` through a connection used only for
+    locks (opened at first use, closed by :meth:`close`). All keyed by :func:`lock_key`.
     """
 
-    def __init__(self, lock_dir: str) -> None:
+    def __init__(self, lock_dir: str, config: Config | None = None) -> None:
         self._lock_dir = lock_dir
+        self._lock_kind = lock_kind(config.mailbox_lock, config.auth_type) if config is not None else "local"
+        self._mysql: LockConnection | None = None
+
+    @property
+    def lock_kind(self) -> str:
+        """The effective ``$mailbox_lock``: 'local', 'maildir' or 'mysql'."""
+        return self._lock_kind
+
+    def use_lock_connection(self, connection: LockConnection) -> None:
+        """Take ``'mysql'`` locks through ``connection`` (set up by :func:`tpops.auth.make_authenticator`)."""
+        self._mysql = connection
 
     def lock(self, user: MailUser) -> MailboxLock:
-        """Take the one-session-per-mailbox file lock, or raise :class:`MailboxInUse`."""
-        try:
-            return acquire(self._lock_dir, lock_key(user))
-        except OSError as e:
-            raise AuthUnavailable(f"cannot lock in {self._lock_dir}: {e.strerror or e}") from e
+        """Take the one-session-per-mailbox lock, or raise :class:`MailboxInUse`."""
+        if self._lock_kind == "mysql":
+            if self._mysql is None:
+                raise AuthUnavailable("$mailbox_lock 'mysql' without a MySQL connection")
+            return self._mysql.get_lock(user)
+        return lock_on_host(self._lock_kind, user, self._lock_dir)
 
     def prepare(self) -> None:
-        """Import the hash handlers while still root (see the module docstring)."""
+        """Import the hash handlers (and the MySQL driver for 'mysql' locks) while still root."""
         hashes.preload()
+        if self._mysql is not None:
+            self._mysql.prepare()
 
     def check(self) -> None:
-        """Nothing to check beyond what the worker boot already did (the lock directory)."""
+        """For 'mysql' locks one round trip to the database (only logged when it fails);
+        the lock directory was checked by the worker boot."""
+        if self._mysql is not None:
+            self._mysql.check_connection()
 
     def close(self) -> None:
-        """Nothing to release: file locks die with their holder."""
+        """Close the lock connection, if any (file locks die with their holder)."""
+        if self._mysql is not None:
+            self._mysql.close()

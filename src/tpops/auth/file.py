@@ -171,7 +171,7 @@ class FileAuthenticator(StoredPasswordAuthenticator, LockingAuthenticator):
         if not config.auth_file:
             raise ValueError("$auth_type is 'File' but $auth_file is not set")
         StoredPasswordAuthenticator.__init__(self, config.default_domain, log)
-        LockingAuthenticator.__init__(self, config.passwd_lock_dir)
+        LockingAuthenticator.__init__(self, config.passwd_lock_dir, config)
         self._path: str = config.auth_file
         self._table: _Table | None = None
 

@@ -43,9 +43,11 @@ from tpops.auth.base import (
     MailboxLock,
     MailUser,
     lock_key,
+    lock_on_host,
 )
 from tpops.auth.stored import StoredEntry, StoredPasswordAuthenticator
 from tpops.logs import escape, get
+from tpops.mailbox.lock import lock_kind
 
 if TYPE_CHECKING:
     from tpops.config import Config
@@ -242,7 +244,7 @@ def _code(error: MySQLdb.Error) -> int | None:
 class _Lock:
     """A held GET_LOCK; ``release()`` is idempotent and ignores a lost connection."""
 
-    def __init__(self, owner: MySQLAuthenticator, conn: Any, name: str) -> None:
+    def __init__(self, owner: MySQLConnection, conn: Any, name: str) -> None:
         self._owner = owner
         self._conn = conn
         self._name = name
@@ -255,19 +257,15 @@ class _Lock:
             self._owner._release(self._conn, self._name)
 
     def still_held(self) -> bool:
-        """Whether the server still gives this lock to our connection (see :meth:`MySQLAuthenticator._still_held`)."""
+        """Whether the server still gives this lock to our connection (see :meth:`MySQLConnection._still_held`)."""
         return not self._released and self._owner._still_held(self._conn, self._name)
 
 
-class MySQLAuthenticator(StoredPasswordAuthenticator):
-    """Users from ``$mysql_auth_query``; one lazily opened connection; GET_LOCK mailbox locks."""
-
-    name = "MySQL"
-    plain_ok = True  # the 2003 schema's rows are clear text
+class MySQLConnection:
+    """One lazily opened connection to ``$mysql_server`` and the ``GET_LOCK`` mailbox locks
+    on it: the MySQL backend's, and the lock of any backend with ``$mailbox_lock = 'mysql'``."""
 
     def __init__(self, config: Config) -> None:
-        super().__init__(config.default_domain, log)
-        self._query = compile_query(config.mysql_auth_query)
         params: dict[str, Any] = {
             "read_timeout": TIMEOUT,
             "write_timeout": TIMEOUT,
@@ -291,17 +289,6 @@ class MySQLAuthenticator(StoredPasswordAuthenticator):
         self._conn: Any = None
         self._conn_pid = 0
         self._held: set[str] = set()
-        self._tally = hashes.SchemeTally(plain_ok=True)  # the schemes of the rows looked up so far
-
-    @property
-    def supports_apop(self) -> bool:
-        """Always: APOP works for rows with clear-text passwords."""
-        return True
-
-    def dummy_template(self) -> str | None:
-        """The majority scheme and cost of the rows this worker has looked up (a table cannot
-        be listed through ``$mysql_auth_query``); sha512-crypt until the first hashed row."""
-        return self._tally.template()
 
     # -- the connection -------------------------------------------------------------
 
@@ -375,91 +362,25 @@ class MySQLAuthenticator(StoredPasswordAuthenticator):
             raise AuthUnavailable(f"MySQL: query failed on {self._where}: {_describe(e)}") from e
 
     def prepare(self) -> None:
-        """Hash handlers and the driver's lazily imported modules loaded before workers fork
-        (and before they drop privileges); no connection (it would be shared)."""
-        hashes.preload()
+        """The driver's lazily imported modules, loaded before workers fork (and drop privileges)."""
         preload_driver()
 
-    def check(self) -> None:
-        """Run ``$mysql_auth_query`` once (in the pre-flight worker, as the worker's identity).
-
-        A query that fails with an SQL error or returns fewer than the four columns
-        ``login, passwd, uid, maildir`` would fail every login: ValueError, so start-up
-        (or the reload) stops with the reason. The column count comes from the result's
-        description, so no row has to match. A server that cannot be reached now is
-        only logged: it may be back before the first login.
-        """
+    def check_connection(self) -> None:
+        """One round trip (the pre-flight worker's, for ``$mailbox_lock = 'mysql'``): a server
+        that cannot be reached now is only logged; it may be back before the first login."""
         try:
-            conn = self._current() or self._open(TIMEOUT, time.monotonic())
-            cursor = conn.cursor()
-            try:
-                cursor.execute(self._query, ("",))
-                columns = len(cursor.description or ())
-                cursor.fetchall()
-            finally:
-                cursor.close()
-        except AuthUnavailable as e:
-            log.warning("%s; $mysql_auth_query not checked at start-up", e)
-            return
-        except MySQLdb.Error as e:
-            if _code(e) in CONNECTION_ERRORS:
-                self._drop()
-                log.warning("MySQL: lost connection to %s (%s); $mysql_auth_query not checked at start-up",
-                            self._where, _describe(e))
-                return
-            raise ValueError(f"$mysql_auth_query fails on {self._where}: {_describe(e)}") from None
-        if columns < len(COLUMNS):
-            raise ValueError(f"$mysql_auth_query returns {columns} column{'s' if columns != 1 else ''}; "
-                             f"it must return {', '.join(COLUMNS)} (in that order)")
+            self._run("SELECT 1", ())
+        except (AuthUnavailable, MySQLdb.Error) as e:
+            log.warning("MySQL (mailbox locks): %s; not checked at start-up", e)
 
     def close(self) -> None:
         """Close the connection (the server then drops this worker's locks)."""
         if self._current() is not None:
             self._drop()
 
-    # -- authentication -------------------------------------------------------------
-
-    def lookup(self, login: str) -> StoredEntry | None:
-        """The row of a login (row login, passwd, maildir), None (logged) when it has no usable row.
-
-        The row's login names the session: a case- or accent-insensitive collation may
-        match ``TOMMY`` to ``tommy``, and logs and locks must see one account.
-        """
-        try:
-            login.encode("utf-8")
-        except UnicodeEncodeError:
-            log.info("login %s refused: not UTF-8", escape(login))
-            return None
-        try:
-            rows = self._run(self._query, (login,))
-        except MySQLdb.Error as e:  # collation: the login is not expressible in the column's charset
-            log.info("login %s refused: no such user (%s)", escape(login), _describe(e))
-            return None
-        if not rows:
-            log.info("login %s refused: no such user", escape(login))
-            return None
-        if len(rows) > 1:
-            log.warning("login %s refused: $mysql_auth_query returned %d rows", escape(login), len(rows))
-            return None
-        row = rows[0]
-        if len(row) < len(COLUMNS):  # check() stops start-up for this; kept for safety
-            raise AuthUnavailable(
-                f"MySQL: $mysql_auth_query returns {len(row)} columns; it must return {', '.join(COLUMNS)}"
-            )
-        stored, maildir = _text(row[1]), _text(row[3])
-        if not stored:
-            log.warning("login %s refused: empty or NULL passwd", escape(login))
-            return None
-        if not maildir or not os.path.isabs(maildir):
-            log.warning("login %s refused: maildir %s is not an absolute path", escape(login),
-                        escape(maildir or ""))
-            return None
-        self._tally.add(stored)
-        return StoredEntry(_text(row[0]) or login, stored, maildir)
-
     # -- locking --------------------------------------------------------------------
 
-    def lock(self, user: MailUser) -> MailboxLock:
+    def get_lock(self, user: MailUser) -> MailboxLock:
         """``GET_LOCK`` (no wait) named after the login (:func:`tpops.auth.base.lock_key`);
         MailboxInUse when another session has it."""
         key = lock_key(user)
@@ -514,3 +435,113 @@ class MySQLAuthenticator(StoredPasswordAuthenticator):
             log.info("MySQL: RELEASE_LOCK failed (%s); the lock ends with the connection", _describe(e))
             if _code(e) in CONNECTION_ERRORS:
                 self._drop()
+
+
+class MySQLAuthenticator(StoredPasswordAuthenticator, MySQLConnection):
+    """Users from ``$mysql_auth_query``; one lazily opened connection; GET_LOCK mailbox locks
+    (or ``$mailbox_lock``'s choice)."""
+
+    name = "MySQL"
+    plain_ok = True  # the 2003 schema's rows are clear text
+
+    def __init__(self, config: Config) -> None:
+        StoredPasswordAuthenticator.__init__(self, config.default_domain, log)
+        MySQLConnection.__init__(self, config)
+        self._query = compile_query(config.mysql_auth_query)
+        self._lock_kind = lock_kind(config.mailbox_lock, "MySQL")
+        self._lock_dir = config.passwd_lock_dir
+        self._tally = hashes.SchemeTally(plain_ok=True)  # the schemes of the rows looked up so far
+
+    @property
+    def supports_apop(self) -> bool:
+        """Always: APOP works for rows with clear-text passwords."""
+        return True
+
+    def dummy_template(self) -> str | None:
+        """The majority scheme and cost of the rows this worker has looked up (a table cannot
+        be listed through ``$mysql_auth_query``); sha512-crypt until the first hashed row."""
+        return self._tally.template()
+
+    def prepare(self) -> None:
+        """Hash handlers and the driver's lazily imported modules loaded before workers fork
+        (and before they drop privileges); no connection (it would be shared)."""
+        hashes.preload()
+        preload_driver()
+
+    def check(self) -> None:
+        """Run ``$mysql_auth_query`` once (in the pre-flight worker, as the worker's identity).
+
+        A query that fails with an SQL error or returns fewer than the four columns
+        ``login, passwd, uid, maildir`` would fail every login: ValueError, so start-up
+        (or the reload) stops with the reason. The column count comes from the result's
+        description, so no row has to match. A server that cannot be reached now is
+        only logged: it may be back before the first login.
+        """
+        try:
+            conn = self._current() or self._open(TIMEOUT, time.monotonic())
+            cursor = conn.cursor()
+            try:
+                cursor.execute(self._query, ("",))
+                columns = len(cursor.description or ())
+                cursor.fetchall()
+            finally:
+                cursor.close()
+        except AuthUnavailable as e:
+            log.warning("%s; $mysql_auth_query not checked at start-up", e)
+            return
+        except MySQLdb.Error as e:
+            if _code(e) in CONNECTION_ERRORS:
+                self._drop()
+                log.warning("MySQL: lost connection to %s (%s); $mysql_auth_query not checked at start-up",
+                            self._where, _describe(e))
+                return
+            raise ValueError(f"$mysql_auth_query fails on {self._where}: {_describe(e)}") from None
+        if columns < len(COLUMNS):
+            raise ValueError(f"$mysql_auth_query returns {columns} column{'s' if columns != 1 else ''}; "
+                             f"it must return {', '.join(COLUMNS)} (in that order)")
+
+    # -- authentication -------------------------------------------------------------
+
+    def lookup(self, login: str) -> StoredEntry | None:
+        """The row of a login (row login, passwd, maildir), None (logged) when it has no usable row.
+
+        The row's login names the session: a case- or accent-insensitive collation may
+        match ``TOMMY`` to ``tommy``, and logs and locks must see one account.
+        """
+        try:
+            login.encode("utf-8")
+        except UnicodeEncodeError:
+            log.info("login %s refused: not UTF-8", escape(login))
+            return None
+        try:
+            rows = self._run(self._query, (login,))
+        except MySQLdb.Error as e:  # collation: the login is not expressible in the column's charset
+            log.info("login %s refused: no such user (%s)", escape(login), _describe(e))
+            return None
+        if not rows:
+            log.info("login %s refused: no such user", escape(login))
+            return None
+        if len(rows) > 1:
+            log.warning("login %s refused: $mysql_auth_query returned %d rows", escape(login), len(rows))
+            return None
+        row = rows[0]
+        if len(row) < len(COLUMNS):  # check() stops start-up for this; kept for safety
+            raise AuthUnavailable(
+                f"MySQL: $mysql_auth_query returns {len(row)} columns; it must return {', '.join(COLUMNS)}"
+            )
+        stored, maildir = _text(row[1]), _text(row[3])
+        if not stored:
+            log.warning("login %s refused: empty or NULL passwd", escape(login))
+            return None
+        if not maildir or not os.path.isabs(maildir):
+            log.warning("login %s refused: maildir %s is not an absolute path", escape(login),
+                        escape(maildir or ""))
+            return None
+        self._tally.add(stored)
+        return StoredEntry(_text(row[0]) or login, stored, maildir)
+
+    def lock(self, user: MailUser) -> MailboxLock:
+        """The one-session lock ``$mailbox_lock`` names: GET_LOCK by default (see :meth:`get_lock`)."""
+        if self._lock_kind == "mysql":
+            return self.get_lock(user)
+        return lock_on_host(self._lock_kind, user, self._lock_dir)

@@ -190,7 +190,7 @@ class PasswdAuthenticator(LockingAuthenticator):
     name = "Passwd"
 
     def __init__(self, config: Config, *, shadow_path: str = SHADOW) -> None:
-        super().__init__(config.passwd_lock_dir)
+        super().__init__(config.passwd_lock_dir, config)
         self._domain: str | None = config.default_domain
         self._apop_path: str | None = config.apop_passwd_file or None
         self._shadow_path = shadow_path

@@ -29,6 +29,13 @@ Choices, and why:
 * Flock belongs to the open file description, not the process, so a second ``acquire``
   in the same process conflicts with the first, and the held descriptor keeps the lock
   across a later ``setuid`` to the mailbox owner (nothing is reopened).
+
+``$mailbox_lock`` chooses where the lock lives (:func:`lock_kind`): ``'local'`` is the
+flock above (one host only: another host's flock on its own ``$passwd_lock_dir`` never
+sees it); ``'maildir'`` is :func:`acquire_in_maildir`, an OFD lock (``F_OFD_SETLK``) on
+``tpops-lock`` in the Maildir root, which a shared file system that implements POSIX
+byte-range locks (NFSv4, CephFS, GlusterFS) enforces across hosts; ``'mysql'`` is
+``GET_LOCK`` on the database (:mod:`tpops.auth.mysql`).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import fcntl
 import hashlib
 import os
 import stat
+import struct
 from types import TracebackType
 from typing import Protocol
 
@@ -54,6 +62,20 @@ DEFAULT_LOCK_PARENT = "/run/tpops"
 #: Permissions of :data:`DEFAULT_LOCK_PARENT` when we create it.
 PARENT_MODE = 0o755
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+#: The values of ``$mailbox_lock``.
+MAILBOX_LOCKS: tuple[str, ...] = ("local", "maildir", "mysql")
+#: The lock file in a Maildir root (``'maildir'``); never a message (those live in cur/ and new/).
+MAILDIR_LOCK_NAME = "tpops-lock"
+
+
+def lock_kind(mailbox_lock: str | None, auth_type: str) -> str:
+    """The effective ``$mailbox_lock``: as set, else ``'mysql'`` for the MySQL backend
+    (its behaviour before the parameter existed) and ``'local'`` for the others."""
+    if mailbox_lock is not None:
+        return mailbox_lock
+    return "mysql" if auth_type == "MySQL" else "local"
 
 
 class MailboxInUse(Exception):
@@ -321,3 +343,109 @@ def acquire(lock_dir: str, key: str) -> FileMailboxLock:
         os.close(fd)
         raise
     return FileMailboxLock(fd, path)
+
+
+# ---------------------------------------------------------------- 'maildir': OFD locks
+
+
+#: ``struct flock`` on Linux (short l_type, short l_whence, off_t l_start, off_t l_len,
+#: pid_t l_pid, padded to its C size). ``l_pid`` must be 0 for OFD locks.
+_FLOCK = struct.Struct("@hhqqi4x")
+
+
+def _ofd(fd: int, lock_type: int) -> None:
+    """``F_OFD_SETLK`` of ``lock_type`` over the whole file (no wait)."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(lock_type, os.SEEK_SET, 0, 0, 0))
+
+
+class OfdMailboxLock:
+    """A held OFD lock on the Maildir's ``tpops-lock`` (a :class:`MailboxLock`).
+
+    An OFD lock belongs to the open file description, like a flock: it ends when the
+    last descriptor closes, with the process, even under SIGKILL. On NFS the client
+    kernel holds it as a POSIX lock on the server (NFSv4 state, or lockd for v3): a
+    crashed client's locks are dropped by the server when its lease expires.
+    """
+
+    __slots__ = ("_fd", "path")
+
+    def __init__(self, fd: int, path: str) -> None:
+        self._fd = fd
+        self.path = path
+
+    def still_held(self) -> bool:
+        """True until :meth:`release`: the kernel keeps the lock while its descriptor is open."""
+        return self._fd >= 0
+
+    def release(self) -> None:
+        """Unlock (a forked child may share the description), then close. Idempotent."""
+        fd, self._fd = self._fd, -1
+        if fd < 0:
+            return
+        try:
+            _ofd(fd, fcntl.F_UNLCK)
+        except OSError:
+            pass  # closing below drops it anyway
+        finally:
+            os.close(fd)
+
+    def __repr__(self) -> str:
+        return f"<OfdMailboxLock {self.path!r} {'held' if self._fd >= 0 else 'released'}>"
+
+
+class NoMailboxLock:
+    """The lock of a Maildir that does not exist yet: a session that opens it sees no
+    message, so it can delete nothing, and there is nothing to lock."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held = True
+
+    def still_held(self) -> bool:
+        return self._held
+
+    def release(self) -> None:
+        self._held = False
+
+
+def acquire_in_maildir(maildir: str, key: str) -> OfdMailboxLock | NoMailboxLock:
+    """Take the one-session lock in the Maildir itself (``$mailbox_lock = 'maildir'``).
+
+    The Maildir root is opened as :mod:`tpops.mailbox.maildir` opens it (component by
+    component, symlinks only of root or this user); ``tpops-lock`` is opened relative to
+    that descriptor with ``O_NOFOLLOW | O_NONBLOCK`` (no symlink, no FIFO), checked to
+    be a regular file, and, when root created it, handed to the Maildir's owner with
+    ``fchown`` (so the file is the owner's, like everything else in the Maildir).
+    Raises :class:`MailboxInUse` when another session, on any host sharing the file
+    system, holds it; OSError when it cannot be taken (``key`` names the mailbox in
+    the exception only).
+    """
+    # Imported here: maildir.py is the heavier module, and config.py imports this one early.
+    from tpops.mailbox.maildir import open_root
+
+    root = open_root(maildir, follow_last=True)
+    try:
+        if root.fd is None:
+            return NoMailboxLock()
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(MAILDIR_LOCK_NAME, flags, LOCK_FILE_MODE, dir_fd=root.fd)
+    finally:
+        root.close()
+    path = os.path.join(maildir, MAILDIR_LOCK_NAME)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PermissionError(errno.EPERM, "lock file is not a regular file", path)
+        if os.geteuid() == 0 and st.st_uid == 0 and root.stat.st_uid != 0:
+            os.fchown(fd, root.stat.st_uid, root.stat.st_gid)
+        _ofd(fd, fcntl.F_WRLCK)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise MailboxInUse(key) from None
+        raise
+    except BaseException:
+        os.close(fd)
+        raise
+    return OfdMailboxLock(fd, path)
