@@ -17,18 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    MAIL_UID,
-    MailEnv,
-    RawClient,
-    Server,
-    gone,
-    make_message,
-    root_only,
-    unstuff,
-    wait_for,
-    worker_serving,
-)
+from tests.support.client import RawClient, unstuff
+from tests.support.marks import root_only
+from tests.support.procs import gone, wait_for, worker_serving
+from tests.support.server import MAIL_UID, MailEnv, Server, make_message
 from tpops.mailbox.maildir import SIZE_CACHE_HEADER, SIZE_CACHE_NAME
 
 #: Two local users with no passwd entry: uids are just numbers to the kernel.

@@ -14,7 +14,10 @@ import socket
 import time
 from collections.abc import Callable
 
-from tests.conftest import POOL_ARGS, MailEnv, RawClient, Server, make_message, root_only, wait_for
+from tests.support.client import RawClient
+from tests.support.marks import root_only
+from tests.support.procs import wait_for
+from tests.support.server import POOL_ARGS, MailEnv, Server, make_message
 
 #: A client receive buffer this small makes the server's writes block after a few KiB.
 TINY_RCVBUF = 4096

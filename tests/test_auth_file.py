@@ -214,19 +214,22 @@ def test_default_domain_applies_to_user_and_apop(tmp_path: Path) -> None:
     assert auth.authenticate("local", b"pw") is None  # became local@example.org
 
 
-def test_file_lock_is_one_per_maildir(tmp_path: Path) -> None:
+def test_file_lock_is_keyed_on_the_login(tmp_path: Path) -> None:
     path = tmp_path / "users"
     (tmp_path / "md").mkdir()
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "Maildir").symlink_to(tmp_path / "md")  # b's Maildir is a symlink to a's
     path.write_text(line("a", "{PLAIN}pw", extra=f"maildir={tmp_path}/md")
-                    + line("b", "{PLAIN}pw", extra=f"maildir={tmp_path}/./md/"))
+                    + line("b", "{PLAIN}pw", extra=f"maildir={tmp_path}/home/Maildir"))
     one, two = (FileAuthenticator(config(tmp_path, path)) for _ in range(2))
     a, b = one.authenticate("a", b"pw"), two.authenticate("b", b"pw")
     assert a is not None and b is not None
-    held = one.lock(a)
+    held_by_b = two.lock(b)  # b cannot take a's lock by pointing his Maildir at a's ...
+    held_by_a = one.lock(a)  # ... a still gets her own
     with pytest.raises(MailboxInUse):
-        two.lock(b)  # another spelling of the same Maildir
-    held.release()
-    two.lock(b).release()
+        two.lock(MailUser("a", f"{tmp_path}/elsewhere"))  # a's lock, whatever the path
+    held_by_a.release()
+    held_by_b.release()
     one.close()
 
 

@@ -12,14 +12,15 @@ from typing import Any
 import pytest
 from passlib import hash as ph
 
-from tests import mariadb
+from tests.support import mariadb
 from tpops.auth import make_authenticator
 from tpops.auth.base import AuthUnavailable, MailboxInUse, MailUser
 from tpops.auth.mysql import MySQLAuthenticator, compile_query, lock_name
 from tpops.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
-SEED_SQL = Path(__file__).resolve().parents[2] / "shared/seed/tpops_auth-mysql.sql.orig"
+#: TPOPS 0.5.1's schema with its clear-text rows (tommy, o'brien): our own fixture.
+SEED_SQL = REPO / "tests" / "data" / "tpops_auth-mysql.tpops051.sql"
 NEW_SQL = REPO / "tpops_auth-mysql.sql"
 SEED_SAMPLE_QUERY = "select login,passwd,uid,maildir from user where login='%s'"
 DEFAULT_QUERY = 'select login,passwd,uid,maildir from user where login="%s"'
@@ -69,11 +70,9 @@ def insert(srv: mariadb.Server, db: str, rows: list[tuple[str, str, str]]) -> No
 
 @pytest.fixture(scope="module")
 def seed_db() -> Iterator[tuple[mariadb.Server, str]]:
-    """The 2003 schema, loaded verbatim into a latin1 database, with clear-text rows."""
+    """The 2003 schema and its clear-text rows, loaded with the mysql client into a latin1 database."""
     with mariadb.temp_database(charset="latin1") as (srv, db):
         mariadb.load_sql(srv, db, str(SEED_SQL))
-        insert(srv, db, [("tommy", "tanstaaf", "/home/tommy/Maildir/"),
-                         ("o'brien", "quote\"pw", "/home/obrien/Maildir")])
         yield srv, db
 
 
@@ -216,7 +215,7 @@ def test_broken_query_or_credentials_are_unavailable(new_db: tuple[mariadb.Serve
     assert time.monotonic() - start < 5
 
 
-def test_get_lock_is_one_per_maildir(new_db: tuple[mariadb.Server, str]) -> None:
+def test_get_lock_is_one_per_login(new_db: tuple[mariadb.Server, str]) -> None:
     srv, db = new_db
     one, two = MySQLAuthenticator(config(srv, db)), MySQLAuthenticator(config(srv, db))
     try:
@@ -224,10 +223,10 @@ def test_get_lock_is_one_per_maildir(new_db: tuple[mariadb.Server, str]) -> None
         assert user is not None
         held = one.lock(user)
         with pytest.raises(MailboxInUse):
-            two.lock(MailUser("other", user.maildir + "/"))  # same Maildir, other spelling
+            two.lock(MailUser(user.login, "/srv/mail/elsewhere"))  # keyed on the login, not the path
         with pytest.raises(MailboxInUse):
             one.lock(user)  # not re-entrant within one worker either
-        two.lock(MailUser("x", "/srv/mail/elsewhere")).release()
+        two.lock(MailUser("x", user.maildir)).release()  # another login pointing at the same Maildir
         held.release()
         held.release()
         again = two.lock(user)

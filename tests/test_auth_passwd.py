@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import root_only
-from tests.sysusers import Accounts, run, shadow_hash
+from tests.support.marks import root_only
+from tests.support.users import Accounts, run, shadow_hash
 from tpops.auth import make_authenticator
 from tpops.auth.base import AuthUnavailable, MailUser
 from tpops.auth.passwd import PasswdAuthenticator, shadow_refusal

@@ -1,7 +1,7 @@
 """Authentication through the real server: tpops with ``$auth_type`` 'MySQL', 'Passwd' and 'File', over the wire.
 
 The authenticators' unit tests (tests/test_auth_*.py) call the backends directly;
-these start ``tpops --fg`` against a real MariaDB (tests/mariadb.py) and real system
+these start ``tpops --fg`` against a real MariaDB (tests/support/mariadb.py) and real system
 accounts, and talk to it with RawClient, poplib, curl and fetchmail: the 2003 schema
 loaded verbatim, the new schema with hashed rows, APOP, injection attempts, a
 database stopped or hung mid-run, GET_LOCK shared by two tpops instances, Passwd
@@ -10,7 +10,7 @@ accounts (yescrypt, SHA-512, locked, expired) with both APOP file formats and
 unknown user and a wrong password, and hostile logins in the logs.
 
 System accounts are created with useradd/chpasswd and removed with ``userdel -r``
-(tests/sysusers.py), so the Passwd tests need root (CI runs as root).
+(tests/support/users.py), so the Passwd tests need root (CI runs as root).
 """
 
 from __future__ import annotations
@@ -32,24 +32,15 @@ from pathlib import Path
 import pytest
 from passlib import hash as ph
 
-from tests import mariadb
-from tests.conftest import (
-    IS_ROOT,
-    MAIL_GID,
-    MAIL_UID,
-    MailEnv,
-    RawClient,
-    Server,
-    make_message,
-    proc_ids,
-    root_only,
-    wait_for,
-    worker_serving,
-)
-from tests.sysusers import Accounts, run, shadow_hash
+from tests.support import mariadb
+from tests.support.client import RawClient
+from tests.support.marks import root_only
+from tests.support.procs import proc_ids, wait_for, worker_serving
+from tests.support.server import IS_ROOT, MAIL_GID, MAIL_UID, MailEnv, Server, make_message
+from tests.support.users import Accounts, run, shadow_hash
 
 REPO = Path(__file__).resolve().parents[1]
-SEED_SQL = REPO.parent / "shared/seed/tpops_auth-mysql.sql.orig"
+SEED_SQL = REPO / "tests" / "data" / "tpops_auth-mysql.tpops051.sql"
 NEW_SQL = REPO / "tpops_auth-mysql.sql"
 #: The query of the 2003 tpops.conf.sample, '%s' quoted.
 SEED_SAMPLE_QUERY = "select login,passwd,uid,maildir from user where login='%s'"
@@ -216,6 +207,19 @@ class MySQLSite(Site):
             conn.close()
         return maildir
 
+    def adopt(self, login: str, messages: list[bytes] | None = None, *, slash: bool = True) -> Path:
+        """Point ``login``'s existing row (a fixture row: its password as loaded) at a new Maildir."""
+        self.rows += 1
+        maildir = make_maildir(self.env, f"u{self.rows}", messages or [])
+        conn = self.srv.connect(self.db)
+        try:
+            changed = conn.cursor().execute("update user set maildir = %s where login = %s",
+                                            (str(maildir) + ("/" if slash else ""), login))
+        finally:
+            conn.close()
+        assert changed == 1, f"no row for {login!r} in the fixture"
+        return maildir
+
     def stored_passwd(self, login: str) -> str:
         conn = self.srv.connect(self.db)
         try:
@@ -252,14 +256,14 @@ FLOW_MSGS = [make_message(f"flow{i}", f"flow body {i}\n.\n..\n") for i in range(
 
 @pytest.fixture(scope="module")
 def seed_site() -> Iterator[MySQLSite]:
-    """TPOPS 0.5's schema loaded verbatim into a latin1 database, clear-text rows, the sample's query."""
+    """TPOPS 0.5.1's schema and clear-text rows (tests/data) in a latin1 database, the sample's query."""
     with mariadb.temp_database(charset="latin1") as (srv, db):
         mariadb.load_sql(srv, db, str(SEED_SQL))
         site = MySQLSite(srv, db, SEED_SAMPLE_QUERY)
         try:
             assert len(str(site.env.maildir("u99")) + "/") <= 64, "the seed's maildir column is char(64)"
-            site.add("tommy", "tanstaaf", SEED_MSGS)
-            site.add("o'brien", 'quote"pw', [make_message("obrien")], slash=False)
+            site.adopt("tommy", SEED_MSGS)  # the fixture's clear-text rows: tanstaaf, quote"pw
+            site.adopt("o'brien", [make_message("obrien")], slash=False)
             site.add("apopper", "apopsecret", [make_message("apop")])
             site.add("seedok", "okpw")
             site.start()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.conftest import SHARED, TPOPS, MailEnv, make_message, run_inetd
+from tests.support.server import REPO, TPOPS, MailEnv, make_message, run_inetd
 
 from tpops import __version__
 
@@ -22,7 +22,7 @@ def test_help_names_every_seed_option() -> None:
 
 
 def test_check_config_original_sample_loads() -> None:
-    sample = SHARED / "seed" / "tpops.conf.sample.orig"
+    sample = REPO / "tests" / "data" / "tpops.conf.tpops051"
     out = subprocess.run([TPOPS, "--check-config", "-f", str(sample)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "$port = 110\n" in out.stdout

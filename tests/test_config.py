@@ -23,7 +23,16 @@ from tpops.config import (
     parse_config,
 )
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared/seed/tpops.conf.sample.orig"
+#: A tpops.conf written as TPOPS 0.5.1's sample writes it (our own fixture, in the repository).
+SAMPLE = Path(__file__).resolve().parent / "data" / "tpops.conf.tpops051"
+#: Every parameter TPOPS 0.5.1 knew (its README), each set in its sample tpops.conf.
+TPOPS051_PARAMETERS = (
+    "port", "hostname", "connection_keep_time", "command_timeout", "with_inetd", "access_log",
+    "error_log", "pid_file", "syslog_facility", "auth_type", "error_interval", "min_servers",
+    "max_servers", "max_use", "max_idle", "maildir_extended", "maildir_use_filesize",
+    "passwd_lock_dir", "apop_passwd_file", "mysql_server", "mysql_user", "mysql_pass", "mysql_db",
+    "mysql_auth_query",
+)
 NODENAME = os.uname().nodename
 
 
@@ -59,6 +68,22 @@ def test_original_sample_loads_unchanged() -> None:
     assert (c.mysql_server, c.mysql_user, c.mysql_pass, c.mysql_db) == (None,) * 4
     assert c.mysql_auth_query == "select login,passwd,uid,maildir from user where login='%s'"
     assert check_config(c) == []
+
+
+def test_original_sample_fixture_has_every_parameter_and_construct() -> None:
+    """The fixture sets each 0.5.1 parameter once and uses every construct the 0.5.1 sample does."""
+    text = SAMPLE.read_text()
+    assigned = re.findall(r"^\$([a-z_]+) = ", text, flags=re.M)
+    assert sorted(assigned) == sorted(TPOPS051_PARAMETERS)
+    assert "$hostname = `uname -n`.chomp\n" in text
+    assert "$connection_keep_time = 60*60" in text and "$command_timeout = 10*60\n" in text
+    assert "$syslog_facility = Syslog::LOG_MAIL\n" in text
+    assert re.search(r"^\$[a-z_]+ = nil\t+# '", text, flags=re.M)  # nil, a tab, a commented-out value
+    assert "= true\n" in text and "= false\n" in text
+    assert "$auth_type = 'Passwd'\n" in text
+    assert "login='%s'\"\n" in text  # a double-quoted string holding single quotes
+    hook = [line for line in text.splitlines() if line.startswith("#") and "#{" in line]
+    assert hook and text.rstrip().endswith("#end")  # the commented Ruby hook, interpolation and all
 
 
 # ---------------------------------------------------------------- defaults and files
@@ -431,3 +456,25 @@ def test_format_effective_masks_mysql_pass() -> None:
     assert "s3cr3t" not in out
     assert "$mysql_pass = '********'\n" in out
     assert parse_config(out) == dataclasses.replace(c, mysql_pass="********")
+
+
+# ---------------------------------------------------------------- read_config_file / blame
+
+def test_read_config_file_keeps_lines_for_later_blame(tmp_path: Path) -> None:
+    path = tmp_path / "t.conf"
+    path.write_text("# x\n$group = 'mail'\n$port = 1\n$port = 2\n")
+    source = config_mod.read_config_file(str(path))  # $group alone: --user may still come
+    assert source.config.group == "mail" and source.lines == {"group": 2, "port": 4}
+    problems = config_mod.config_problems(source.config)
+    assert problems == [(("user", "group"), "$group requires $user (the workers run as $user, in $group)")]
+    names, message = problems[0]
+    assert source.blame(names, message) == f"{path}:2: {message}"
+    assert source.blame(names, message, overridden={"group"}) == f"command line: {message}"
+    assert source.blame(("error_log",), "m") == f"{path}: m"
+    assert check_config(dataclasses.replace(source.config, user="mail")) == []
+
+
+def test_mysql_query_needs_its_placeholder() -> None:
+    assert errors_of("$auth_type = 'MySQL'\n$mysql_auth_query = 'select 1'\n") == [
+        "t.conf:2: $mysql_auth_query has no %s where the login name goes"]
+    assert parse_config("$mysql_auth_query = 'select 1'\n").mysql_auth_query == "select 1"  # unused

@@ -14,20 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    TPOPS,
-    MailEnv,
-    RawClient,
-    free_port,
-    gone,
-    make_message,
-    proc_children,
-    proc_title,
-    root_only,
-    wait_for,
-    wait_for_port,
-    zombie_children,
-)
+from tests.support.client import RawClient
+from tests.support.marks import root_only
+from tests.support.procs import gone, proc_children, proc_title, wait_for, zombie_children
+from tests.support.server import TPOPS, MailEnv, free_port, make_message, wait_for_port
+from tpops.daemonize import PidFile
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -61,8 +52,9 @@ def reap_orphans() -> None:
 class Daemon:
     """``tpops`` without --fg: the starter exits, the daemon is found through its pid file."""
 
-    def __init__(self, env: MailEnv, *args: str, pid_file: Path | None = None) -> None:
+    def __init__(self, env: MailEnv, *args: str, pid_file: Path | None = None, cwd: Path | None = None) -> None:
         self.env = env
+        self.cwd = cwd
         self.port = free_port()
         self.pid_file = pid_file or env.base / "tpops.pid"
         self.args = [TPOPS, "-f", str(env.conf), "--port", str(self.port), "--bind", "127.0.0.1",
@@ -70,7 +62,8 @@ class Daemon:
         self.pid: int | None = None
 
     def start(self) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.args, capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
+        return subprocess.run(self.args, capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL,
+                              cwd=self.cwd)
 
     def running(self) -> Daemon:
         out = self.start()
@@ -138,6 +131,32 @@ def test_daemon_detaches_serves_and_cleans_up(mail_env: MailEnv, subreaper: None
         daemon.stop()
 
 
+def first_bad_reply(port: int) -> bytes:
+    c = RawClient(port)
+    try:
+        return c.cmd("BOGUS")
+    finally:
+        c.close()
+
+
+def test_reload_reads_the_file_given_by_a_relative_path(mail_env: MailEnv, subreaper: None) -> None:
+    """Started with a relative ``-f`` from some directory, the daemon (which changes to /)
+    still reloads that file on SIGHUP: -f was made absolute at start-up."""
+    daemon = Daemon(mail_env, cwd=mail_env.base)
+    daemon.args[daemon.args.index(str(mail_env.conf))] = mail_env.conf.name
+    try:
+        daemon.running()
+        assert daemon.pid is not None
+        assert first_bad_reply(daemon.port) == b"-ERR Unknown command."
+        mail_env.write_conf(max_bad_commands="1")
+        os.kill(daemon.pid, signal.SIGHUP)
+        wait_for(lambda: first_bad_reply(daemon.port) == b"-ERR Too many bad commands.",
+                 what="$max_bad_commands = 1 from the reloaded file")
+        assert "not reloaded" not in mail_env.error_log.read_text()
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_stale_pid_files_are_replaced(mail_env: MailEnv, subreaper: None) -> None:
     pid_file = mail_env.base / "tpops.pid"
     dead = subprocess.Popen(["true"])
@@ -173,6 +192,35 @@ def test_pid_file_held_by_a_live_tpops_is_refused_before_detaching(mail_env: Mai
             socket.create_connection(("127.0.0.1", second.port), timeout=2)
     finally:
         assert first.stop() == 0
+
+
+def test_pid_file_write_follows_no_planted_symlink(tmp_path: Path) -> None:
+    """The attack on the old ``<pidfile>.<pid>.tmp``: a symlink planted at that name made
+    root truncate and overwrite its target. Now the temp file has an unguessable name and
+    is created with O_EXCL; the planted link and its target stay untouched."""
+    target = tmp_path / "shadow"
+    target.write_text("root:secret-hash:19000:0:99999:7:::\n")
+    target.chmod(0o600)
+    before = (target.read_text(), target.stat().st_mode, target.stat().st_uid)
+    pid_path = tmp_path / "tpops.pid"
+    planted = tmp_path / f"tpops.pid.{os.getpid()}.tmp"
+    planted.symlink_to(target)
+    pid_file = PidFile(str(pid_path))
+    pid_file.write()
+    assert (target.read_text(), target.stat().st_mode, target.stat().st_uid) == before
+    assert planted.is_symlink() and os.readlink(planted) == str(target)
+    assert pid_path.read_text() == f"{os.getpid()}\n"
+    assert not pid_path.is_symlink()
+    assert pid_path.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shadow", "tpops.pid", planted.name]  # no temp left
+    # A symlink planted at the pid file itself is replaced by the rename, not followed.
+    pid_path.unlink()
+    pid_path.symlink_to(target)
+    pid_file.write()
+    assert target.read_text() == before[0]
+    assert not pid_path.is_symlink() and pid_path.read_text() == f"{os.getpid()}\n"
+    pid_file.remove()
+    assert not pid_path.exists() and target.read_text() == before[0]
 
 
 def _holding_port() -> socket.socket:

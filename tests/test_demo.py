@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO, free_port, wait_for_port
+from tests.support.server import REPO, free_port, wait_for_port
 
 
 @pytest.mark.timeout(180)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tpops.auth.base import MailboxInUse
+from tpops.mailbox.lock import MailboxInUse
 from tpops.mailbox.lock import acquire, lock_file_name
 
 KEY = "/home/tommy/Maildir"

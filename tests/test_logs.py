@@ -11,25 +11,17 @@ import time
 
 import pytest
 
-from tests.conftest import (
-    POOL_ARGS,
-    MailEnv,
-    RawClient,
-    Server,
-    SyslogServer,
-    gone,
-    idle_workers,
-    make_message,
-    proc_title,
-    root_only,
-    wait_for,
-    worker_titles,
-)
+from tests.support.client import RawClient
+from tests.support.marks import root_only
+from tests.support.procs import gone, idle_workers, proc_title, wait_for, worker_titles
+from tests.support.server import POOL_ARGS, MailEnv, Server, make_message
+from tests.support.syslog import SyslogServer
+from tpops import logs
 
 needs_root = root_only("a private /dev/log (unshare --mount)")
 
 #: glibc's syslog(3) datagram: <PRI>Mmm dd hh:mm:ss tpops[PID]: message
-SYSLOG_LINE = re.compile(r"<(\d+)>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d tpops\[(\d+)\]: (.*)", re.S)
+SYSLOG_LINE = re.compile(r"<(\d+)>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d tpops\[(\d+)\]: (.*)", re.DOTALL)
 MAIL_INFO = (2 << 3) | 6  # LOG_MAIL | LOG_INFO
 MAIL_WARNING = (2 << 3) | 4
 #: The access log's format: IP START END LOGIN s_msgs s_octets e_msgs e_octets
@@ -193,6 +185,56 @@ def test_client_control_characters_are_escaped_in_syslog(mail_env: MailEnv) -> N
         _assert_one_line_each(message, "syslog")
 
 
+#: A login that is one line to a byte-oriented reader but several to a Unicode-aware one
+#: (Python's str.splitlines, journald viewers, editors): NEL, LS, PS and a C1 CSI.
+UNICODE_BREAKS_LOGIN = "eve\u0085INFO forged\u2028two\u2029three\u009b2J"
+UNICODE_BREAKS_ESCAPED = r"eve\u0085INFO forged\u2028two\u2029three\u009b2J"
+
+
+@pytest.mark.parametrize(("raw", "escaped"), [
+    ("a\u0085b", r"a\u0085b"),                      # NEL
+    ("a\u2028b\u2029c", r"a\u2028b\u2029c"),        # line and paragraph separators
+    ("\x80\x9b\x9f", r"\u0080\u009b\u009f"),        # C1 controls, CSI among them
+    ("\x1c\x1d\x1e\x7f", r"\x1c\x1d\x1e\x7f"),        # what str.splitlines also splits on
+    ("caf\u00e9 \u65e5\u672c \u00a0\u00ad", "caf\u00e9 \u65e5\u672c \u00a0\u00ad"),  # printable text stays
+    ("back\\slash", r"back\\slash"),
+])
+def test_escape_covers_unicode_line_breaks(raw: str, escaped: str) -> None:
+    assert logs.escape(raw) == escaped
+    assert logs.escape(raw.encode()) == escaped
+
+
+def test_escape_keeps_undecodable_bytes_apart_from_c1_characters() -> None:
+    assert logs.escape(b"\x85|\xc2\x85") == r"\x85|\u0085"
+
+
+def test_nothing_python_splits_a_line_on_survives_escape() -> None:
+    breakers = [chr(c) for c in range(0x110000)
+                if not 0xD800 <= c <= 0xDFFF and len(f"a{chr(c)}b".splitlines()) > 1]
+    assert "\u0085" in breakers and "\u2028" in breakers
+    for ch in breakers:
+        assert len(logs.escape(f"a{ch}b").splitlines()) == 1, hex(ord(ch))
+        assert len(logs.one_line(f"a{ch}b").splitlines()) == 1, hex(ord(ch))
+
+
+def test_unicode_line_breaks_from_a_client_are_escaped_in_files(mail_env: MailEnv) -> None:
+    srv = Server(mail_env, "--debug").start()
+    try:
+        c = RawClient(srv.port)
+        assert c.cmd(b"USER " + UNICODE_BREAKS_LOGIN.encode()).startswith(b"+OK")
+        assert c.cmd("PASS whatever").startswith(b"-ERR [AUTH]")
+        c.cmd("QUIT")
+        c.close()
+    finally:
+        srv.stop()
+    error_log = mail_env.error_log.read_text()
+    assert f"authentication failed: {UNICODE_BREAKS_ESCAPED} from 127.0.0.1\n" in error_log
+    assert f"C: USER {UNICODE_BREAKS_ESCAPED}" in srv.output()
+    for where, text in (("access log", mail_env.access_log.read_text()), ("error log", error_log),
+                        ("stderr", srv.output())):
+        assert text.splitlines() == text.split("\n")[:-1], f"a Unicode line break in the {where}"
+
+
 @pytest.mark.timeout(60)
 def test_access_log_lines_exact_with_many_workers_appending(mail_env: MailEnv) -> None:
     users = [f"acc{i}" for i in range(24)]
@@ -284,3 +326,110 @@ def test_logs_are_reopened_after_rename(mail_env: MailEnv, signum: int) -> None:
     assert " rolf " not in rotated_access.read_text()
     assert "authentication failed: rolf from 127.0.0.1" in mail_env.error_log.read_text()
     assert "authentication failed" not in rotated_error.read_text()
+
+
+# ---------------------------------------------------------------- failing log writes
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_log_failures_are_counted_and_reported_once_per_interval() -> None:
+    clock = FakeClock()
+    failures = logs.LogFailures(interval=60, clock=clock)
+    reports: list[str] = []
+
+    def broken_sink(message: str) -> None:
+        raise OSError("this sink is full too")
+
+    failures.sinks = [broken_sink, reports.append]
+    enospc = OSError(28, "No space left on device")
+    failures.failed("/var/log/tpops/error.log", enospc)  # the first one: reported at once
+    assert reports == [("1 log write failed (last: /var/log/tpops/error.log: [Errno 28] No space left "
+                       "on device); further failures are counted and reported at most every 60 s")]
+    for step in range(5):
+        clock.now += 10
+        failures.failed("/var/log/tpops/access.log", enospc)
+        failures.tick()
+    assert len(reports) == 1 and failures.count == 5
+    clock.now += 10.5  # 60.5 s after the first report
+    failures.tick()
+    assert reports[1].startswith("5 log writes failed (last: /var/log/tpops/access.log: [Errno 28] ")
+    clock.now += 3600
+    failures.tick()  # nothing new: nothing to say
+    assert len(reports) == 2 and failures.total == 6
+
+
+def test_counts_survive_a_log_reopen() -> None:
+    clock = FakeClock()
+    old = logs.LogFailures(clock=clock)
+    old.failed("/x", None)
+    old.failed("/x", None)
+    new = logs.LogFailures(clock=clock)
+    new.adopt(old)
+    reports: list[str] = []
+    new.sinks = [reports.append]
+    new.failed("/x", None)
+    assert reports == [] and new.count == 2  # still within the minute of old's report
+    clock.now += 60
+    new.tick()
+    assert reports[0].startswith("2 log writes failed (last: /x: write failed)")
+
+
+LOG_FAILED = re.compile(r".* tpops\[(\d+)\]: ERROR (\d+) log writes? failed \(last: (.*?)\); further failures "
+                        r"are counted and reported at most every 60 s")
+
+
+def test_a_full_log_file_system_costs_no_session_and_prints_no_traceback(mail_env: MailEnv) -> None:
+    # /dev/full fails every write with ENOSPC, exactly like a full file system.
+    mail_env.add_user("fay", messages=[make_message()])
+    mail_env.write_conf(error_log="'/dev/full'", access_log="'/dev/full'", min_servers="1", max_servers="1")
+    srv = Server(mail_env).start()
+    try:
+        for _ in range(5):
+            c = RawClient(srv.port)
+            assert c.cmd("USER fay").startswith(b"+OK")
+            assert c.cmd("PASS wrong").startswith(b"-ERR [AUTH]")  # a warning: the error log
+            assert c.login("fay").startswith(b"+OK Logged in, 1 messages")
+            assert c.cmd("QUIT").startswith(b"+OK Bye")  # a line in the access log
+            c.close()
+    finally:
+        srv.stop()
+    out = srv.output()
+    assert "Traceback" not in out and "Logging error" not in out, out
+    reports = [LOG_FAILED.fullmatch(line) for line in out.splitlines() if "log write" in line]
+    assert reports and all(reports), out
+    by_pid: dict[str, list[re.Match[str]]] = {}
+    for match in reports:
+        assert match is not None
+        by_pid.setdefault(match.group(1), []).append(match)
+        assert match.group(3) == "/dev/full: [Errno 28] No space left on device"
+    # At least 10 failed writes (5 warnings, 5 access-log lines) in well under a minute:
+    # one report per process, no more.
+    assert all(len(matches) == 1 for matches in by_pid.values()), out
+    assert "authentication failed: fay from 127.0.0.1" in out  # stderr still carries the log
+    assert "logout: fay" in out
+
+
+@needs_root
+def test_failed_log_writes_are_reported_to_syslog(mail_env: MailEnv) -> None:
+    mail_env.add_user("gil", messages=[make_message()])
+    mail_env.write_conf(error_log="'/dev/full'", access_log="'/dev/full'")
+    srv = syslog_server(mail_env, *POOL_ARGS)
+    try:
+        c = RawClient(srv.port)
+        assert c.login("gil").startswith(b"+OK")
+        assert c.cmd("QUIT").startswith(b"+OK Bye")
+        c.close()
+        srv.syslog.wait_for("log write failed")
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.output() and "Logging error" not in srv.output()
+    failed = [(pri, msg) for pri, _, msg in syslog_records(srv) if "log write" in msg]
+    assert failed[0] == ((2 << 3) | 3,  # LOG_MAIL | LOG_ERR
+                         ("1 log write failed (last: /dev/full: [Errno 28] No space left on device); "
+                         "further failures are counted and reported at most every 60 s"))

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MailEnv, RawClient, Server, make_message, unstuff, worker_serving
+from tests.support.client import RawClient, unstuff
+from tests.support.procs import worker_serving
+from tests.support.server import MailEnv, Server, make_message
 
 
 def expected_wire(data: bytes) -> bytes:

@@ -3,22 +3,11 @@ workers, uid 0 refused, and a server run by an unprivileged user."""
 
 from __future__ import annotations
 
-from tests.conftest import (
-    MAIL_GID,
-    MAIL_UID,
-    MailEnv,
-    RawClient,
-    Server,
-    as_user,
-    gone,
-    idle_workers,
-    make_message,
-    proc_ids,
-    root_only,
-    wait_for,
-    worker_serving,
-    worker_titles,
-)
+from tests.support.client import RawClient
+from tests.support.marks import root_only
+from tests.support.procs import gone, idle_workers, proc_ids, wait_for, worker_serving, worker_titles
+from tests.support.server import MAIL_GID, MAIL_UID, MailEnv, Server, make_message
+from tests.support.users import as_user
 
 pytestmark = root_only("changes identities")
 

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from tests.conftest import MailEnv, RawClient, Server, make_message, unstuff
+from tests.support.client import RawClient, unstuff
+from tests.support.server import MailEnv, Server, make_message
 
 from tpops import __version__
 

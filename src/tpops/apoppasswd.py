@@ -23,7 +23,9 @@ import tempfile
 from collections.abc import Sequence
 from typing import TextIO
 
-DEFAULT_CONFIG = "/etc/tpops/tpops.conf"
+from tpops.auth.passwd import is_bdb
+from tpops.config import DEFAULT_PATH, ConfigError, load_config
+
 FILE_MODE = 0o600
 
 
@@ -34,12 +36,8 @@ class Failure(Exception):
 def _config_path(config: str) -> str:
     """``$apop_passwd_file`` from the tpops configuration file."""
     try:
-        from tpops.config import load_config
-    except ImportError as e:
-        raise Failure("no -f FILE given and tpops.config is unavailable to find $apop_passwd_file") from e
-    try:
         path = load_config(config).apop_passwd_file
-    except Exception as e:  # ConfigError and friends: show them, they name the problem
+    except ConfigError as e:  # it names the file, the line and the problem
         raise Failure(str(e)) from e
     if not path:
         raise Failure(f"no -f FILE given and $apop_passwd_file is not set in {config}")
@@ -67,13 +65,6 @@ def read_secret(stdin: TextIO | None = None) -> str:
     if any(c in secret for c in "\r\n\0"):
         raise Failure("the secret may not contain line breaks or NUL")
     return secret
-
-
-def _is_bdb(head: bytes) -> bool:
-    """Whether a file starts like a Berkeley DB hash/btree (the 2003 format)."""
-    return len(head) >= 16 and any(
-        int.from_bytes(head[12:16], order) in (0x061561, 0x053162) for order in ("little", "big")
-    )
 
 
 def updated_lines(lines: list[str], login: str, secret: str | None) -> tuple[list[str], bool]:
@@ -133,7 +124,7 @@ def run(path: str, login: str, delete: bool, stdin: TextIO | None = None) -> str
             raise Failure(f"{path} does not exist") from None
     except OSError as e:
         raise Failure(f"cannot read {path}: {e.strerror or e}") from e
-    if _is_bdb(data[:16]):
+    if is_bdb(data[:16]):
         raise Failure(f"{path} is a Berkeley DB file; convert it to login:secret text first "
                       f"(db5.3_dump -p {path})")
     lines = data.decode("utf-8", "surrogateescape").splitlines(keepends=True)
@@ -157,8 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Set (or delete) a login's APOP secret in tpops's text secrets file.",
     )
     parser.add_argument("-f", "--file", help="the secrets file (default: $apop_passwd_file of the config)")
-    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG,
-                        help=f"tpops configuration file (default: {DEFAULT_CONFIG})")
+    parser.add_argument("-c", "--config", default=DEFAULT_PATH,
+                        help=f"tpops configuration file (default: {DEFAULT_PATH})")
     parser.add_argument("-d", "--delete", action="store_true", help="delete LOGIN's secret")
     parser.add_argument("login", metavar="LOGIN")
     args = parser.parse_args(argv)

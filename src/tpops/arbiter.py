@@ -6,9 +6,20 @@ TServer semantics, made robust (gunicorn's arbiter is the model): the master sta
 once, and the master then forks one more worker for each connection waiting in the
 listen queue. Signal handlers only queue the signal; the loop reaps, rescales and
 handles SIGTERM/SIGINT (stop), SIGHUP (reload, workers forced off) and SIGUSR1
-(reload, workers finish their session). Workers idle longer than ``$max_idle`` are
-retired while more than ``$min_servers`` run. Workers that keep failing at start-up
-stop the master instead of fork-looping; workers whose master died exit by themselves.
+(reload, workers finish their session). A reload whose configuration does not load or
+whose pre-flight worker cannot boot changes nothing: the running workers go on.
+Workers idle longer than ``$max_idle`` are retired while more than ``$min_servers``
+run. Workers that keep failing at start-up stop the master only if no worker ever
+booted (a start-up that never worked); once the server has served, a failing boot
+is retried with a growing delay (1, 2, 4 ... 60 s, one worker at a time) until the
+cause is removed. Workers whose master died exit by themselves.
+
+The watchdog (gunicorn's ``murder_workers``): a busy worker marks its progress in the
+pool's shared table (:mod:`tpops.limits`) on every read and write; one silent for
+longer than ``$command_timeout`` plus a grace period (hung in a backend call, an NFS
+read, a user's FIFO, or SIGSTOPped by the user it runs as) is killed with SIGKILL and
+replaced. Nothing is deleted (UPDATE runs only after QUIT, and a killed process
+writes nothing more) and its mailbox lock dies with it.
 """
 
 from __future__ import annotations
@@ -30,8 +41,9 @@ from setproctitle import setproctitle
 from tpops import logs
 from tpops.auth.base import Authenticator
 from tpops.config import Config, ConfigError
+from tpops.limits import SharedLimits
 from tpops.protocol import drain
-from tpops.worker import EXIT_BOOT_FAILED, IDLE, MASTER_SIGNALS, REPORT, Worker, warm_up
+from tpops.worker import BUSY, EXIT_BOOT_FAILED, IDLE, MASTER_SIGNALS, REPORT, Worker, warm_up
 
 log = logs.get("arbiter")
 
@@ -43,6 +55,25 @@ STOP_GRACE = 4.0
 SPARE_WORKERS = 2
 #: The loop's wake-up interval for ``$max_idle`` checks when nothing happens.
 TICK = 1.0
+#: Longest wait between two attempts to start a worker once boots fail after a good start.
+MAX_BACKOFF = 60.0
+#: Worker slots in the shared table at least (a reload may raise $max_servers up to
+#: the table's size; beyond it, a restart).
+MIN_SLOTS = 256
+#: The watchdog's grace beyond $command_timeout: $command_timeout itself, within these bounds.
+WATCHDOG_GRACE_MIN = 2
+WATCHDOG_GRACE_MAX = 60
+
+
+def watchdog_limit(config: Config) -> float:
+    """Seconds without progress after which a busy worker is killed.
+
+    A session never waits longer than ``$command_timeout`` for its client, so silence
+    beyond it is a worker stuck elsewhere; the grace leaves room for slow but working
+    backend calls and Maildir scans.
+    """
+    timeout = config.command_timeout
+    return float(timeout + min(max(timeout, WATCHDOG_GRACE_MIN), WATCHDOG_GRACE_MAX))
 
 
 @dataclass
@@ -55,6 +86,10 @@ class WorkerInfo:
     since: float = 0.0
     booted: bool = False
     retiring: bool = False
+    #: Its slot in the shared table, and the watchdog's limit under its configuration.
+    slot: int = 0
+    limit: float = 0.0
+    killed: bool = False
 
 
 @dataclass
@@ -69,10 +104,18 @@ class Arbiter:
     workers: dict[int, WorkerInfo] = field(default_factory=dict)
     signals: list[int] = field(default_factory=list)
     boot_failures: int = 0
+    #: A worker has booted since the master started: boot failures then back off instead of stopping.
+    ever_booted: bool = False
+    #: Current delay between boot attempts (0: workers boot fine) and when the next may start.
+    backoff: float = 0.0
+    spawn_after: float = 0.0
     stopping: bool = False
     exit_status: int = 0
     #: The backend prepared in the master (user list read, modules imported), inherited by workers.
     authenticator: Authenticator | None = None
+    #: Per-worker heartbeats and per-address state shared with the workers (made in :meth:`run`).
+    limits: SharedLimits | None = None
+    slots_warned: bool = False
 
     # -- signal plumbing ---------------------------------------------------
 
@@ -92,6 +135,8 @@ class Arbiter:
             signal.signal(signum, self._queue_signal)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         self.authenticator = warm_up(self.config)
+        if self.limits is None:
+            self.limits = SharedLimits(max(self.config.max_servers, MIN_SLOTS))
         gc.freeze()  # workers share the master's objects: no collection copies their pages
         addresses = ", ".join(_address(s) for s in self.listeners)
         log.info("tpops master %d listening on %s", os.getpid(), addresses)
@@ -107,6 +152,7 @@ class Arbiter:
                     self.read_reports()
                 self.handle_signals()
                 self.reap()
+                self.murder_stuck()
                 self.retire_idle()
         finally:
             self.shutdown()
@@ -132,6 +178,12 @@ class Arbiter:
         plus one for each connection already waiting in the listen queue (a burst is met
         with as many workers at once, not two per round trip)."""
         waiting = None
+        if self.backoff:
+            # Workers fail to boot: one attempt at a time, each after the current delay.
+            if time.monotonic() < self.spawn_after or any(not w.booted for w in self.workers.values()):
+                return
+            self.spawn()
+            return
         while True:
             active = [w for w in self.workers.values() if not w.retiring]
             idle = sum(1 for w in active if w.state == IDLE)
@@ -146,7 +198,24 @@ class Arbiter:
             if not self.spawn():
                 return
 
+    def _free_slot(self) -> int | None:
+        assert self.limits is not None
+        used = {w.slot for w in self.workers.values()}
+        for slot in range(self.limits.slots):
+            if slot not in used:
+                return slot
+        if not self.slots_warned:
+            log.warning("$max_servers above %d needs a restart; running %d workers",
+                        self.limits.slots, len(self.workers))
+            self.slots_warned = True
+        return None
+
     def spawn(self) -> bool:
+        slot = self._free_slot()
+        if slot is None:
+            return False
+        assert self.limits is not None
+        self.limits.reset_slot(slot)
         # Blocked across fork(): a signal meant for the new worker waits until the worker
         # has its own handlers (it unblocks them), instead of landing in the master's queue
         # it inherited, where nobody would ever look at it.
@@ -160,7 +229,7 @@ class Arbiter:
         if pid == 0:  # the child: never return into the master's loop
             status = 1
             try:
-                status = self._worker_main()
+                status = self._worker_main(slot)
             except BaseException:
                 log.exception("worker %d crashed", os.getpid())
                 status = 1
@@ -168,16 +237,17 @@ class Arbiter:
                 os._exit(status)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
         now = time.monotonic()
-        self.workers[pid] = WorkerInfo(pid, now, IDLE, now)
+        self.workers[pid] = WorkerInfo(pid, now, IDLE, now, slot=slot, limit=watchdog_limit(self.config))
         return True
 
-    def _worker_main(self) -> int:
+    def _worker_main(self, slot: int) -> int:
         os.close(self.report_r)
         os.close(self.wake_r)
         os.close(self.wake_w)
         signal.set_wakeup_fd(-1)
         self.signals.clear()
-        worker = Worker(self.config, self.listeners, self.report_w, self.log_files, self.authenticator)
+        worker = Worker(self.config, self.listeners, self.report_w, self.log_files, self.authenticator,
+                        limits=self.limits, slot=slot)
         return worker.run()
 
     def read_reports(self) -> None:
@@ -201,6 +271,10 @@ class Arbiter:
             if not info.booted:
                 info.booted = True
                 self.boot_failures = 0
+                self.ever_booted = True
+                if self.backoff:
+                    log.warning("worker %d started: workers boot again, the pool is refilled", pid)
+                    self.backoff = 0.0
             info.state = state
             info.since = now
 
@@ -215,11 +289,22 @@ class Arbiter:
             info = self.workers.pop(pid, None)
             if info is None:
                 continue
+            if self.limits is not None:  # its connection no longer counts for its client's address
+                self.limits.reset_slot(info.slot)
             code = os.waitstatus_to_exitcode(status)
             if code == 0 or info.retiring:
                 continue
             if not info.booted or code == EXIT_BOOT_FAILED:
                 self.boot_failures += 1
+                if self.ever_booted:
+                    # The server has worked with this configuration: the cause is in the
+                    # environment (a file, a directory, a backend) and may go away. Never
+                    # take the whole service down for it; retry with a growing delay.
+                    self.backoff = min(max(1.0, self.backoff * 2), MAX_BACKOFF)
+                    self.spawn_after = time.monotonic() + self.backoff
+                    log.error("worker %d failed to start (exit status %d); next attempt in %d s",
+                              pid, code, self.backoff)
+                    continue
                 log.error("worker %d failed to start (exit status %d)", pid, code)
                 if self.boot_failures >= MAX_BOOT_FAILURES and not self.stopping:
                     log.error(
@@ -232,6 +317,21 @@ class Arbiter:
                 log.error("worker %d killed by signal %s; replacing it", pid, signal.Signals(-code).name)
             else:
                 log.error("worker %d exited with status %d; replacing it", pid, code)
+
+    def murder_stuck(self) -> None:
+        """The watchdog: SIGKILL busy workers silent for longer than their limit."""
+        if self.limits is None:
+            return
+        now = time.monotonic()
+        for info in self.workers.values():
+            if info.state != BUSY or info.killed:
+                continue
+            silent = now - max(info.since, self.limits.last_beat(info.slot))
+            if silent > info.limit:
+                log.error("worker %d made no progress for %d s (limit %d s: $command_timeout and a grace): "
+                          "killing it", info.pid, silent, info.limit)
+                self._signal(info, signal.SIGKILL)
+                info.killed = True
 
     def retire_idle(self) -> None:
         """Ask workers idle for more than $max_idle to exit while more than $min_servers run."""
@@ -257,16 +357,24 @@ class Arbiter:
     def reload(self, force: bool) -> None:
         """SIGHUP (force) / SIGUSR1: new configuration, reopened logs, fresh workers.
 
-        A configuration that does not load (or whose workers could not start) is logged
-        and the running one kept; the logs are reopened and the workers replaced either
-        way, so logrotate's rename-then-signal always works.
+        A configuration that does not load, or whose pre-flight worker cannot boot, is
+        logged and changes nothing: the running configuration and workers go on (their
+        replacements might not boot, and a reload must never take the service down).
+        The master still reopens its own logs (logrotate's rename-then-signal); the
+        running workers write to the files they have until they are recycled
+        (``$max_use``, ``$max_idle``) or the next good reload.
         """
         name = "SIGHUP" if force else "SIGUSR1"
         try:
             config = self.reload_config()
         except (ConfigError, OSError, ValueError) as exc:
-            log.error("%s: configuration not reloaded, keeping the running one: %s", name, _one_line(exc))
-            config = self.config
+            log.error("%s: configuration not reloaded, keeping the running one and its workers: %s",
+                      name, _one_line(exc))
+            try:
+                self.log_files.reopen()
+            except OSError as reopen_error:
+                log.error("%s: cannot reopen the logs, keeping the open ones: %s", name, reopen_error)
+            return
         if (config.port, config.bind_address) != (self.config.port, self.config.bind_address):
             log.warning("%s: a new $port or $bind_address needs a restart; still listening on %s", name,
                         ", ".join(_address(s) for s in self.listeners))

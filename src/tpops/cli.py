@@ -15,7 +15,15 @@ import sys
 from collections.abc import Sequence
 
 from tpops import __version__, logs
-from tpops.config import DEFAULT_PATH, Config, ConfigError, check_config, format_effective, load_config
+from tpops.config import (
+    DEFAULT_PATH,
+    Config,
+    ConfigError,
+    ConfigFile,
+    config_problems,
+    format_effective,
+    read_config_file,
+)
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 1
@@ -50,13 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group", metavar="GROUP", help="run the workers as GROUP, name or number ($group)")
     parser.add_argument("--pidfile", metavar="FILE", help="write the master's pid to FILE ($pid_file)")
     parser.add_argument("--check-config", action="store_true",
-                        help="print the effective settings and exit 0, or the errors and exit 2")
+                        help="check the configuration (values, users, groups, log directories); print "
+                             "the effective settings and exit 0, or the errors and exit 2")
     return parser
 
 
-def effective_config(options: argparse.Namespace) -> Config:
-    """The file's settings with the command-line options applied on top."""
-    config = load_config(options.config_file)
+def effective_config(options: argparse.Namespace, *, check_system: bool = False) -> Config:
+    """The file's settings with the command-line options applied on top.
+
+    A problem is reported as ``command line: ...`` when an option set one of the
+    parameters involved, else as ``FILE:LINE: ...``. ``check_system`` (for
+    ``--check-config``) also checks the configuration against this host: users,
+    groups, the directories of log and pid files.
+    """
+    source = read_config_file(options.config_file)
     overrides: dict[str, object] = {}
     if options.domain is not None:
         overrides["default_domain"] = options.domain
@@ -74,11 +89,20 @@ def effective_config(options: argparse.Namespace) -> Config:
         overrides["group"] = options.group
     if options.pidfile is not None:
         overrides["pid_file"] = options.pidfile
-    config = dataclasses.replace(config, **overrides)
-    errors = check_config(config)
-    if errors:
-        raise ConfigError([f"command line: {e}" for e in errors])
+    config = dataclasses.replace(source.config, **overrides)
+    problems = config_problems(config)
+    if not problems and check_system:
+        from tpops.system_checks import system_problems
+
+        problems = system_problems(config)
+    if problems:
+        raise ConfigError(_blamed(source, problems, overrides))
     return config
+
+
+def _blamed(source: ConfigFile, problems: list[tuple[tuple[str, ...], str]],
+            overrides: dict[str, object]) -> list[str]:
+    return [source.blame(names, message, overridden=overrides) for names, message in problems]
 
 
 def setup_logs(config: Config, *, foreground: bool) -> logs.LogSetup:
@@ -96,8 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.version:
         print(f"tpops {__version__}")
         return 0
+    if options.config_file is not None:
+        # The daemon changes to / and reloads re-read this path: resolve it once, now.
+        options.config_file = os.path.abspath(options.config_file)
     try:
-        config = effective_config(options)
+        config = effective_config(options, check_system=options.check_config)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG
@@ -168,12 +195,11 @@ def run_standalone(config: Config, options: argparse.Namespace) -> int:
 
 
 def prepare_workers(config: Config) -> None:
-    """The lock directory, then a throw-away worker boot: raises ValueError if workers
+    """A throw-away worker boot (lock directory included): raises ValueError if workers
     could not start, so the error is reported before detaching (or before a reload is
     accepted) rather than by a master that gives up after forking."""
     from tpops.worker import preflight
 
-    prepare_lock_dir(config)
     reason = preflight(config)
     if reason is not None:
         raise ValueError(f"workers cannot start: {reason}")
@@ -183,17 +209,6 @@ def _stderr_to(log_files: logs.LogSetup) -> None:
     """A daemon's stderr (uncaught tracebacks) is ``$error_log``, the file now at that path."""
     if log_files.error_log is not None:
         os.dup2(log_files.error_log.fd, 2)
-
-
-def prepare_lock_dir(config: Config) -> None:
-    """Create ``$passwd_lock_dir`` (0700); with ``--user`` it belongs to that user."""
-    from tpops.privileges import lookup_identity
-
-    path = config.passwd_lock_dir
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    if os.geteuid() == 0 and config.user is not None:
-        identity = lookup_identity(config.user, config.group)
-        os.chown(path, identity.uid, identity.gid)
 
 
 if __name__ == "__main__":  # pragma: no cover

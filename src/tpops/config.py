@@ -1,26 +1,16 @@
-r"""Configuration: read tpops.conf (the original TPOPS Ruby-syntax file) without running Ruby.
+"""Configuration: the tpops.conf parameters, their defaults and checks, and ``--check-config`` output.
 
-The file is a list of ``$name = value`` lines, exactly as the 2003 TPOPS read it
-with ``load``; the original ``tpops.conf.sample`` loads unchanged.  Instead of
-evaluating Ruby, a small tokenizer accepts only this grammar::
+The file's syntax (TPOPS's Ruby ``$name = value`` lines, read without running
+Ruby) is :mod:`tpops.config_syntax`; this module is the schema on top of it:
+the :class:`Config` fields with their defaults and one-line descriptions, the
+kind each value must have (:class:`Kind`), ranges and combinations
+(:func:`check_config`), and :func:`format_effective`, which prints every
+parameter back in the file's syntax.
 
-    line      := blank | comment | assignment [comment]
-    comment   := '#' anything                      (also =begin ... =end blocks,
-                                                    and __END__ ends the file)
-    assignment:= '$' NAME '=' value
-    value     := intexpr                           60*60, 2*60+30, -1, 1_000
-               | 'single quoted'                   only \\ and \' are escapes
-               | "double quoted"                   \\ \" \n \t \# escapes; #{...} is an error
-               | true | false | nil
-               | Syslog::LOG_MAIL                  and the other facility names
-               | `uname -n`.chomp                  this host's name; no other command
-
-Integer expressions use ``+``, ``-`` and ``*`` with normal precedence (no
-parentheses, no division); a leading zero (Ruby octal) is refused rather than
-guessed.  Any other construct, an unknown parameter, a value of the wrong type
-or a value out of range raises :class:`ConfigError`, whose messages read
-``FILE:LINE: what is wrong``; all errors of a file are collected.  If a
-parameter is assigned twice, the last assignment wins, as in Ruby.
+Any unknown parameter, a value of the wrong type or a value out of range raises
+:class:`ConfigError`, whose messages read ``FILE:LINE: what is wrong``; all
+errors of a file are collected.  If a parameter is assigned twice, the last
+assignment wins, as in Ruby.
 
 The file is read as UTF-8; undecodable bytes are tolerated in comments (old
 files may carry EUC-JP comments) but not inside values.
@@ -33,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
+import enum
 import re
 import syslog
 import typing
@@ -41,17 +31,36 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tpops.config_syntax import (
+    SYSLOG_FACILITIES,
+    Assignment,
+    Facility,
+    literal,
+    nodename,
+    quote,
+    read_statements,
+)
+from tpops.mailbox.lock import default_lock_dir
+from tpops.tls import TLSConfigError, parse_min_version
+from tpops.mailbox.lock import MAILBOX_LOCKS, default_lock_dir
+from tpops.proxy import TrustedNetworks
+
 __all__ = [
-    "DEFAULT_PATH",
     "AUTH_TYPES",
+    "DEFAULT_MYSQL_AUTH_QUERY",
+    "DEFAULT_PATH",
     "PARAMETER_DOCS",
     "SYSLOG_FACILITIES",
     "Config",
     "ConfigError",
+    "ConfigFile",
+    "Kind",
     "check_config",
+    "config_problems",
     "format_effective",
     "load_config",
     "parse_config",
+    "read_config_file",
 ]
 
 DEFAULT_PATH = "/etc/tpops/tpops.conf"
@@ -59,25 +68,10 @@ DEFAULT_PATH = "/etc/tpops/tpops.conf"
 #: The accepted values of ``$auth_type`` (case-sensitive, as in TPOPS).
 AUTH_TYPES: tuple[str, ...] = ("Passwd", "MySQL", "File")
 
-_FACILITY_NAMES = (
-    "LOG_KERN", "LOG_USER", "LOG_MAIL", "LOG_DAEMON", "LOG_AUTH", "LOG_LPR",
-    "LOG_NEWS", "LOG_UUCP", "LOG_CRON", "LOG_AUTHPRIV",
-    "LOG_LOCAL0", "LOG_LOCAL1", "LOG_LOCAL2", "LOG_LOCAL3",
-    "LOG_LOCAL4", "LOG_LOCAL5", "LOG_LOCAL6", "LOG_LOCAL7",
-)
-#: ``Syslog::LOG_*`` facility name -> the stdlib :mod:`syslog` constant.
-SYSLOG_FACILITIES: dict[str, int] = {
-    name: getattr(syslog, name) for name in _FACILITY_NAMES if hasattr(syslog, name)
-}
 _FACILITY_BY_VALUE: dict[int, str] = {v: k for k, v in SYSLOG_FACILITIES.items()}
-# Ruby's Syslog names that exist but are not facilities: named in error messages.
-_NOT_FACILITIES = frozenset({
-    "LOG_EMERG", "LOG_ALERT", "LOG_CRIT", "LOG_ERR", "LOG_WARNING", "LOG_NOTICE",
-    "LOG_INFO", "LOG_DEBUG", "LOG_PID", "LOG_CONS", "LOG_ODELAY", "LOG_NDELAY",
-    "LOG_NOWAIT", "LOG_PERROR",
-})
 
-_DEFAULT_MYSQL_AUTH_QUERY = 'select login,passwd,uid,maildir from user where login="%s"'
+#: The query TPOPS used when ``$mysql_auth_query`` is not set.
+DEFAULT_MYSQL_AUTH_QUERY = 'select login,passwd,uid,maildir from user where login="%s"'
 _SECRET = "********"
 _SECRETS = frozenset({"mysql_pass"})
 
@@ -85,10 +79,6 @@ _SECRETS = frozenset({"mysql_pass"})
 def _p(default: Any, doc: str) -> Any:
     """A configuration field with its one-line description in the metadata."""
     return field(default=default, metadata={"doc": doc})
-
-
-def _nodename() -> str:
-    return os.uname().nodename
 
 
 class ConfigError(Exception):
@@ -112,14 +102,14 @@ class Config:
     """The effective tpops configuration; field names are the file's ``$names``.
 
     Field order is the order :func:`format_effective` prints: server and
-    process settings, logging, worker limits, mailbox, authentication, MySQL.
+    process settings, TLS, logging, worker limits, mailbox, authentication, MySQL.
     """
 
     # --- server
     port: int = _p(110, "TCP port to listen on (0 = any free port)")
     bind_address: str | None = _p(
         None, "addresses to listen on, separated by commas/spaces (nil = all, IPv6 and IPv4)")
-    hostname: str = field(default_factory=_nodename, metadata={
+    hostname: str = field(default_factory=nodename, metadata={
         "doc": "host name used in the greeting and APOP banner (default: this host's name)"})
     with_inetd: bool = _p(False, "true if started by inetd (one session on stdin/stdout)")
     user: str | None = _p(None, "run workers as this user (name, or numeric uid as a string)")
@@ -127,7 +117,19 @@ class Config:
     pid_file: str | None = _p(None, "file to write the server's process id to")
     connection_keep_time: int = _p(3600, "maximum seconds a connection may last")
     command_timeout: int = _p(600, "maximum seconds to wait for the next command")
-    login_timeout: int = _p(60, "maximum seconds from connect until a successful login")
+    # --- TLS (on when $tls_cert_file is set)
+    tls_cert_file: str | None = _p(
+        None, "PEM server certificate, optionally followed by its chain (nil = no TLS)")
+    tls_key_file: str | None = _p(None, "PEM private key of $tls_cert_file (unencrypted)")
+    tls_port: int | None = _p(995, "implicit-TLS port on $bind_address (nil = none; STLS only)")
+    tls_min_version: str = _p("TLSv1.2", "oldest TLS version accepted: 'TLSv1.2' or 'TLSv1.3'")
+    tls_ciphers: str | None = _p(
+        None, "OpenSSL cipher list for TLS 1.2 (nil = OpenSSL's secure default)")
+    disable_plaintext_auth: bool | None = _p(
+        None, "refuse passwords in clear off TLS and loopback (nil = true when TLS is on)")
+    haproxy_trusted_networks: str | None = _p(
+        None, "load balancers (addresses/CIDRs, by spaces or commas) whose connections start "
+              "with a PROXY v1/v2 header naming the client (nil = none)")
     # --- logging
     access_log: str | None = _p(None, "file logging one line per finished session")
     error_log: str | None = _p(None, "file for error messages")
@@ -142,6 +144,9 @@ class Config:
     max_idle: int = _p(100, "maximum idle time of a worker process, in seconds")
     max_bad_commands: int = _p(10, "unknown/invalid commands before the connection is closed")
     max_auth_failures: int = _p(3, "failed logins before the connection is closed")
+    max_connections_per_ip: int = _p(10, "simultaneous connections from one address, loopback too (0 = no limit)")
+    max_auth_penalty: int = _p(15, "cap in seconds of the growing delay after failed logins from one address (0 = none)")
+    login_timeout: int = _p(60, "maximum seconds a connection may stay unauthenticated")
     # --- mailbox
     maildir_extended: bool = _p(
         False, "trust the Maildir++ ,S= size in file names (it is the file size)")
@@ -153,7 +158,11 @@ class Config:
     auth_type: str = _p("Passwd", "authentication type: 'Passwd', 'MySQL' or 'File'")
     default_domain: str | None = _p(
         None, "domain tried as user@domain when a login has no '@', '%' or '+'")
-    passwd_lock_dir: str = _p("/var/tmp/tpops", "directory holding the mailbox lock files")
+    passwd_lock_dir: str = field(default_factory=default_lock_dir, metadata={
+        "doc": "directory holding the mailbox lock files (default /run/tpops/locks as root)"})
+    mailbox_lock: str | None = _p(
+        None, "one-session lock: 'local' (flock in $passwd_lock_dir), 'maildir' (OFD lock file in "
+              "the Maildir, for shared storage) or 'mysql' (GET_LOCK); nil = 'mysql' for MySQL, else 'local'")
     apop_passwd_file: str | None = _p(None, "APOP password database (login -> plain password)")
     auth_file: str | None = _p(None, "user file for auth_type 'File'")
     # --- MySQL (auth_type 'MySQL')
@@ -164,7 +173,7 @@ class Config:
     mysql_pass: str | None = _p(None, "MySQL password")
     mysql_db: str | None = _p(None, "MySQL database name")
     mysql_auth_query: str = _p(
-        _DEFAULT_MYSQL_AUTH_QUERY,
+        DEFAULT_MYSQL_AUTH_QUERY,
         "query returning login, passwd, uid, maildir; %s is replaced with the login name")
 
     def bind_addresses(self) -> list[str]:
@@ -172,6 +181,13 @@ class Config:
         if self.bind_address is None:
             return []
         return [a for a in re.split(r"[\s,]+", self.bind_address) if a]
+
+    def plaintext_auth_disabled(self) -> bool:
+        """The effective :attr:`disable_plaintext_auth`: when unset (``nil``), true exactly
+        when a certificate is configured (TPOPS compatibility without TLS)."""
+        if self.disable_plaintext_auth is None:
+            return self.tls_cert_file is not None
+        return self.disable_plaintext_auth
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` listing every problem :func:`check_config` finds."""
@@ -182,29 +198,58 @@ class Config:
 
 # ---------------------------------------------------------------- field kinds
 
-_INT, _BOOL, _STR, _OPT_STR, _FACILITY = "int", "bool", "str", "str|None", "facility"
+class Kind(enum.Enum):
+    """What a parameter's value must be; the value is how an error message names it."""
+
+    INT = "an integer"
+    BOOL = "true or false"
+    STR = "a string"
+    OPT_STR = "a string or nil"
+    OPT_INT = "an integer or nil"
+    OPT_BOOL = "true, false or nil"
+    FACILITY = "a syslog facility (Syslog::LOG_MAIL, ...) or nil"
+
+    def accepts(self, value: object) -> bool:
+        """True when ``value`` (a plain Python value, not a :class:`Facility`) fits."""
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if self is Kind.INT:
+            return is_int
+        if self is Kind.BOOL:
+            return isinstance(value, bool)
+        if self is Kind.STR:
+            return isinstance(value, str)
+        if self is Kind.OPT_STR:
+            return value is None or isinstance(value, str)
+        if self is Kind.OPT_BOOL:
+            return value is None or isinstance(value, bool)
+        return value is None or is_int
+
 
 _HINTS = typing.get_type_hints(Config)
 _FIELDS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(Config)
 _NAMES: tuple[str, ...] = tuple(f.name for f in _FIELDS)
 
 
-def _kind_of(name: str) -> str:
+def _kind_of(name: str) -> Kind:
     hint = _HINTS[name]
     if name == "syslog_facility":
-        return _FACILITY
+        return Kind.FACILITY
     if hint is int:
-        return _INT
+        return Kind.INT
     if hint is bool:
-        return _BOOL
+        return Kind.BOOL
     if hint is str:
-        return _STR
+        return Kind.STR
     if hint == (str | None):
-        return _OPT_STR
+        return Kind.OPT_STR
+    if hint == (int | None):
+        return Kind.OPT_INT
+    if hint == (bool | None):
+        return Kind.OPT_BOOL
     raise TypeError(f"config field {name}: unsupported type {hint!r}")  # pragma: no cover
 
 
-_KINDS: dict[str, str] = {name: _kind_of(name) for name in _NAMES}
+_KINDS: dict[str, Kind] = {name: _kind_of(name) for name in _NAMES}
 
 #: ``name -> one-line description`` of every parameter, in :func:`format_effective` order.
 PARAMETER_DOCS: dict[str, str] = {f.name: f.metadata["doc"] for f in _FIELDS}
@@ -218,38 +263,28 @@ def _describe(value: object) -> str:
         return "nil"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, _Facility):
+    if isinstance(value, Facility):
         return f"Syslog::{value.name}"
     if isinstance(value, int):
         return f"the integer {value}"
     if isinstance(value, str):
-        return f"the string {_quote(value)}"
+        return f"the string {quote(value)}"
     return repr(value)
 
 
-def _type_error(name: str, kind: str, value: object) -> str | None:
+def _type_error(name: str, kind: Kind, value: object) -> str | None:
     """The message if ``value`` does not fit the type of parameter ``name``."""
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    if kind == _INT:
-        ok, want = is_int, "an integer"
-    elif kind == _BOOL:
-        ok, want = isinstance(value, bool), "true or false"
-    elif kind == _STR:
-        ok, want = isinstance(value, str), "a string"
-    elif kind == _OPT_STR:
-        ok, want = value is None or isinstance(value, str), "a string or nil"
-    else:
-        ok, want = value is None or is_int, "a syslog facility (Syslog::LOG_MAIL, ...) or nil"
-    if ok:
+    if kind.accepts(value):
         return None
+    is_int = isinstance(value, int) and not isinstance(value, bool)
     hint = ""
     if name in ("user", "group") and is_int:
         hint = f" (write a numeric id as a string: '{value}')"
-    elif kind == _BOOL and isinstance(value, str) and value.lower() in ("true", "false"):
+    elif kind in (Kind.BOOL, Kind.OPT_BOOL) and isinstance(value, str) and value.lower() in ("true", "false"):
         hint = f" (write {value.lower()} without quotes)"
-    elif kind == _INT and isinstance(value, str) and re.fullmatch(r" *[0-9]+ *", value):
+    elif kind in (Kind.INT, Kind.OPT_INT) and isinstance(value, str) and re.fullmatch(r" *[0-9]+ *", value):
         hint = f" (write {value.strip()} without quotes)"
-    return f"${name}: expected {want}, got {_describe(value)}{hint}"
+    return f"${name}: expected {kind.value}, got {_describe(value)}{hint}"
 
 
 _BAD_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -257,12 +292,17 @@ _SURROGATES = re.compile(r"[\ud800-\udfff]")
 # Optional strings that would be meaningless when empty (use nil instead).
 _NONEMPTY_OPTIONAL = ("bind_address", "user", "group", "pid_file", "access_log",
                       "error_log", "default_domain", "apop_passwd_file", "auth_file",
-                      "mysql_socket")
+                      "mysql_socket", "tls_cert_file", "tls_key_file", "tls_ciphers",
+                      "haproxy_trusted_networks", "mailbox_lock")
 _NONEMPTY = ("hostname", "passwd_lock_dir", "mysql_auth_query")
 
 
-def _checks(config: Config) -> list[tuple[tuple[str, ...], str]]:
-    """Every problem as (parameters involved, message)."""
+def _checks(config: Config, *, complete: bool = True) -> list[tuple[tuple[str, ...], str]]:
+    """Every problem as (parameters involved, message).
+
+    ``complete=False`` leaves out what the command line may still fix (``--user``
+    for a file's ``$group``): a file is checked on its own before the options apply.
+    """
     out: list[tuple[tuple[str, ...], str]] = []
 
     def bad(names: str | tuple[str, ...], msg: str) -> None:
@@ -299,9 +339,10 @@ def _checks(config: Config) -> list[tuple[tuple[str, ...], str]]:
 
     in_range("port", 0, 65535)
     in_range("mysql_port", 1, 65535)
+    if ok("tls_port") and config.tls_port is not None:
+        in_range("tls_port", 0, 65535)
     at_least("connection_keep_time", 1)
     at_least("command_timeout", 1)
-    at_least("login_timeout", 1)
     at_least("error_interval", 0)
     at_least("min_servers", 1)
     at_least("max_use", 0, " (0 = no limit)")
@@ -310,6 +351,9 @@ def _checks(config: Config) -> list[tuple[tuple[str, ...], str]]:
     at_least("max_auth_failures", 1)
     at_least("first_valid_uid", 1, " (uid 0 is never served)")
     at_least("last_valid_uid", 0, " (0 = no upper bound)")
+    at_least("max_connections_per_ip", 0, " (0 = no limit)")
+    at_least("max_auth_penalty", 0, " (0 = none)")
+    at_least("login_timeout", 1)
     if (ok("min_servers", "max_servers") and config.min_servers >= 1
             and config.max_servers < config.min_servers):
         bad(("min_servers", "max_servers"),
@@ -327,12 +371,42 @@ def _checks(config: Config) -> list[tuple[tuple[str, ...], str]]:
         same = [t for t in AUTH_TYPES if t.lower() == config.auth_type.lower()]
         hint = f"; did you mean '{same[0]}'? (case matters)" if same else ""
         bad("auth_type", f"$auth_type must be one of {choices}, "
-                         f"got {_quote(config.auth_type)}{hint}")
+                         f"got {quote(config.auth_type)}{hint}")
     if ok("auth_type", "auth_file") and config.auth_type == "File" and config.auth_file is None:
         bad(("auth_type", "auth_file"), "$auth_type 'File' requires $auth_file")
 
+    if ok("tls_cert_file", "tls_key_file") and \
+            (config.tls_cert_file is None) != (config.tls_key_file is None):
+        given, missing = (("tls_cert_file", "tls_key_file") if config.tls_key_file is None
+                          else ("tls_key_file", "tls_cert_file"))
+        bad(("tls_cert_file", "tls_key_file"), f"${given} requires ${missing}")
+    if ok("tls_min_version"):
+        try:
+            parse_min_version(config.tls_min_version)
+        except TLSConfigError as e:
+            bad("tls_min_version", str(e))
+    if ok("tls_cert_file", "tls_port", "port") and config.tls_cert_file is not None \
+            and config.tls_port is not None and config.tls_port == config.port != 0:
+        bad(("port", "tls_port"), f"$tls_port and $port are both {config.port}; "
+                                  f"use another $tls_port (or nil for STLS only)")
+
+    if ok("mailbox_lock") and config.mailbox_lock is not None and config.mailbox_lock not in MAILBOX_LOCKS:
+        bad("mailbox_lock", f"$mailbox_lock must be one of {', '.join(repr(k) for k in MAILBOX_LOCKS)} "
+                            f"or nil, got {quote(config.mailbox_lock)}")
+    if ok("haproxy_trusted_networks") and config.haproxy_trusted_networks:
+        try:
+            if not TrustedNetworks.parse(config.haproxy_trusted_networks):
+                bad("haproxy_trusted_networks", "$haproxy_trusted_networks: no network given (use nil for none)")
+        except ValueError as exc:
+            bad("haproxy_trusted_networks", str(exc))
     if ok("bind_address") and config.bind_address and not config.bind_addresses():
         bad("bind_address", "$bind_address: no address given (use nil for all addresses)")
+    if ok("auth_type", "mysql_auth_query") and config.auth_type == "MySQL" \
+            and "%s" not in config.mysql_auth_query:
+        bad(("auth_type", "mysql_auth_query"),
+            "$mysql_auth_query has no %s where the login name goes")
+    if complete and ok("user", "group") and config.group is not None and config.user is None:
+        bad(("user", "group"), "$group requires $user (the workers run as $user, in $group)")
     return out
 
 
@@ -344,259 +418,70 @@ def check_config(config: Config) -> list[str]:
     return [msg for _, msg in _checks(config)]
 
 
-# ---------------------------------------------------------------- tokenizer / parser
-
-@dataclass(frozen=True)
-class _Facility:
-    """A ``Syslog::LOG_*`` constant as written (an int for the config, a name for errors)."""
-
-    name: str
-    value: int
+def config_problems(config: Config) -> list[tuple[tuple[str, ...], str]]:
+    """Like :func:`check_config`, each message with the parameters it involves
+    (for :meth:`ConfigFile.blame`)."""
+    return _checks(config)
 
 
-class _ParseError(Exception):
-    pass
+# ---------------------------------------------------------------- reading a file
+
+def _schema_errors(statement: Assignment) -> tuple[str | None, object]:
+    """(what is wrong with one assignment for the schema, or None; its plain value)."""
+    name, value = statement.name, statement.value
+    if name not in _KINDS:
+        close = difflib.get_close_matches(name, _NAMES, n=1)
+        return f"unknown parameter ${name}" + (f" (did you mean ${close[0]}?)" if close else ""), None
+    if statement.error is not None:
+        return statement.error, None
+    kind = _KINDS[name]
+    if isinstance(value, Facility):
+        if kind is not Kind.FACILITY:
+            return f"${name}: expected {kind.value}, got Syslog::{value.name}", None
+        return None, value.value
+    return _type_error(name, kind, value), value
 
 
-_SPACE = " \t\f\v"  # Ruby's blanks within a line
-_ASSIGN = re.compile(r"[ \t\f\v]*\$([A-Za-z_][A-Za-z0-9_]*)[ \t\f\v]*=(?![=~>])")
-_NAME_ONLY = re.compile(r"[ \t\f\v]*\$([A-Za-z_][A-Za-z0-9_]*)")
-_INT_TOKEN = re.compile(r"[0-9]+(?:_[0-9]+)*")
-_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*[?!]?")
-_SYSLOG = re.compile(r"Syslog::([A-Za-z_][A-Za-z0-9_]*)")
-_BACKTICK = re.compile(r"`[ \t]*uname[ \t]+-n[ \t]*`\.chomp(?![A-Za-z0-9_!?(])")
-_DQ_ESCAPES = {"\\": "\\", '"': '"', "n": "\n", "t": "\t", "#": "#"}
-
-
-class _Scanner:
-    """Parses the value part of one assignment line."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.pos = 0
-
-    def skip_space(self) -> None:
-        while self.pos < len(self.text) and self.text[self.pos] in _SPACE:
-            self.pos += 1
-
-    def peek(self) -> str:
-        return self.text[self.pos] if self.pos < len(self.text) else ""
-
-    def rest(self) -> str:
-        return self.text[self.pos:]
-
-    def value(self) -> object:
-        self.skip_space()
-        ch = self.peek()
-        if ch == "":
-            raise _ParseError("missing value after '='")
-        if ch == "'":
-            return self.single_quoted()
-        if ch == '"':
-            return self.double_quoted()
-        if ch == "`":
-            m = _BACKTICK.match(self.text, self.pos)
-            if not m:
-                raise _ParseError("the only command allowed in backticks is `uname -n`.chomp")
-            self.pos = m.end()
-            return _nodename()
-        if ch in "0123456789+-":
-            return self.int_expr()
-        m = _SYSLOG.match(self.text, self.pos)
-        if m:
-            self.pos = m.end()
-            return self.facility(m.group(1))
-        m = _WORD.match(self.text, self.pos)
-        if m and m.group() in ("true", "false", "nil"):
-            self.pos = m.end()
-            return {"true": True, "false": False, "nil": None}[m.group()]
-        shown = m.group() if m else (self.rest().split() or [self.rest()])[0]
-        raise _ParseError(f"unsupported value {shown!r} (expected a number, a quoted "
-                          f"string, true, false, nil or Syslog::LOG_*)")
-
-    @staticmethod
-    def facility(name: str) -> _Facility:
-        if name in SYSLOG_FACILITIES:
-            return _Facility(name, SYSLOG_FACILITIES[name])
-        if name in _NOT_FACILITIES:
-            raise _ParseError(f"Syslog::{name} is not a syslog facility "
-                              f"(use e.g. Syslog::LOG_MAIL)")
-        raise _ParseError(f"unknown syslog facility Syslog::{name}")
-
-    def single_quoted(self) -> str:
-        # Ruby: only \\ and \' are escapes; any other backslash stays as written.
-        out: list[str] = []
-        i = self.pos + 1
-        text = self.text
-        while i < len(text):
-            ch = text[i]
-            if ch == "\\" and i + 1 < len(text) and text[i + 1] in "\\'":
-                out.append(text[i + 1])
-                i += 2
-            elif ch == "'":
-                self.pos = i + 1
-                return "".join(out)
-            else:
-                out.append(ch)
-                i += 1
-        raise _ParseError("unterminated single-quoted string")
-
-    def double_quoted(self) -> str:
-        out: list[str] = []
-        i = self.pos + 1
-        text = self.text
-        while i < len(text):
-            ch = text[i]
-            if ch == "\\":
-                esc = text[i + 1] if i + 1 < len(text) else ""
-                if esc not in _DQ_ESCAPES:
-                    shown = f"\\{esc}" if esc else "\\ at end of line"
-                    raise _ParseError(f"unsupported escape {shown} in double-quoted string "
-                                      f"(only \\\\ \\\" \\n \\t \\#; or use single quotes)")
-                out.append(_DQ_ESCAPES[esc])
-                i += 2
-            elif ch == "#" and i + 1 < len(text) and text[i + 1] in "{$@":
-                raise _ParseError(f"interpolation #{text[i + 1]}... in a double-quoted string "
-                                  f"is not supported (write \\# or use single quotes)")
-            elif ch == '"':
-                self.pos = i + 1
-                return "".join(out)
-            else:
-                out.append(ch)
-                i += 1
-        raise _ParseError("unterminated double-quoted string")
-
-    def int_operand(self) -> int:
-        self.skip_space()
-        sign = 1
-        while self.peek() in ("+", "-"):
-            if self.peek() == "-":
-                sign = -sign
-            self.pos += 1
-            self.skip_space()
-        m = _INT_TOKEN.match(self.text, self.pos)
-        if not m:
-            raise _ParseError("expected an integer" + (
-                f" at {self.rest()!r}" if self.rest().strip() else " at end of line"))
-        digits = m.group()
-        after = self.text[m.end():m.end() + 2]
-        if re.match(r"[.eE][0-9]", after):
-            raise _ParseError("floating-point numbers are not supported")
-        if re.match(r"[A-Za-z_]", after):
-            raise _ParseError(f"bad integer {self.text[self.pos:m.end() + 1]!r}...")
-        if len(digits) > 1 and digits[0] == "0":
-            raise _ParseError(f"integer {digits} has a leading zero (Ruby reads that as "
-                              f"octal); write it without the leading zero")
-        self.pos = m.end()
-        return sign * int(digits.replace("_", ""))
-
-    def int_term(self) -> int:
-        value = self.int_operand()
-        while True:
-            save = self.pos
-            self.skip_space()
-            if self.peek() == "*" and self.text[self.pos:self.pos + 2] != "**":
-                self.pos += 1
-                value *= self.int_operand()
-            else:
-                self.pos = save
-                return value
-
-    def int_expr(self) -> int:
-        value = self.int_term()
-        while True:
-            save = self.pos
-            self.skip_space()
-            op = self.peek()
-            if op in ("+", "-"):
-                self.pos += 1
-                rhs = self.int_term()
-                value = value + rhs if op == "+" else value - rhs
-            else:
-                self.pos = save
-                return value
-
-    def end(self) -> None:
-        """Only blanks and a comment may follow the value."""
-        self.skip_space()
-        rest = self.rest()
-        if rest and not rest.startswith("#"):
-            raise _ParseError(f"unexpected {rest.rstrip()!r} after the value "
-                              f"(only '$name = value' and comments are allowed)")
-
-
-def _parse_lines(text: str, filename: str
+def _read_values(text: str, filename: str
                  ) -> tuple[dict[str, object], dict[str, int], list[tuple[int, str]], set[str]]:
     """(values, line of each value's last assignment, (line, error) pairs, names that failed)."""
     values: dict[str, object] = {}
     lines_of: dict[str, int] = {}
     errors: list[tuple[int, str]] = []
     failed: set[str] = set()
-    in_doc = 0  # line number of an open =begin block
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    for lineno, line in enumerate(text.split("\n"), 1):
-        line = line.removesuffix("\r")
-
-        def error(msg: str, lineno: int = lineno) -> None:
-            errors.append((lineno, f"{filename}:{lineno}: {msg}"))
-
-        if in_doc:
-            if re.match(r"=end(\s|$)", line):
-                in_doc = 0
+    for statement in read_statements(text):
+        line = statement.line
+        if not isinstance(statement, Assignment):
+            errors.append((line, f"{filename}:{line}: {statement.message}"))
+            if statement.name is not None:
+                failed.add(statement.name)
             continue
-        if re.match(r"=begin(\s|$)", line):
-            in_doc = lineno
+        msg, plain = _schema_errors(statement)
+        if msg is not None:
+            errors.append((line, f"{filename}:{line}: {msg}"))
+            if statement.name in _KINDS:
+                failed.add(statement.name)
             continue
-        if line.rstrip(_SPACE) == "__END__":
-            break  # Ruby ignores the rest of the file
-        stripped = line.strip(_SPACE)
-        if not stripped or stripped.startswith("#"):
-            continue
-        m = _ASSIGN.match(line)
-        if not m:
-            nm = _NAME_ONLY.match(line)
-            if nm:
-                error(f"${nm.group(1)}: expected '${nm.group(1)} = value', got {stripped!r}")
-                failed.add(nm.group(1))
-            else:
-                error(f"expected '$name = value' or a comment, got {stripped!r}")
-            continue
-        name = m.group(1)
-        if name not in _KINDS:
-            close = difflib.get_close_matches(name, _NAMES, n=1)
-            error(f"unknown parameter ${name}" + (f" (did you mean ${close[0]}?)" if close else ""))
-            continue
-        scanner = _Scanner(line)
-        scanner.pos = m.end()
-        try:
-            value = scanner.value()
-            scanner.end()
-        except _ParseError as exc:
-            error(f"${name}: {exc}")
-            failed.add(name)
-            continue
-        kind = _KINDS[name]
-        if isinstance(value, _Facility) and kind != _FACILITY:
-            error(f"${name}: expected {_KIND_WORDS[kind]}, got Syslog::{value.name}")
-            failed.add(name)
-            continue
-        plain = value.value if isinstance(value, _Facility) else value
-        msg = _type_error(name, kind, plain)
-        if msg:
-            error(msg)
-            failed.add(name)
-            continue
-        values[name] = plain  # a later assignment overrides an earlier one, as in Ruby
-        lines_of[name] = lineno
-        failed.discard(name)
-    if in_doc:
-        errors.append((in_doc, f"{filename}:{in_doc}: =begin without =end"))
+        values[statement.name] = plain  # a later assignment overrides an earlier one, as in Ruby
+        lines_of[statement.name] = line
+        failed.discard(statement.name)
     return values, lines_of, errors, failed
 
 
-_KIND_WORDS = {_INT: "an integer", _BOOL: "true or false", _STR: "a string",
-               _OPT_STR: "a string or nil"}
+def _parse(text: str, filename: str) -> tuple[Config, dict[str, int]]:
+    """(the configuration, the line that last set each parameter); ConfigError as documented
+    for :func:`parse_config`."""
+    values, lines_of, errors, failed = _read_values(text, filename)
+    config = Config(**values)  # type: ignore[arg-type]  # types were checked above
+    for names, msg in _checks(config, complete=False):
+        if failed.intersection(names):
+            continue  # a default stands in for a broken line; don't blame it twice
+        set_at = [lines_of[n] for n in names if n in lines_of]
+        line = max(set_at, default=0)
+        errors.append((line, f"{filename}:{line}: {msg}" if line else f"{filename}: {msg}"))
+    if errors:
+        raise ConfigError([msg for _, msg in sorted(errors, key=lambda e: e[0])])
+    return config, lines_of
 
 
 def parse_config(text: str, filename: str = "<string>") -> Config:
@@ -606,25 +491,32 @@ def parse_config(text: str, filename: str = "<string>") -> Config:
     line; a problem involving several parameters is reported at the last line
     that set one of them.
     """
-    values, lines_of, errors, failed = _parse_lines(text, filename)
-    config = Config(**values)  # type: ignore[arg-type]  # types were checked above
-    for names, msg in _checks(config):
-        if failed.intersection(names):
-            continue  # a default stands in for a broken line; don't blame it twice
-        set_at = [lines_of[n] for n in names if n in lines_of]
-        line = max(set_at, default=0)
-        errors.append((line, f"{filename}:{line}: {msg}" if line else f"{filename}: {msg}"))
-    if errors:
-        raise ConfigError([msg for _, msg in sorted(errors, key=lambda e: e[0])])
-    return config
+    return _parse(text, filename)[0]
 
 
-def load_config(path: str | None) -> Config:
-    """Read the configuration file at ``path``.
+@dataclass(frozen=True)
+class ConfigFile:
+    """A configuration as read from :attr:`path`, with the line that last set each parameter,
+    so that a problem found later (after command-line overrides, or by a look at the
+    system) is still reported as ``FILE:LINE: what is wrong``."""
 
-    ``None`` means :data:`DEFAULT_PATH`, where a missing file means all defaults
-    (as TPOPS could run without tpops.conf); an explicit path must exist.
-    """
+    path: str
+    config: Config
+    lines: dict[str, int] = field(default_factory=dict)
+
+    def blame(self, names: Iterable[str], message: str, *, overridden: Iterable[str] = ()) -> str:
+        """``message`` prefixed with where the parameters ``names`` were set: ``command
+        line:`` if an option in ``overridden`` set one, else ``FILE:LINE:`` (the last such
+        line), else ``FILE:`` (all defaults)."""
+        names = tuple(names)
+        if set(names).intersection(overridden):
+            return f"command line: {message}"
+        line = max((self.lines[n] for n in names if n in self.lines), default=0)
+        return f"{self.path}:{line}: {message}" if line else f"{self.path}: {message}"
+
+
+def read_config_file(path: str | None) -> ConfigFile:
+    """Read the configuration file at ``path`` (see :func:`load_config`), keeping its lines."""
     explicit = path is not None
     real = path if path is not None else DEFAULT_PATH
     try:
@@ -633,41 +525,38 @@ def load_config(path: str | None) -> Config:
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"{real}: no such file") from None
-        return Config()
+        return ConfigFile(real, Config())
     except OSError as exc:
         raise ConfigError(f"{real}: {exc.strerror or exc}") from None
-    return parse_config(data.decode("utf-8", "surrogateescape"), real)
+    config, lines = _parse(data.decode("utf-8", "surrogateescape"), real)
+    return ConfigFile(real, config, lines)
+
+
+def load_config(path: str | None) -> Config:
+    """Read the configuration file at ``path``.
+
+    ``None`` means :data:`DEFAULT_PATH`, where a missing file means all defaults
+    (as TPOPS could run without tpops.conf); an explicit path must exist.
+    """
+    return read_config_file(path).config
 
 
 # ---------------------------------------------------------------- output
 
-def _quote(value: str) -> str:
-    """``value`` as a string literal of the config file (single quotes unless awkward)."""
-    if "\n" in value or "\t" in value or ("'" in value and '"' not in value):
-        body = (value.replace("\\", "\\\\").replace('"', '\\"').replace("#", "\\#")
-                .replace("\n", "\\n").replace("\t", "\\t"))
-        return f'"{body}"'
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def _format_value(name: str, value: object) -> str:
-    if value is None:
-        return "nil"
-    if isinstance(value, bool):
-        return "true" if value else "false"
     if name == "syslog_facility" and isinstance(value, int) and value in _FACILITY_BY_VALUE:
-        return f"Syslog::{_FACILITY_BY_VALUE[value]}"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return _quote(_SECRET if name in _SECRETS else value)
+        return literal(Facility(_FACILITY_BY_VALUE[value], value))
+    if isinstance(value, str) and name in _SECRETS:
+        return literal(_SECRET)
+    if value is None or isinstance(value, (bool, int, str)):
+        return literal(value)
     return repr(value)
 
 
 def format_effective(config: Config) -> str:
     """Every parameter as a ``$name = value`` line, in the file's own syntax.
 
-    Lines follow the :class:`Config` field order (server, logging, workers,
+    Lines follow the :class:`Config` field order (server, TLS, logging, workers,
     mailbox, authentication, MySQL) and end with a newline.  A set
     ``$mysql_pass`` is shown as ``'********'``.  The text parses back with
     :func:`parse_config` to the same configuration (apart from the mask).

@@ -6,8 +6,10 @@ when stale, refused when a live tpops holds it, and removed at exit.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import tempfile
 from collections.abc import Callable
 
 import daemon
@@ -43,14 +45,23 @@ class PidFile:
             raise PidFileError(f"cannot write pid file {self.path}: directory not writable")
 
     def write(self) -> None:
+        """Write our pid atomically: a fresh temporary file in the pid file's directory
+        (``mkstemp``: ``O_CREAT|O_EXCL``, a random name, so root never opens a file or
+        symlink someone planted at a guessable name), then renamed over the pid file."""
         self.pid = os.getpid()
-        tmp = f"{self.path}.{self.pid}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        directory, name = os.path.split(self.path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
         try:
-            os.write(fd, f"{self.pid}\n".encode())
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+            try:
+                os.fchmod(fd, 0o644)
+                os.write(fd, f"{self.pid}\n".encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def remove(self) -> None:
         """Remove the file if it is still ours (only the process that wrote it removes it)."""

@@ -12,29 +12,38 @@ import logging
 import os
 import re
 import syslog
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]|[\ud800-\udfff]")
+#: Characters that could end, split or disguise a log line: C0 controls and DEL, the C1
+#: controls U+0080-U+009F (U+0085 is NEL, a line break to Unicode-aware readers), and the
+#: Unicode line and paragraph separators (categories Zl and Zp: U+2028, U+2029).
+_BREAKS = r"\x00-\x1f\x7f-\x9f\u2028\u2029"
+_UNSAFE = re.compile(rf"[{_BREAKS}\\]|[\ud800-\udfff]")
 
 
 def _escape_char(match: re.Match[str]) -> str:
+    """``\\xNN`` for an ASCII control or an undecodable byte, ``\\uNNNN`` for any other
+    character, so a C1 character (U+0085) and the raw byte 0x85 stay distinguishable."""
     ch = match.group()
     if ch == "\\":
         return "\\\\"
     code = ord(ch)
     if 0xDC80 <= code <= 0xDCFF:  # surrogateescape'd undecodable byte
         return f"\\x{code - 0xDC00:02x}"
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"
 
 
 def escape(text: str | bytes) -> str:
-    """Client data made safe for one log line: control characters and backslashes escaped."""
+    """Client data made safe for one log line: control characters, line and paragraph
+    separators and backslashes escaped."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "surrogateescape")
     return _UNSAFE.sub(_escape_char, text)
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(f"[{_BREAKS}]")
 
 
 def one_line(text: str) -> str:
@@ -58,9 +67,10 @@ class SyslogHandler(logging.Handler):
         (0, syslog.LOG_DEBUG),
     )
 
-    def __init__(self, facility: int) -> None:
+    def __init__(self, facility: int, failures: LogFailures | None = None) -> None:
         super().__init__()
         self.facility = facility
+        self.failures = failures if failures is not None else LogFailures()
         self.open()
 
     def open(self) -> None:
@@ -77,20 +87,28 @@ class SyslogHandler(logging.Handler):
             if record.exc_info:  # tracebacks go to the error log; syslog gets one line
                 message += f" ({record.exc_info[1]!r})"
             syslog.syslog(priority, one_line(message))
-        except Exception:  # pragma: no cover - logging must never kill a session
-            self.handleError(record)
+        except Exception as exc:  # noqa: BLE001 - logging must never kill a session
+            self.failures.failed("syslog", exc)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # logging's name
+        """Count the failure; never print logging's traceback (see :class:`LogFailures`)."""
+        self.failures.failed("syslog", None)
 
 
 class ReopenableFile:
     """An append-only log file written one whole line per ``write`` (O_APPEND).
 
     Concurrent workers appending to the same file never interleave a line, and
-    :meth:`reopen` makes logrotate's rename-then-HUP work.
+    :meth:`reopen` makes logrotate's rename-then-HUP work. With ``failures``, a
+    write that fails (a full file system, an I/O error) or is cut short is counted
+    there and :meth:`write` returns instead of raising, so a full disk costs no
+    session and prints no traceback.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, failures: LogFailures | None = None) -> None:
         self.path = path
         self.fd = -1
+        self.failures = failures
         self.reopen()
 
     def reopen(self) -> None:
@@ -100,12 +118,73 @@ class ReopenableFile:
             os.close(old)
 
     def write(self, line: str) -> None:
-        os.write(self.fd, line.encode("utf-8", "surrogateescape"))
+        data = line.encode("utf-8", "surrogateescape")
+        try:
+            written = os.write(self.fd, data)
+            if written != len(data):
+                raise OSError(f"short write ({written} of {len(data)} bytes)")
+        except OSError as exc:
+            if self.failures is None:
+                raise
+            self.failures.failed(self.path, exc)
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class LogFailures:
+    """Failed log writes of this process, counted and reported at most once per interval.
+
+    A full log file system used to print logging's ``--- Logging error ---`` traceback
+    on stderr for every failed write (and in inetd mode stderr may be the client's
+    socket). Instead the first failure is reported at once and later ones are
+    summed up, at most once per ``interval`` seconds, on the next log activity:
+    ``N log writes failed (last: PATH: [Errno 28] No space left on device)``. The
+    report goes to every sink set in :attr:`sinks` (syslog, the error log, stderr);
+    a sink that fails too is skipped silently, so whichever still works carries it.
+    Each process counts its own failures; counts carry over a log reopen.
+    """
+
+    def __init__(self, interval: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.count = 0
+        self.total = 0
+        self.last = ""
+        self.reported_at: float | None = None
+        self.sinks: list[Callable[[str], None]] = []
+
+    def adopt(self, old: LogFailures) -> None:
+        """Continue ``old``'s counts and schedule (the logs were reopened)."""
+        self.count, self.total, self.last = old.count, old.total, old.last
+        self.reported_at = old.reported_at
+
+    def failed(self, where: str, exc: BaseException | None) -> None:
+        """One write to ``where`` failed with ``exc``."""
+        self.count += 1
+        self.total += 1
+        self.last = f"{where}: {exc}" if exc is not None else f"{where}: write failed"
+        self.tick()
+
+    def tick(self) -> None:
+        """Report the failures counted so far if the interval has passed since the last report."""
+        if not self.count:
+            return
+        now = self.clock()
+        if self.reported_at is not None and now - self.reported_at < self.interval:
+            return
+        self.reported_at = now
+        count, self.count = self.count, 0
+        writes = "log write" if count == 1 else "log writes"
+        message = (f"{count} {writes} failed (last: {one_line(self.last)}); further failures "
+                   f"are counted and reported at most every {self.interval:g} s")
+        for sink in self.sinks:
+            try:
+                sink(message)
+            except Exception:  # noqa: BLE001, S112 - the next sink may still work
+                continue
 
 
 class _OneLineFormatter(logging.Formatter):
@@ -116,13 +195,17 @@ class _OneLineFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+_LINE_FORMAT = "%(asctime)s tpops[%(process)d]: %(levelname)s %(message)s"
+
+
 class _FdHandler(logging.Handler):
     """Formats records (tracebacks included) into one append per record."""
 
-    def __init__(self, target: ReopenableFile | int) -> None:
+    def __init__(self, target: ReopenableFile | int, failures: LogFailures) -> None:
         super().__init__()
         self.target = target
-        self.setFormatter(_OneLineFormatter("%(asctime)s tpops[%(process)d]: %(levelname)s %(message)s"))
+        self.failures = failures
+        self.setFormatter(_OneLineFormatter(_LINE_FORMAT))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -130,9 +213,28 @@ class _FdHandler(logging.Handler):
             if isinstance(self.target, ReopenableFile):
                 self.target.write(text)
             else:
-                os.write(self.target, text.encode("utf-8", "surrogateescape"))
-        except Exception:  # pragma: no cover
-            self.handleError(record)
+                data = text.encode("utf-8", "surrogateescape")
+                if os.write(self.target, data) != len(data):
+                    raise OSError("short write")
+        except Exception as exc:  # noqa: BLE001 - a full disk, a closed stderr: counted, never raised
+            self.failures.failed(self._where(), exc)
+        else:
+            self.failures.tick()
+
+    def handleError(self, record: logging.LogRecord) -> None:  # logging's name
+        """Count the failure; never print logging's traceback (see :class:`LogFailures`)."""
+        self.failures.failed(self._where(), None)
+
+    def _where(self) -> str:
+        return self.target.path if isinstance(self.target, ReopenableFile) else "stderr"
+
+
+def _report_line(fd: int, message: str) -> None:
+    """``message`` as one error line on ``fd``, formatted like every other log line."""
+    record = logging.LogRecord("tpops.logs", logging.ERROR, __file__, 0, message, None, None)
+    data = (_OneLineFormatter(_LINE_FORMAT).format(record) + "\n").encode("utf-8", "surrogateescape")
+    if os.write(fd, data) != len(data):
+        raise OSError("short write")
 
 
 @dataclass
@@ -142,6 +244,7 @@ class LogSetup:
     error_log: ReopenableFile | None = None
     access_log: ReopenableFile | None = None
     syslog: SyslogHandler | None = None
+    failures: LogFailures = field(default_factory=LogFailures)
 
     def fds(self) -> list[int]:
         return [f.fd for f in (self.error_log, self.access_log) if f is not None]
@@ -171,31 +274,42 @@ def setup(
     The files are opened before anything is changed: when one cannot be opened this
     raises OSError (a start-up error, or a failed reopen on SIGHUP) and the handlers in
     place keep working. The caller closes the previous :class:`LogSetup`'s files.
+
+    A write that fails later (a full file system) never raises and prints no
+    traceback: :class:`LogFailures` counts it and reports once a minute to syslog,
+    the error log and (``to_stderr``) stderr, whichever still works.
     """
     result = LogSetup()
+    failures = result.failures
     try:
         if error_log:
-            result.error_log = ReopenableFile(error_log)
+            result.error_log = ReopenableFile(error_log, failures)
         if access_log:
-            result.access_log = ReopenableFile(access_log)
+            result.access_log = ReopenableFile(access_log, failures)
     except BaseException:
         result.close()
         raise
     root = logging.getLogger("tpops")
     for handler in list(root.handlers):
+        if isinstance(handler, (_FdHandler, SyslogHandler)):
+            failures.adopt(handler.failures)
         root.removeHandler(handler)
         handler.close()  # the old SyslogHandler's closelog() comes before the new openlog()
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     root.propagate = False
     if result.error_log is not None:
-        handler = _FdHandler(result.error_log)
+        handler = _FdHandler(result.error_log, failures)
         handler.setLevel(logging.WARNING)
         root.addHandler(handler)
+        error_fd = result.error_log
+        failures.sinks.append(lambda message: _report_line(error_fd.fd, message))
     if facility is not None:
-        result.syslog = SyslogHandler(facility)
+        result.syslog = SyslogHandler(facility, failures)
         root.addHandler(result.syslog)
+        failures.sinks.append(lambda message: syslog.syslog(syslog.LOG_ERR, message))
     if to_stderr:
-        handler = _FdHandler(2)
+        handler = _FdHandler(2, failures)
         handler.setLevel(logging.DEBUG if debug else logging.INFO)
         root.addHandler(handler)
+        failures.sinks.append(lambda message: _report_line(2, message))
     return result

@@ -55,6 +55,8 @@ class Transport:
 
     ``wake_fd`` is the read end of a pipe that becomes readable when a signal arrives
     (``signal.set_wakeup_fd``); ``should_stop()`` then says whether to give up waiting.
+    ``progress()`` is called whenever data moves (and each second of a pause): the
+    worker's heartbeat for the master's watchdog.
     """
 
     def __init__(
@@ -63,11 +65,13 @@ class Transport:
         wfd: int,
         wake_fd: int | None = None,
         should_stop: Callable[[], bool] | None = None,
+        progress: Callable[[], None] | None = None,
     ) -> None:
         self.rfd = rfd
         self.wfd = wfd
         self.wake_fd = wake_fd
         self.should_stop = should_stop or (lambda: False)
+        self.progress = progress or (lambda: None)
         for fd in {rfd, wfd}:
             os.set_blocking(fd, False)
 
@@ -104,6 +108,7 @@ class Transport:
                 raise ConnectionLost(str(exc)) from None
             if not data:
                 raise ConnectionLost("end of input")
+            self.progress()
             return data
 
     def send(
@@ -111,15 +116,13 @@ class Transport:
         data: bytes | bytearray | memoryview,
         timeout: float,
         deadline: float = math.inf,
-        progress: Callable[[], None] | None = None,
     ) -> None:
         """Send everything or raise Timeout/ConnectionLost.
 
         Bounded twice: by ``timeout`` seconds without progress (a client that stopped
         reading) and by the absolute ``deadline`` (time.monotonic(); the connection's
         time limit: a client that reads slowly but steadily must not keep the worker
-        past it). ``progress()`` is called after every chunk the kernel accepted (the
-        worker's heartbeat).
+        past it).
         """
         view = memoryview(data)
         stall = time.monotonic() + timeout
@@ -135,8 +138,7 @@ class Transport:
                 raise ConnectionLost(str(exc)) from None
             view = view[sent:]
             stall = time.monotonic() + timeout
-            if progress is not None:
-                progress()
+            self.progress()
 
     def shut_down(self, linger: float = LINGER_SECONDS, limit: int = LINGER_OCTETS) -> None:
         """End the server's side of a connection cleanly, before the owner closes the fds.
@@ -199,7 +201,8 @@ class Transport:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            ready, _, _ = select.select([self.wake_fd], [], [], remaining)
+            self.progress()
+            ready, _, _ = select.select([self.wake_fd], [], [], min(remaining, 1.0))
             if ready:
                 drain(self.wake_fd)
 
@@ -268,12 +271,10 @@ class ReplyWriter:
         transport: Transport,
         timeout: float,
         deadline: float = math.inf,
-        progress: Callable[[], None] | None = None,
     ) -> None:
         self.transport = transport
         self.timeout = timeout
         self.deadline = deadline
-        self.progress = progress
         self.buffer = bytearray()
         self.broken = False
 
@@ -312,7 +313,7 @@ class ReplyWriter:
 
     def _send(self, data: bytes) -> None:
         try:
-            self.transport.send(data, self.timeout, self.deadline, self.progress)
+            self.transport.send(data, self.timeout, self.deadline)
         except BaseException:
             self.broken = True
             raise

@@ -68,9 +68,6 @@ _SECRET_ARGS = {"PASS": 0, "APOP": 1, "AUTH": 1}
 #: Upper-cases a-z and nothing else: commands are ASCII (RFC 1939), never Unicode-folded.
 _ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
 
-#: The most a :class:`FailurePenalty` adds to ``$error_interval`` after a failed login, in seconds.
-PENALTY_CAP = 15.0
-
 #: Every verb known in some state: a known verb in the wrong state gets a precise -ERR.
 ALL_VERBS = frozenset(AUTHORIZATION_COMMANDS) | frozenset(TRANSACTION_COMMANDS)
 
@@ -108,23 +105,24 @@ class SessionRecord:
 
 
 class FailurePenalty(Protocol):
-    """Failed logins per client address, shared by all workers (Dovecot's auth penalty).
+    """The failed-login penalty of this session's client address, shared by all workers
+    (Dovecot's auth penalty; :class:`tpops.limits.ClientLimits` in the pool).
 
-    After a failed login the session pauses ``$error_interval`` plus ``delay(addr)``
-    (at most :data:`PENALTY_CAP` more) and records ``failure(addr)``; a successful login
-    calls ``success(addr)``, which should reset it.
+    After a failed login (any failure path) the session pauses ``$error_interval`` plus
+    ``penalty()`` (the object applies ``$max_auth_penalty``), then answers, and calls
+    ``record_failure()``; a successful login calls ``record_success()``.
     """
 
-    def delay(self, addr: str) -> float:
-        """Seconds to add to the pause after a failed login from ``addr``."""
+    def penalty(self) -> float:
+        """Seconds added to the pause after this client's next failed login."""
         ...
 
-    def failure(self, addr: str) -> None:
-        """A login from ``addr`` failed."""
+    def record_failure(self) -> None:
+        """A login from this address failed."""
         ...
 
-    def success(self, addr: str) -> None:
-        """A login from ``addr`` succeeded."""
+    def record_success(self) -> None:
+        """A login from this address succeeded."""
         ...
 
 
@@ -132,11 +130,10 @@ class Session:
     """One client connection from greeting to close: the loop around a protocol state object.
 
     ``serve_as``, ``on_login`` and ``timestamp`` are handed to the first state,
-    :class:`~tpops.authorization.Authorization` (see it). ``progress()``, when given, is
-    called after each command is handled and after each chunk of a reply the kernel
-    accepted: a heartbeat for a watchdog (a session waiting for its client makes none).
-    ``penalty``, when given, lengthens the pause after a failed login per client address
-    (:class:`FailurePenalty`; ``peer`` is the address).
+    :class:`~tpops.authorization.Authorization` (see it). ``penalty``, when given,
+    lengthens the pause after a failed login by the client address's shared penalty
+    (:class:`FailurePenalty`). The transport's ``progress()`` heartbeat is also called
+    after each command is handled (a slow backend check or UPDATE moves no data).
     """
 
     def __init__(
@@ -149,13 +146,11 @@ class Session:
         serve_as: Callable[[MailUser], bool] | None = None,
         on_login: Callable[[str], None] | None = None,
         timestamp: str | None = None,
-        progress: Callable[[], None] | None = None,
         penalty: FailurePenalty | None = None,
     ) -> None:
         self.transport = transport
         self.peer = peer
         self.config = config
-        self.progress = progress
         self.penalty = penalty
         now = time.monotonic()
         self.connection_deadline = now + config.connection_keep_time
@@ -163,7 +158,7 @@ class Session:
         self.login_deadline = now + config.login_timeout
         self.logged_in = False
         self.reader = LineReader(transport)
-        self.writer = ReplyWriter(transport, float(config.command_timeout), self._hard_deadline(), progress)
+        self.writer = ReplyWriter(transport, float(config.command_timeout), self._hard_deadline())
         self.authorization = Authorization(
             config, authenticator, peer, serve_as=serve_as, on_login=on_login, timestamp=timestamp
         )
@@ -191,8 +186,7 @@ class Session:
                 line = self.reader.read_line(self._deadline(), limit)
                 reply = self._execute(line)
                 self._write(reply)
-                if self.progress is not None:
-                    self.progress()
+                self.transport.progress()
                 if reply.upgrade is not None:
                     self._upgrade(reply.upgrade)
                 if reply.close:
@@ -265,7 +259,7 @@ class Session:
                 self.logged_in = True  # $login_timeout no longer applies
                 self.writer.deadline = self._hard_deadline()
                 if self.penalty is not None:
-                    self.penalty.success(self.peer)
+                    self.penalty.record_success()
         self.exchange = reply.exchange
         if reply.auth_failed:
             self.writer.flush()
@@ -284,11 +278,11 @@ class Session:
 
     def _failure_pause(self) -> float:
         """Seconds to wait before answering a failed login: ``$error_interval`` plus the
-        address's penalty (capped), which this failure then raises."""
+        address's penalty so far, which this failure then raises."""
         pause = float(self.config.error_interval)
         if self.penalty is not None:
-            pause += min(max(self.penalty.delay(self.peer), 0.0), PENALTY_CAP)
-            self.penalty.failure(self.peer)
+            pause += max(self.penalty.penalty(), 0.0)
+            self.penalty.record_failure()
         return pause
 
     def _dispatch(self, line: bytes | LineTooLong) -> Reply:
@@ -327,7 +321,7 @@ class Session:
         self.writer.flush()
         self.transport = upgrade(self.transport)
         self.reader = LineReader(self.transport)  # a fresh buffer: pipelined plaintext is discarded
-        self.writer = ReplyWriter(self.transport, float(self.config.command_timeout), self._hard_deadline(), self.progress)
+        self.writer = ReplyWriter(self.transport, float(self.config.command_timeout), self._hard_deadline())
 
     def _farewell(self, reply: Reply) -> None:
         """Best-effort last words, at most one second; the connection is going away regardless.

@@ -9,9 +9,16 @@ record the request; the wake-up pipe makes a blocked wait notice it. A worker wh
 master died (the report pipe's reader is gone) finishes its session and exits, so
 orphans never keep the port.
 
+Every accepted connection is counted against ``$max_connections_per_ip`` in the
+pool's shared table (:mod:`tpops.limits`) before the worker turns busy: one over the
+limit is answered ``-ERR [SYS/TEMP]`` and closed at once. While serving, the worker
+marks its progress in its slot of that table: each read and write on the client's
+connection, each second of a pause. The master's watchdog reads it.
+
 Before its first accept a worker boots (:func:`boot`): backend built and modules
-imported while still root, then ``--user`` applied for good, then the lock directory
-checked as the identity that will use it. The master runs the same boot once in a
+imported while still root, the lock directory prepared (created, handed to
+``--user``) by :func:`tpops.mailbox.lock.prepare_lock_dir`, then ``--user`` applied for
+good, then the lock directory checked as the identity that will use it. The master runs the same boot once in a
 throw-away child (:func:`preflight`) before detaching and before accepting a reload.
 """
 
@@ -24,17 +31,20 @@ import signal
 import socket
 import struct
 import sys
+import time
 from dataclasses import dataclass, field
 
 from setproctitle import setproctitle
 
 from tpops import logs
 from tpops.auth import make_authenticator
-from tpops.auth.base import Authenticator, LockingAuthenticator
+from tpops.auth.base import Authenticator
 from tpops.config import Config
-from tpops.mailbox.lock import ensure_lock_dir
+from tpops.limits import ClientLimits, SharedLimits
+from tpops.mailbox.lock import check_lock_dir, lock_kind, prepare_lock_dir
 from tpops.privileges import SessionPrivileges, become, lookup_identity
 from tpops.protocol import Transport, drain
+from tpops.proxy import ProxyError, ProxyInfo, TrustedNetworks, read_header
 from tpops.session import Session, make_timestamp
 
 log = logs.get("worker")
@@ -48,6 +58,11 @@ MASTER_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal
 #: Report-pipe message: (pid, state), small enough to be written atomically.
 REPORT = struct.Struct("=iB")
 IDLE, BUSY = 0, 1
+
+#: The answer to a connection over ``$max_connections_per_ip`` (instead of the greeting).
+TOO_MANY_CONNECTIONS = b"-ERR [SYS/TEMP] Too many connections from your address\r\n"
+#: A worker logs refused connections at most this often (a flood must not flood the log).
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 def peer_name(address: object) -> str:
@@ -83,6 +98,62 @@ class Worker:
     authenticator: Authenticator | None = None  # the master's prepared one, if it has one
     stop: StopRequest = field(default_factory=StopRequest)
     sessions: int = 0
+    #: The pool's shared table (None for a worker without a master) and this worker's slot in it.
+    limits: SharedLimits | None = None
+    slot: int = 0
+    #: Connections refused since the last log line about them, and when that was.
+    refused: int = 0
+    refused_logged: float = float("-inf")
+
+    def progress(self) -> None:
+        """A sign of life for the master's watchdog (cheap: one store into shared memory)."""
+        if self.limits is not None:
+            self.limits.beat(self.slot)
+
+    def client_limits(self, peer: str) -> ClientLimits:
+        """The failed-login penalty API for a session with ``peer`` (shared across the pool)."""
+        return ClientLimits(self.limits, peer, self.config.max_auth_penalty)
+
+    def admit(self, conn: socket.socket, peer: str) -> bool:
+        """Count the connection from ``peer`` across the pool; over ``$max_connections_per_ip``
+        it is answered ``-ERR [SYS/TEMP]`` and closed here (False), before any session starts."""
+        if self.limits is None:
+            return True
+        limit = self.config.max_connections_per_ip
+        count = self.limits.enter(self.slot, peer, limit)
+        if not limit or count <= limit:
+            return True
+        try:
+            conn.send(TOO_MANY_CONNECTIONS, socket.MSG_DONTWAIT)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        conn.close()
+        self.refused += 1
+        now = time.monotonic()
+        if now - self.refused_logged >= REFUSAL_LOG_INTERVAL:
+            log.warning("refused %d connection(s) over $max_connections_per_ip (%d), the last from %s",
+                        self.refused, limit, logs.escape(peer))
+            self.refused, self.refused_logged = 0, now
+        return False
+
+    def read_proxy(self, conn: socket.socket, peer: str, wake_r: int) -> ProxyInfo | None:
+        """The PROXY header a trusted balancer at ``peer`` must send first (see
+        :mod:`tpops.proxy`), read exactly and within ``$command_timeout``; None when it is
+        missing or malformed: the connection is then closed here, with a log line."""
+        setproctitle(f"tpops: worker {peer} (PROXY header)")
+        self.progress()
+        try:
+            info = read_header(conn, self.config.command_timeout, lambda: self.stop.force, wake_fd=wake_r)
+        except ProxyError as exc:
+            log.warning("closing the connection from %s ($haproxy_trusted_networks): %s", logs.escape(peer), exc)
+            conn.close()
+            setproctitle("tpops: worker idle")
+            return None
+        if self.config.debug:
+            log.debug("PROXY v%d header from %s: client %s%s", info.version, logs.escape(peer),
+                      logs.escape(info.client(peer)), ", TLS terminated by the balancer" if info.ssl else "")
+        return info
 
     def report(self, state: int) -> None:
         if self.report_fd is not None:
@@ -119,6 +190,7 @@ class Worker:
         if self.report_fd is not None:  # POLLERR on the write end: the master died
             poller.register(self.report_fd, 0)
         by_fd = {listener.fileno(): listener for listener in self.listeners}
+        trusted = TrustedNetworks.parse(self.config.haproxy_trusted_networks)
         try:
             while not (self.stop.force or self.stop.graceful):
                 if self.config.max_use and self.sessions >= self.config.max_use:
@@ -141,7 +213,20 @@ class Worker:
                         if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                             continue
                         raise
-                    self.serve(conn, peer_name(address), authenticator, privileges, wake_r)
+                    peer = peer_name(address)
+                    proxy: ProxyInfo | None = None
+                    if peer in trusted:  # before the slot is counted: it counts the client, not the balancer
+                        proxy = self.read_proxy(conn, peer, wake_r)
+                        if proxy is None:
+                            continue
+                        peer = proxy.client(peer)
+                    if not self.admit(conn, peer):
+                        continue
+                    try:
+                        self.serve(conn, peer, authenticator, privileges, wake_r, proxy)
+                    finally:
+                        if self.limits is not None:
+                            self.limits.leave(self.slot)
                     if privileges.changed:
                         return 0
                     break  # re-check the limits before the next accept
@@ -156,8 +241,15 @@ class Worker:
         authenticator: Authenticator,
         privileges: SessionPrivileges,
         wake_r: int,
+        proxy: ProxyInfo | None = None,
     ) -> None:
-        """Serve one accepted connection to its end."""
+        """Serve one accepted connection to its end.
+
+        ``peer`` is the client's address (a trusted balancer's PROXY header already
+        applied); ``proxy`` what that header said (``proxy.ssl``: the balancer terminated
+        TLS), None for a direct connection.
+        """
+        self.progress()
         self.report(BUSY)
         self.sessions += 1
         setproctitle(f"tpops: worker {peer}")
@@ -166,7 +258,7 @@ class Worker:
         except OSError:
             pass
         try:
-            transport = Transport(conn.fileno(), conn.fileno(), wake_r, lambda: self.stop.force)
+            transport = Transport(conn.fileno(), conn.fileno(), wake_r, lambda: self.stop.force, self.progress)
             session = Session(
                 transport,
                 peer,
@@ -207,8 +299,11 @@ def boot(config: Config, authenticator: Authenticator | None = None) -> tuple[Se
     if authenticator is None:
         authenticator = prepared_authenticator(config)
     try:
+        locking = lock_kind(config.mailbox_lock, config.auth_type) == "local"
+        if locking:  # as root: created and handed to --user, or refused
+            prepare_lock_dir(config.passwd_lock_dir, lock_dir_owner(config))
         privileges = boot_privileges(config)
-        if isinstance(authenticator, LockingAuthenticator):
+        if locking:  # as the identity that will lock
             check_lock_dir(config.passwd_lock_dir)
     except BaseException:
         authenticator.close()
@@ -233,18 +328,6 @@ def warm_up(config: Config) -> Authenticator | None:
         return None
 
 
-def check_lock_dir(path: str) -> None:
-    """Refuse to start when ``$passwd_lock_dir`` cannot be used as this process's identity
-    (the rules of :func:`tpops.mailbox.lock.ensure_lock_dir`): otherwise every login would
-    fail later with ``-ERR [SYS/TEMP]``."""
-    try:
-        ensure_lock_dir(path)
-    except OSError as exc:
-        raise ValueError(
-            f"$passwd_lock_dir {path} is not usable as uid {os.geteuid()}: {exc.strerror or exc}"
-        ) from None
-
-
 def preflight(config: Config) -> str | None:
     """Boot a throw-away worker in a child process: None if it could, else the reason.
 
@@ -258,6 +341,7 @@ def preflight(config: Config) -> str | None:
         try:
             os.close(read_fd)
             _, authenticator = boot(config)
+            authenticator.check()  # one real backend round trip as the worker's identity
             authenticator.close()
             status = 0
         except BaseException as exc:
@@ -278,6 +362,14 @@ def preflight(config: Config) -> str | None:
     if os.waitstatus_to_exitcode(status) == 0:
         return None
     return b"".join(chunks).decode("utf-8", "replace") or f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+def lock_dir_owner(config: Config) -> tuple[int, int] | None:
+    """Who will lock in ``$passwd_lock_dir``: the ``--user`` a root worker drops to, else None (this process)."""
+    if os.geteuid() != 0 or config.user is None:
+        return None
+    identity = lookup_identity(config.user, config.group)
+    return identity.uid, identity.gid
 
 
 def boot_privileges(config: Config) -> SessionPrivileges:

@@ -8,11 +8,13 @@ share. Backends are imported only when chosen, so ``mysqlclient`` and
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from tpops.auth.base import (
     Authenticator,
     AuthUnavailable,
+    LockingAuthenticator,
     MailboxInUse,
     MailboxLock,
     MailUser,
@@ -35,6 +37,19 @@ __all__ = [
 ]
 
 
+def _mysql_module() -> ModuleType:
+    """:mod:`tpops.auth.mysql`, or ImportError with an install hint when mysqlclient is missing."""
+    try:
+        import tpops.auth.mysql
+    except ImportError as e:
+        if not (e.name or "").startswith("MySQLdb"):
+            raise
+        raise ImportError(
+            "$auth_type 'MySQL' and $mailbox_lock 'mysql' need the mysqlclient package: pip install 'tpops[mysql]'"
+        ) from e
+    return tpops.auth.mysql
+
+
 def make_authenticator(config: Config) -> Authenticator:
     """The backend ``config.auth_type`` names, built from ``config``.
 
@@ -43,23 +58,21 @@ def make_authenticator(config: Config) -> Authenticator:
     hint when MySQL is chosen without ``mysqlclient``. Nothing is connected or read
     here: backends open their files/connections at first use (in the worker).
     """
-    kind = (config.auth_type or "Passwd").strip().lower()
-    if kind == "passwd":
-        from tpops.auth.passwd import PasswdAuthenticator
+    kind = config.auth_type  # exactly as config.py validates it: 'Passwd', 'File', 'MySQL'
+    if kind in ("Passwd", "File"):
+        backend: LockingAuthenticator
+        if kind == "Passwd":
+            from tpops.auth.passwd import PasswdAuthenticator
 
-        return PasswdAuthenticator(config)
-    if kind == "file":
-        from tpops.auth.file import FileAuthenticator
+            backend = PasswdAuthenticator(config)
+        else:
+            from tpops.auth.file import FileAuthenticator
 
-        return FileAuthenticator(config)
-    if kind == "mysql":
-        try:
-            from tpops.auth.mysql import MySQLAuthenticator
-        except ImportError as e:
-            if not (e.name or "").startswith("MySQLdb"):
-                raise
-            raise ImportError(
-                "$auth_type 'MySQL' needs the mysqlclient package: pip install 'tpops[mysql]'"
-            ) from e
-        return MySQLAuthenticator(config)
+            backend = FileAuthenticator(config)
+        if backend.lock_kind == "mysql":  # GET_LOCK for a backend without a database of its own
+            backend.use_lock_connection(_mysql_module().MySQLConnection(config))
+        return backend
+    if kind == "MySQL":
+        authenticator: Authenticator = _mysql_module().MySQLAuthenticator(config)
+        return authenticator
     raise ValueError(f"unknown $auth_type {config.auth_type!r}: use one of {', '.join(AUTH_TYPES)}")

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tpops.auth import hashes
-from tpops.auth.base import AuthUnavailable, LockingAuthenticator, MailUser, apply_default_domain
+from tpops.auth.base import AuthUnavailable, LockingAuthenticator, file_key
+from tpops.auth.stored import StoredEntry, StoredPasswordAuthenticator
 from tpops.logs import escape, get
 
 if TYPE_CHECKING:
@@ -35,17 +36,6 @@ log = get("auth.file")
 
 _FIELDS = 8
 _VARIABLE = re.compile(r"%(.)")
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One usable user of the file."""
-
-    login: str
-    stored: str
-    maildir: str
-    uid: int | None
-    gid: int | None
 
 
 @dataclass(frozen=True)
@@ -61,17 +51,13 @@ class _Table:
     """The parsed file and the ``stat`` identity it was read at."""
 
     key: tuple[int, ...]
-    users: dict[str, _Entry | _Bad]
+    users: dict[str, StoredEntry | _Bad]
     apop: bool
+    dummy: str | None  # a stored value of the majority scheme and cost (hashes.SchemeTally)
 
 
 class BadLine(ValueError):
     """A passwd-file line that cannot be used; the message is safe to log (no secrets)."""
-
-
-def _stat_key(st: os.stat_result) -> tuple[int, ...]:
-    """What tells a changed file from the one we read."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _id(text: str, kind: str) -> int | None:
@@ -129,7 +115,7 @@ def _maildir(extra: str, login: str, home: str) -> str:
     return location
 
 
-def parse_line(line: str) -> _Entry:
+def parse_line(line: str) -> StoredEntry:
     """One non-comment line as an entry; :class:`BadLine` (no secrets in it) when unusable."""
     fields = line.split(":", _FIELDS - 1)
     if len(fields) < 2:
@@ -149,12 +135,12 @@ def parse_line(line: str) -> _Entry:
         raise BadLine("uid 0 is never served")
     if home and not os.path.isabs(home):
         raise BadLine("home is not an absolute path")
-    return _Entry(login, stored, _maildir(extra, login, home), uid, gid)
+    return StoredEntry(login, stored, _maildir(extra, login, home), uid, gid)
 
 
-def parse(text: str, path: str) -> dict[str, _Entry | _Bad]:
+def parse(text: str, path: str) -> dict[str, StoredEntry | _Bad]:
     """All users of a passwd-file's text; bad lines and duplicates are logged (once per load)."""
-    users: dict[str, _Entry | _Bad] = {}
+    users: dict[str, StoredEntry | _Bad] = {}
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.rstrip("\r")
         if not line.strip() or line.lstrip().startswith("#"):
@@ -176,7 +162,7 @@ def parse(text: str, path: str) -> dict[str, _Entry | _Bad]:
     return users
 
 
-class FileAuthenticator(LockingAuthenticator):
+class FileAuthenticator(StoredPasswordAuthenticator, LockingAuthenticator):
     """Users from a Dovecot-style passwd-file (``$auth_file``), re-read when it changes."""
 
     name = "File"
@@ -184,29 +170,33 @@ class FileAuthenticator(LockingAuthenticator):
     def __init__(self, config: Config) -> None:
         if not config.auth_file:
             raise ValueError("$auth_type is 'File' but $auth_file is not set")
-        super().__init__(config.passwd_lock_dir)
+        StoredPasswordAuthenticator.__init__(self, config.default_domain, log)
+        LockingAuthenticator.__init__(self, config.passwd_lock_dir, config)
         self._path: str = config.auth_file
-        self._domain: str | None = config.default_domain
         self._table: _Table | None = None
 
     def _users(self) -> _Table:
         """The current table, re-read when the file's identity changed since the last read."""
         try:
-            key = _stat_key(os.stat(self._path))
+            key = file_key(os.stat(self._path))
             if self._table is not None and self._table.key == key:
                 return self._table
             with open(self._path, "rb") as f:
-                key = _stat_key(os.fstat(f.fileno()))
+                key = file_key(os.fstat(f.fileno()))
                 text = f.read().decode("utf-8", "surrogateescape")
         except OSError as e:
             raise AuthUnavailable(f"File: cannot read {self._path}: {e.strerror or e}") from e
         users = parse(text, self._path)
         apop = any(
-            isinstance(u, _Entry) and hashes.plain_secret(u.stored) is not None for u in users.values()
+            isinstance(u, StoredEntry) and hashes.plain_secret(u.stored) is not None for u in users.values()
         )
-        log.info("loaded %d users from %s", sum(isinstance(u, _Entry) for u in users.values()),
+        tally = hashes.SchemeTally()
+        for entry in users.values():
+            if isinstance(entry, StoredEntry):
+                tally.add(entry.stored)
+        log.info("loaded %d users from %s", sum(isinstance(u, StoredEntry) for u in users.values()),
                  escape(self._path))
-        self._table = _Table(key, users, apop)
+        self._table = _Table(key, users, apop, tally.template())
         return self._table
 
     def prepare(self) -> None:
@@ -216,6 +206,21 @@ class FileAuthenticator(LockingAuthenticator):
             self._users()
         except AuthUnavailable as e:  # the first login reports it again
             log.error("%s", e)
+
+    def check(self) -> None:
+        """The passwd-file is readable by the identity that will re-read it (issue 8 item 6).
+
+        Run in the pre-flight worker after ``--user`` was applied: a root-only file would
+        pass a root master's ``prepare()`` and then fail every login once it changes.
+        """
+        super().check()
+        try:
+            os.close(os.open(self._path, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as e:
+            raise ValueError(
+                f"$auth_file {self._path} cannot be read as uid {os.geteuid()} (the workers' identity): "
+                f"{e.strerror or e}; make it readable by that user or group"
+            ) from None
 
     @property
     def supports_apop(self) -> bool:
@@ -227,7 +232,11 @@ class FileAuthenticator(LockingAuthenticator):
             log.error("%s", e)
             return False
 
-    def _lookup(self, login: str) -> _Entry | None:
+    def dummy_template(self) -> str | None:
+        """The majority scheme and cost of the file's users, as of its last load."""
+        return None if self._table is None else self._table.dummy
+
+    def lookup(self, login: str) -> StoredEntry | None:
         """The usable entry for a login; None (logged) for unknown users and bad lines."""
         found = self._users().users.get(login)
         if isinstance(found, _Bad):
@@ -236,33 +245,3 @@ class FileAuthenticator(LockingAuthenticator):
         if found is None:
             log.info("login %s refused: no such user", escape(login))
         return found
-
-    def authenticate(self, login: str, password: bytes) -> MailUser | None:
-        """USER/PASS: the user's :class:`MailUser`, or None for bad credentials."""
-        login = apply_default_domain(login, self._domain)
-        entry = self._lookup(login)
-        if entry is None:
-            hashes.dummy_verify(password)
-            return None
-        if not hashes.verify_password(password, entry.stored):
-            if hashes.plain_secret(entry.stored) is not None:
-                hashes.dummy_verify(password)  # a failed clear-text check costs what an unknown user does
-            log.info("login %s refused: wrong password", escape(login))
-            return None
-        return MailUser(login, entry.maildir, entry.uid, entry.gid)
-
-    def authenticate_apop(self, login: str, timestamp: str, digest: str) -> MailUser | None:
-        """APOP: only entries with a clear-text password can match."""
-        login = apply_default_domain(login, self._domain)
-        entry = self._lookup(login)
-        if entry is None:
-            return None
-        secret = hashes.plain_secret(entry.stored)
-        if secret is None:
-            log.info("APOP login %s refused: the stored password is a hash, APOP needs {PLAIN}",
-                     escape(login))
-            return None
-        if not hashes.apop_digest_ok(timestamp, secret, digest):
-            log.info("APOP login %s refused: wrong digest", escape(login))
-            return None
-        return MailUser(login, entry.maildir, entry.uid, entry.gid)

@@ -390,12 +390,26 @@ def verify_password(secret: bytes, stored: str, *, plain_ok: bool = False) -> bo
     return False
 
 
-def dummy_verify(secret: bytes) -> None:
-    """Spend the CPU of a typical real check (sha512-crypt, 5000 rounds) and discard the result.
-
-    Called for unknown users so that "no such user" and "wrong password" take the
+def dummy_verify(secret: bytes, template: str | None = None, *, plain_ok: bool = False) -> None:
+    """Spend the CPU of a real check and discard the result: the work done for a login
+    that has no (usable) stored password, so "no such user" and "wrong password" take the
     same time and cannot be told apart.
+
+    ``template`` is a stored value of the scheme and cost the backend's real users have
+    (:class:`SchemeTally`); checking the secret against it costs exactly what checking a
+    real user of that kind costs (bcrypt cost 12 stays bcrypt cost 12, argon2 keeps its
+    memory and time cost, yescrypt goes to crypt(3)). The result is thrown away, so whose
+    value it is does not matter. Without a template: sha512-crypt with 5000 rounds, the
+    common default. Never raises: a template that cannot be computed here (yescrypt
+    without a crypt(3) binding, as on Python 3.13 without ``crypt_r``) falls back to
+    the default.
     """
+    if template is not None:
+        try:
+            verify_password(secret, template, plain_ok=plain_ok)
+            return
+        except Exception:  # noqa: BLE001 - a dummy must never fail a login differently
+            pass
     try:
         passlib_hash.sha512_crypt.verify(secret, _DUMMY_SHA512)
     except (ValueError, TypeError):  # NUL in the secret: real checks refuse it as fast
@@ -405,10 +419,60 @@ def dummy_verify(secret: bytes) -> None:
 def dummy_crypt_verify(secret: bytes) -> None:
     """Like :func:`dummy_verify`, but with crypt(3) and yescrypt: the twin of a Debian 12 system account.
 
-    Falls back to :func:`dummy_verify` when this libcrypt has no yescrypt.
+    Falls back to :func:`dummy_verify` when this libcrypt has no yescrypt or there is no
+    crypt(3) binding at all (Python 3.13 without ``crypt_r``): it never raises.
     """
-    if _system_crypt(secret, _DUMMY_YESCRYPT) is None:
+    try:
+        result = _system_crypt(secret, _DUMMY_YESCRYPT)
+    except ImportError:
+        result = None
+    if result is None:
         dummy_verify(secret)
+
+
+#: Runs of salt/digest characters: left out of a stored value to leave its scheme and cost.
+_SALT_OR_DIGEST = re.compile(r"[./A-Za-z0-9+=]{16,}")
+
+
+def cost_class(stored: str, *, plain_ok: bool = False) -> str | None:
+    """The scheme and cost settings of a stored value, salt and digest left out
+    (``crypt:bcrypt:$2b$12$``, ``SHA512-CRYPT:{SHA512-CRYPT}$6$rounds=10000$$``); ``"plain"``
+    for clear text; None when it cannot be checked at all."""
+    scheme = identify(stored, plain_ok=plain_ok)
+    if scheme is None:
+        return None
+    if scheme == "plain" or plain_secret(stored, plain_ok=plain_ok) is not None:
+        return "plain"
+    return f"{scheme}:{_SALT_OR_DIGEST.sub('', stored)}"
+
+
+class SchemeTally:
+    """Which scheme and cost most of a backend's stored passwords use, for :func:`dummy_verify`.
+
+    ``add()`` every stored value seen (File: the whole file at each load; MySQL: each
+    row it looks up); :meth:`template` is one value of the most common hashed kind. Clear
+    text is not counted: a failed clear-text check pays the dummy too, so it should cost
+    what the hashed users cost.
+    """
+
+    def __init__(self, plain_ok: bool = False) -> None:
+        self._plain_ok = plain_ok
+        self._counts: dict[str, int] = {}
+        self._examples: dict[str, str] = {}
+        self._best: str | None = None
+
+    def add(self, stored: str) -> None:
+        kind = cost_class(stored, plain_ok=self._plain_ok)
+        if kind is None or kind == "plain":
+            return
+        self._counts[kind] = self._counts.get(kind, 0) + 1
+        self._examples.setdefault(kind, stored)
+        if self._best is None or self._counts[kind] > self._counts[self._best]:
+            self._best = kind
+
+    def template(self) -> str | None:
+        """A stored value of the majority scheme and cost; None before any hashed value."""
+        return None if self._best is None else self._examples[self._best]
 
 
 def plain_secret(stored: str, *, plain_ok: bool = False) -> str | None:

@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tpops.auth import hashes
-from tpops.auth.base import AuthUnavailable, LockingAuthenticator, MailUser, apply_default_domain
+from tpops.auth.base import (
+    AuthUnavailable,
+    LockingAuthenticator,
+    MailUser,
+    apply_default_domain,
+    file_key,
+)
 from tpops.logs import escape, get
 
 if TYPE_CHECKING:
@@ -105,7 +111,7 @@ def _read_shadow(login: str, path: str) -> list[str] | None:
     return None
 
 
-def _is_bdb(head: bytes) -> bool:
+def is_bdb(head: bytes) -> bool:
     """Whether a file's first bytes are a Berkeley DB hash/btree (either byte order)."""
     if len(head) < 16:
         return False
@@ -173,7 +179,7 @@ def read_secrets(path: str) -> dict[str, str]:
             data = f.read()
     except OSError as e:
         raise AuthUnavailable(f"Passwd: cannot read APOP file {path}: {e.strerror or e}") from e
-    if _is_bdb(data[:16]):
+    if is_bdb(data[:16]):
         return _read_bdb(path)
     return parse_secrets_text(data.decode("utf-8", "surrogateescape"), path)
 
@@ -184,7 +190,7 @@ class PasswdAuthenticator(LockingAuthenticator):
     name = "Passwd"
 
     def __init__(self, config: Config, *, shadow_path: str = SHADOW) -> None:
-        super().__init__(config.passwd_lock_dir)
+        super().__init__(config.passwd_lock_dir, config)
         self._domain: str | None = config.default_domain
         self._apop_path: str | None = config.apop_passwd_file or None
         self._shadow_path = shadow_path
@@ -198,6 +204,27 @@ class PasswdAuthenticator(LockingAuthenticator):
                 self._apop_secrets()
             except AuthUnavailable as e:  # the first APOP login reports it again
                 log.error("%s", e)
+
+    def check(self) -> None:
+        """The shadow file and the APOP file are readable by the workers' identity.
+
+        Run in the pre-flight worker after ``--user`` was applied: without this, a
+        ``--user`` (or an ordinary invoker) that cannot read ``/etc/shadow`` would start
+        and then answer every login ``[SYS/TEMP]`` (issue 8 item 6).
+        """
+        super().check()
+        paths = [(self._shadow_path, "the shadow file")] if os.path.exists(self._shadow_path) else []
+        if self._apop_path is not None:
+            paths.append((self._apop_path, "$apop_passwd_file"))
+        for path, what in paths:
+            try:
+                os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as e:
+                raise ValueError(
+                    f"$auth_type 'Passwd' needs to read {what} {path}, which uid {os.geteuid()} "
+                    f"(the workers' identity) cannot: {e.strerror or e}; run as root without --user, "
+                    f"or use the File or MySQL authenticator"
+                ) from None
 
     @property
     def supports_apop(self) -> bool:
@@ -260,7 +287,7 @@ class PasswdAuthenticator(LockingAuthenticator):
             st = os.stat(self._apop_path)
         except OSError as e:
             raise AuthUnavailable(f"Passwd: cannot read APOP file {self._apop_path}: {e.strerror or e}") from e
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        key = file_key(st)
         if self._secrets is None or self._secrets.key != key:
             self._secrets = _Secrets(key, read_secrets(self._apop_path))
         return self._secrets.secrets

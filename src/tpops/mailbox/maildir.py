@@ -76,6 +76,9 @@ log = get("mailbox")
 
 #: Name of the size cache in the Maildir root.
 SIZE_CACHE_NAME = "tpops-sizecache"
+#: This host's name as it goes into temporary file names: two nodes sharing a Maildir
+#: (NFS, CephFS) may have equal pids, so host + pid + random makes the name unique.
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", os.uname().nodename)[:64] or "host"
 #: First line of the size cache; a file starting otherwise is ignored and rewritten.
 #: Version 2: lines are in delivery order, so an unchanged Maildir is listed from the cache alone.
 SIZE_CACHE_HEADER = b"tpops-sizecache 2\n"
@@ -420,11 +423,13 @@ class _SizeCache:
 def _replace_file(dir_fd: int, name: str, data: bytes, label: str) -> bool:
     """Atomically replace ``name`` in ``dir_fd`` with ``data``; False (logged) on failure.
 
-    The new content goes to ``.<name>.<random>`` created ``O_EXCL | O_NOFOLLOW`` (nothing
+    The new content goes to ``.<name>.<host>.<pid>.<random>`` (unique across the hosts
+    sharing the Maildir, so two nodes rebuilding the cache at once never write into
+    one file; the last rename wins, and both wrote a whole, valid cache) created ``O_EXCL | O_NOFOLLOW`` (nothing
     planted under that name is ever written through) and is renamed over ``name``,
     which replaces whatever was there unless it is a directory.
     """
-    tmp = f".{name}.{os.getpid()}.{os.urandom(6).hex()}"
+    tmp = f".{name}.{_HOST}.{os.getpid()}.{os.urandom(6).hex()}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     except OSError as e:

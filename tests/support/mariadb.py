@@ -1,4 +1,4 @@
-"""Test helper: a real MariaDB to test against, throwaway databases, and private servers to stop and start.
+"""A real MariaDB for tests: throwaway databases, and private servers to stop and start.
 
 :func:`server` gives the MariaDB on 127.0.0.1:3306 (root, empty password) when it
 answers, else starts a private ``mariadbd`` in a temporary directory for the rest of
@@ -18,7 +18,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import MySQLdb
+
+from tests.support.server import free_port
 
 #: Where a shared MariaDB is expected (CI has one there).
 SHARED_HOST = "127.0.0.1"
@@ -62,13 +63,6 @@ class Server:
         except MySQLdb.Error:
             return False
         return True
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _program(*names: str) -> str:

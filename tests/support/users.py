@@ -1,8 +1,9 @@
-"""Throwaway system accounts for the Passwd tests (test_auth_passwd.py, test_auth_wire.py).
+"""System users for tests: throwaway accounts for the Passwd tests, and commands run as another uid.
 
 Accounts are made with ``useradd``/``chpasswd`` and removed with ``userdel -r``, so the
 tests that use them need root (CI runs as root). Each caller passes its own name prefix,
-so the accounts of one test module are told apart from another's.
+so the accounts of one test module are told apart from another's. :func:`as_user` runs
+a command as an unprivileged uid/gid (root only) with the Python interpreter reachable.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import os
 import pwd
 import secrets
 import subprocess
+import sys
 from pathlib import Path
 
-from tests.conftest import chown_tree
+from tests.support.server import chown_tree
 
 
 def run(*args: str, input: str | None = None) -> str:
@@ -78,3 +80,40 @@ class Accounts:
     def remove_all(self) -> None:
         for name in self.made:
             subprocess.run(["userdel", "-r", name], capture_output=True)
+
+
+def _unreachable_ancestor(path: str) -> tuple[str, str] | None:
+    """(dir, child) when ``dir``, an ancestor of ``path``, cannot be searched by others."""
+    parts = Path(os.path.realpath(path)).parts
+    for i in range(1, len(parts)):
+        directory = os.path.join(*parts[:i])
+        if not os.stat(directory).st_mode & 0o001:
+            return directory, parts[i]
+    return None
+
+
+#: Run a command as another (unprivileged) uid/gid in a private mount namespace where the
+#: Python interpreter stays reachable: when it lives under a directory others cannot
+#: search (a pyenv in /root), that directory is covered by a tmpfs holding only the
+#: interpreter's tree. Nothing changes outside the namespace.
+_AS_USER = r"""
+set -e
+uid=$1; gid=$2; real=$3; blocked=$4; child=$5; shift 5
+if [ -n "$blocked" ]; then
+  mount --rbind "$blocked" "$real"
+  mount -t tmpfs -o mode=755,size=64k tpops-test-hide "$blocked"
+  mkdir -p "$blocked/$child"
+  mount --rbind "$real/$child" "$blocked/$child"
+  umount -l "$real"
+fi
+exec setpriv --reuid="$uid" --regid="$gid" --clear-groups -- "$@"
+"""
+
+
+def as_user(base: Path, uid: int, gid: int, argv: list[str]) -> list[str]:
+    """``argv`` run as ``uid``/``gid`` (needs root), with the interpreter reachable."""
+    hide = _unreachable_ancestor(sys.base_prefix) or ("", "")
+    real = base / "realhide"
+    real.mkdir(exist_ok=True)
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _AS_USER,
+            "sh", str(uid), str(gid), str(real), hide[0], hide[1], *argv]

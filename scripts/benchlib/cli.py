@@ -1,0 +1,34 @@
+"""The command line of scripts/bench: options, the run, the JSON file and the Markdown table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from benchlib.common import TPOPS, log
+from benchlib.report import markdown
+from benchlib.run import Bench
+
+
+def main(doc: str) -> int:
+    """Run the bench as ``scripts/bench`` (whose docstring ``doc`` is the help); the exit status."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small and short: a smoke test")
+    parser.add_argument("--out", default="bench-results.json", help="JSON output (default bench-results.json)")
+    parser.add_argument("--no-dovecot", action="store_true", help="do not run the Dovecot baseline")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (Maildirs, configs, logs)")
+    parser.add_argument("--tmpdir", default=None, help="where to make the temp dir (default: system temp dir)")
+    args = parser.parse_args()
+    if not TPOPS.exists():
+        print(f"bench: {TPOPS} not found; run scripts/test or scripts/demo first", file=sys.stderr)
+        return 1
+    bench = Bench(args)
+    result = bench.run()
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    print(markdown(result))
+    log(f"wrote {args.out} in {result['duration_s']} s")
+    return 0

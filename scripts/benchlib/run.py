@@ -1,0 +1,351 @@
+"""One bench run: build the world, start the servers, measure each metric against Dovecot, the JSON result."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from benchlib.clients import huge_rss, listing_run, login_rate, retr_run
+from benchlib.common import FULL, IS_ROOT, MIB, QUICK, REPO, TPOPS, log
+from benchlib.servers import DovecotServer, Server, TpopsServer, ensure_dovecot
+from benchlib.world import World
+from tests.support.procs import proc_pss_kib, proc_status_kib
+
+
+#: tpops mode -> the Dovecot variant with the same process model.
+PAIRING = {"root-drop": "per-session", "user": "reuse", "nonroot": "reuse"}
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.profile = QUICK if args.quick else FULL
+        self.metrics: dict[str, dict] = {}
+        self.tpops: list[TpopsServer] = []
+        self.dovecots: dict[str, DovecotServer] = {}
+        self.dovecot_reason: str | None = None
+
+    @property
+    def dovecot(self) -> DovecotServer | None:
+        """The Dovecot the data metrics (RETR, LIST, RSS) compare with."""
+        return self.dovecots.get("per-session")
+
+    def paired(self, srv: TpopsServer) -> DovecotServer | None:
+        """The Dovecot with the same process model as ``srv``."""
+        return self.dovecots.get(PAIRING[srv.mode])
+
+    def add(self, name: str, title: str, value: float, unit: str, better: str, parameters: dict,
+            dovecot: float | None = None, goal: str = "", reference: str | None = None,
+            goal_met: bool | None = None, server: str | None = None) -> None:
+        ratio = None
+        if dovecot:
+            ratio = round(value / dovecot, 3)
+            if goal_met is None and goal.startswith(("≥", "≤")):
+                goal_met = ratio >= 1 if better == "higher" else ratio <= 1
+        entry = {
+            "title": title,
+            "value": round(value, 4),
+            "unit": unit,
+            "better": better,
+            "server": server,
+            "parameters": parameters,
+            "dovecot": None if dovecot is None else round(dovecot, 4),
+            "ratio": ratio,
+            "goal": goal + (f" (issue: Dovecot {reference})" if reference else ""),
+            "goal_met": goal_met,
+        }
+        if dovecot is None and self.dovecot_reason:
+            entry["dovecot_reason"] = self.dovecot_reason
+        self.metrics[name] = entry
+        d = "-" if dovecot is None else f"{dovecot:.4g}"
+        log(f"{name}: {value:.4g} {unit} (dovecot {d})")
+
+    def servers_for_data(self) -> list[Server]:
+        out: list[Server] = [self.tpops[0]]
+        if self.dovecot:
+            out.append(self.dovecot)
+        return out
+
+    # -- setup
+    def setup(self) -> None:
+        base = Path(tempfile.mkdtemp(prefix="tpops-bench-", dir=self.args.tmpdir))
+        base.chmod(0o755)
+        self.base = base
+        self.world = World(base, self.profile)
+        self.world.build()
+        modes = ["root-drop", "user"] if IS_ROOT else ["nonroot"]
+        for mode in modes:
+            self.tpops.append(TpopsServer(self.world, mode).start())
+        if self.args.no_dovecot:
+            self.dovecot_reason = "--no-dovecot"
+        else:
+            self.dovecot_reason = ensure_dovecot()
+        if self.dovecot_reason is None:
+            try:
+                for variant in ("per-session", "reuse"):
+                    self.dovecots[variant] = DovecotServer(self.world, variant).start()
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                for d in self.dovecots.values():
+                    d.stop()
+                self.dovecots = {}
+                self.dovecot_reason = f"dovecot could not be started: {exc}"
+                log(self.dovecot_reason)
+
+    def teardown(self) -> None:
+        for s in self.tpops:
+            s.stop()
+        for d in self.dovecots.values():
+            d.stop()
+        if self.args.keep:
+            log(f"kept {self.base}")
+        elif getattr(self, "base", None):
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    # -- 1. logins
+    def bench_logins(self) -> None:
+        p = self.profile
+        creds = self.world.login_users
+        refs = {1: "250/s", 32: "360/s"}
+        for c in p.login_levels:
+            results = {}
+            order: list[Server] = []
+            for srv in self.tpops:
+                order.append(srv)
+                if self.paired(srv) and self.paired(srv) not in order:
+                    order.append(self.paired(srv))
+            for srv in order:
+                results[srv.label] = login_rate(srv.port, creds, c, p.warmup_secs, p.login_secs)
+            for srv in self.tpops:
+                r = results[srv.label]
+                pair = self.paired(srv)
+                dv = results[pair.label] if pair else None
+                params = {k: v for k, v in r.items() if k != "value"}
+                params.update(concurrency=c, duration_s=p.login_secs, warmup_s=p.warmup_secs, mode=srv.mode,
+                              session="connect, greeting, USER, PASS, STAT, QUIT, wait for the close",
+                              users="one per client (tpops allows one session per mailbox)")
+                if srv.launcher_note:
+                    params["launcher"] = srv.launcher_note
+                if dv:
+                    params["dovecot_variant"] = pair.variant
+                    params["dovecot_detail"] = {k: v for k, v in dv.items() if k != "value"}
+                    params["dovecot_all_variants_sessions_per_s"] = {
+                        d.variant: round(results[d.label]["value"], 1) for d in self.dovecots.values()
+                        if d.label in results}
+                self.add(f"login_sessions_per_s.c{c}.{srv.mode}",
+                         f"logins/s, {c} client{'s' if c > 1 else ''} ({srv.mode})",
+                         r["value"], "sessions/s", "higher", params,
+                         dovecot=dv["value"] if dv else None, goal="≥ Dovecot", reference=refs.get(c),
+                         server=srv.label)
+        for srv in self.tpops:
+            self.pool_rss(srv)
+
+    def pool_rss(self, srv: TpopsServer) -> None:
+        time.sleep(0.5)
+        master = srv.master_pid()
+        m = proc_status_kib(master)
+        idle = srv.idle_workers()
+        rss = [proc_status_kib(w).get("VmRSS", 0) for w in idle]
+        pss = [x for x in (proc_pss_kib(w) for w in idle) if x is not None]
+        dv_master = dv_idle = None
+        dv_params: dict = {}
+        pair = self.paired(srv)
+        if pair:
+            dm = pair.master_pid()
+            dv_master = proc_status_kib(dm).get("VmRSS", 0) / 1024
+            idlers = pair.idle_workers()
+            lr = [proc_status_kib(w).get("VmRSS", 0) for w in idlers]
+            if lr:
+                dv_idle = statistics.median(lr) / 1024
+            dv_params = {"dovecot_variant": pair.variant, "dovecot_master_pss_kib": proc_pss_kib(dm),
+                         "dovecot_idle_processes": len(idlers)}
+        self.add(f"rss_master_mib.{srv.mode}", f"master RSS ({srv.mode})", m.get("VmRSS", 0) / 1024, "MiB",
+                 "lower", {"pss_kib": proc_pss_kib(master), "when": "after the login runs", **dv_params},
+                 dovecot=dv_master, goal="", server=srv.label)
+        self.add(f"rss_idle_worker_mib.{srv.mode}", f"idle worker RSS, median ({srv.mode})",
+                 statistics.median(rss) / 1024 if rss else 0.0, "MiB", "lower",
+                 {"idle_workers": len(idle), "rss_kib_min_max": [min(rss), max(rss)] if rss else None,
+                  "pss_kib_median": statistics.median(pss) if pss else None,
+                  "note": "RSS counts pages shared with the master; PSS splits them",
+                  "dovecot_compared_process": "a pre-started pop3 process waiting for a session", **dv_params},
+                 dovecot=dv_idle, goal="", server=srv.label)
+
+    # -- 2. RETR
+    def bench_retr(self) -> None:
+        p = self.profile
+        cases = [("1mib", "big", p.big_n, p.big_size), ("4kib", "small", p.small_n, p.small_size)]
+        for tag, user, n, size in cases:
+            for pipelined in (False, True):
+                style = "pipelined" if pipelined else "lockstep"
+                runs: dict[str, list[dict]] = {}
+                for _ in range(p.reps):
+                    for srv in self.servers_for_data():
+                        runs.setdefault(srv.label, []).append(retr_run(srv.port, user, f"pw-{user}", n, pipelined))
+                med = {}
+                for label, rs in runs.items():
+                    rates = [r["wire_bytes"] / r["elapsed_s"] / 1e6 for r in rs]
+                    msgs = [r["messages"] / r["elapsed_s"] for r in rs]
+                    med[label] = (statistics.median(rates), statistics.median(msgs), rs)
+                srv = self.tpops[0]
+                t = med[srv.label]
+                d = med.get("dovecot")
+                params = {"messages": n, "message_file_octets": size, "mode": style, "repetitions": p.reps,
+                          "aggregate": "median", "wire_bytes": t[2][0]["wire_bytes"],
+                          "runs_mb_per_s": [round(r["wire_bytes"] / r["elapsed_s"] / 1e6, 1) for r in t[2]],
+                          "client_cpu_share": round(sum(r["client_cpu_s"] for r in t[2])
+                                                    / sum(r["elapsed_s"] for r in t[2]), 3),
+                          "unit_note": "MB = 10^6 octets as received on the wire (CRLF, byte-stuffing, status lines); "
+                                       "timed from the first RETR to the last terminator, login excluded",
+                          "tpops_mode": srv.mode}
+                if d:
+                    params["dovecot_wire_bytes"] = d[2][0]["wire_bytes"]
+                    params["dovecot_runs_mb_per_s"] = [round(r["wire_bytes"] / r["elapsed_s"] / 1e6, 1) for r in d[2]]
+                    params["dovecot_client_cpu_share"] = round(sum(r["client_cpu_s"] for r in d[2])
+                                                               / sum(r["elapsed_s"] for r in d[2]), 3)
+                ref = "260 MB/s" if tag == "1mib" else None
+                self.add(f"retr_mb_per_s.{tag}.{style}", f"RETR {n} x {size // 1024} KiB, {style}", t[0], "MB/s",
+                         "higher", params, dovecot=d[0] if d else None, goal="≥ Dovecot", reference=ref,
+                         server=srv.label)
+                if tag == "4kib":
+                    ref = "43 000 msgs/s" if pipelined else None
+                    self.add(f"retr_msgs_per_s.{tag}.{style}", f"RETR {n} x 4 KiB, {style} (msgs/s)", t[1], "msgs/s",
+                             "higher", {"messages": n, "mode": style, "repetitions": p.reps, "aggregate": "median",
+                                        "runs_msgs_per_s": [round(r["messages"] / r["elapsed_s"]) for r in t[2]],
+                                        "tpops_mode": srv.mode},
+                             dovecot=d[1] if d else None, goal="≥ Dovecot", reference=ref, server=srv.label)
+
+    # -- 3. STAT + LIST + UIDL on a big Maildir
+    def bench_listing(self) -> None:
+        p = self.profile
+        refs = {"bare": ("1.25 s", "0.02-0.06 s"), "S": ("0.94 s", "0.02-0.06 s"), "W": ("0.30 s", "0.02-0.06 s")}
+        names = {"bare": "bare names", "S": ",S= names", "W": ",W= names"}
+        for style, user in (("bare", "lbare"), ("S", "lsize"), ("W", "lwsize")):
+            md = self.world.maildir(user)
+            first: dict[str, list[dict]] = {}
+            second: dict[str, list[dict]] = {}
+            for _ in range(p.list_reps):
+                for srv in self.servers_for_data():
+                    srv.first_login_reset(md)
+                    first.setdefault(srv.label, []).append(listing_run(srv.port, user, f"pw-{user}"))
+                    second.setdefault(srv.label, []).append(listing_run(srv.port, user, f"pw-{user}"))
+            srv = self.tpops[0]
+            for which, data, ref in (("first", first, refs[style][0]), ("second", second, refs[style][1])):
+                t = data[srv.label]
+                d = data.get("dovecot")
+                params = {
+                    "messages": p.list_n, "names": names[style], "repetitions": p.list_reps, "aggregate": "median",
+                    "runs_s": [round(r["elapsed_s"], 4) for r in t],
+                    "pass_s_median": round(statistics.median(r["pass_s"] for r in t), 4),
+                    "client_cpu_s_median": round(statistics.median(r["client_cpu_s"] for r in t), 4),
+                    "stat": t[0]["stat"], "list_lines": t[0]["list_lines"], "uidl_lines": t[0]["uidl_lines"],
+                    "timed": "from sending PASS to the end of the UIDL listing",
+                    "first_login_means": "tpops: tpops-sizecache deleted; dovecot: all dovecot* index/uidlist "
+                                         "files in the Maildir root deleted (indexes on disk, default location)",
+                    "tpops_mode": srv.mode,
+                    "tpops_sizes": "exact (computed: ,S= is not trusted unless $maildir_extended)"
+                    if style != "W" else "exact (from ,W= plus a check of the last octet)",
+                }
+                if d:
+                    params["dovecot_runs_s"] = [round(r["elapsed_s"], 4) for r in d]
+                    params["dovecot_stat"] = d[0]["stat"]
+                    params["dovecot_pass_s_median"] = round(statistics.median(r["pass_s"] for r in d), 4)
+                self.add(f"list_s.{which}.{style}", f"STAT+LIST+UIDL {p.list_n} msgs, {which} login, {names[style]}",
+                         statistics.median(r["elapsed_s"] for r in t), "s", "lower", params,
+                         dovecot=statistics.median(r["elapsed_s"] for r in d) if d else None,
+                         goal="≤ Dovecot", reference=ref, server=srv.label)
+
+    # -- 4. RSS during a 200 MB RETR
+    def bench_huge(self) -> None:
+        size = self.profile.huge_size
+        res = {}
+        for srv in self.servers_for_data():
+            res[srv.label] = huge_rss(srv, "huge", "pw-huge")
+        srv = self.tpops[0]
+        t = res[srv.label]
+        d = res.get("dovecot")
+        params = dict(t, message_file_octets=size, sampling="VmRSS every 50 ms; value = VmHWM at the end of the RETR",
+                      tpops_mode=srv.mode)
+        if d:
+            params["dovecot_detail"] = d
+        growth_ok = t["growth_kib"] < 10 * 1024
+        self.add("rss_worker_mib.retr_200mb", f"worker peak RSS during a {size // MIB} MiB RETR",
+                 t["hwm_kib"] / 1024, "MiB", "lower", params, dovecot=d["hwm_kib"] / 1024 if d else None,
+                 goal="flat: grows < 10 MiB during the RETR", goal_met=growth_ok, server=srv.label)
+        self.add("retr_mb_per_s.huge", f"RETR 1 x {size // MIB} MiB", t["mb_per_s"], "MB/s", "higher",
+                 {"wire_bytes": t["wire_bytes"], "tpops_mode": srv.mode}, dovecot=d["mb_per_s"] if d else None,
+                 goal="≥ Dovecot", server=srv.label)
+
+    def health(self) -> dict:
+        out = {}
+        for srv in self.tpops:
+            text = srv.problems()
+            lines = [line for line in text.splitlines() if "Traceback" in line or "ERROR" in line.upper()]
+            try:
+                access_lines = srv.access_log.read_bytes().count(b"\n")
+            except OSError:
+                access_lines = 0
+            out[srv.label] = {"error_lines": len(lines), "first": lines[:5], "access_log_lines": access_lines,
+                              "launcher": srv.launcher_note}
+        return out
+
+    def run(self) -> dict:
+        started = time.time()
+        t0 = time.monotonic()
+        try:
+            self.setup()
+            self.bench_logins()
+            self.bench_retr()
+            self.bench_listing()
+            self.bench_huge()
+            health = self.health()
+        finally:
+            self.teardown()
+        try:
+            head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                  timeout=30).stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src"],
+                                   capture_output=True, text=True, timeout=30).stdout.split("\n")
+            git = {"head": head, "uncommitted_src_files": sorted(x[3:] for x in dirty if x.strip())}
+        except (OSError, subprocess.SubprocessError):
+            git = {}
+        try:
+            tpops_version = subprocess.run([str(TPOPS), "--version"], capture_output=True, text=True,
+                                           timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            tpops_version = "?"
+        return {
+            "tool": "scripts/bench",
+            "format": 1,
+            "quick": self.args.quick,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "duration_s": round(time.monotonic() - t0, 1),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "kernel": platform.release(),
+                "python": platform.python_version(),
+                "uid": os.geteuid(),
+                "note": "the load generator (Python, multiprocessing + epoll, 1 process at 1 client, 2 above) "
+                        "shares the CPUs with the server under test; its CPU time is in each login entry",
+            },
+            "tpops": {"version": tpops_version, "git": git, "modes": [s.mode for s in self.tpops],
+                      "config": self.tpops[0].settings if self.tpops else {}, "health": health,
+                      "data_metrics_mode": self.tpops[0].mode if self.tpops else None},
+            "dovecot": None if self.dovecot is None else {
+                "version": self.dovecot.version(),
+                "variants": {
+                    d.variant: {"config": d.config_summary, "compared_with": [m for m, v in PAIRING.items() if v == d.variant]}
+                    for d in self.dovecots.values()
+                },
+                "data_metrics_variant": self.dovecot.variant,
+                "index_handling": "indexes on disk in the Maildir root (mail_location = maildir:~/Maildir); all "
+                                  "dovecot* files there deleted before each first-login repetition",
+            },
+            "dovecot_unavailable_reason": self.dovecot_reason if self.dovecot is None else None,
+            "metrics": self.metrics,
+        }
