@@ -146,6 +146,7 @@ class Config:
         "doc": "directory holding the mailbox lock files (default /run/tpops/locks as root)"})
     apop_passwd_file: str | None = _p(None, "APOP password database (login -> plain password)")
     auth_file: str | None = _p(None, "user file for auth_type 'File'")
+    apop: bool = _p(True, "offer APOP (the greeting's timestamp); false: USER/PASS only")
     # --- MySQL (auth_type 'MySQL')
     mysql_server: str | None = _p(None, "MySQL server host name")
     mysql_port: int = _p(3306, "MySQL server TCP port")
