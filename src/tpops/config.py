@@ -114,6 +114,9 @@ class Config:
     pid_file: str | None = _p(None, "file to write the server's process id to")
     connection_keep_time: int = _p(3600, "maximum seconds a connection may last")
     command_timeout: int = _p(600, "maximum seconds to wait for the next command")
+    control_socket: str | None = _p(
+        None, "Unix socket (0600) tpops --status asks (nil = /run/tpops/control as root)")
+    metrics_address: str | None = _p(None, "HOST:PORT serving Prometheus metrics (nil = no metrics)")
     # --- logging
     access_log: str | None = _p(None, "file logging one line per finished session")
     error_log: str | None = _p(None, "file for error messages")
@@ -257,7 +260,7 @@ def _type_error(name: str, kind: Kind, value: object) -> str | None:
 _BAD_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
 # Optional strings that would be meaningless when empty (use nil instead).
-_NONEMPTY_OPTIONAL = ("bind_address", "user", "group", "pid_file", "access_log",
+_NONEMPTY_OPTIONAL = ("bind_address", "user", "group", "pid_file", "control_socket", "metrics_address", "access_log",
                       "error_log", "default_domain", "apop_passwd_file", "auth_file",
                       "mysql_socket")
 _NONEMPTY = ("hostname", "passwd_lock_dir", "mysql_auth_query")
@@ -318,6 +321,15 @@ def _checks(config: Config, *, complete: bool = True) -> list[tuple[tuple[str, .
     at_least("max_connections_per_ip", 0, " (0 = no limit)")
     at_least("max_auth_penalty", 0, " (0 = none)")
     at_least("login_timeout", 1)
+    if ok("control_socket") and config.control_socket and not config.control_socket.startswith("/"):
+        bad("control_socket", "$control_socket must be an absolute path")
+    if ok("metrics_address") and config.metrics_address:
+        from tpops.metrics import parse_address
+
+        try:
+            parse_address(config.metrics_address)
+        except ValueError as exc:
+            bad("metrics_address", f"$metrics_address: {exc}")
     if (ok("min_servers", "max_servers") and config.min_servers >= 1
             and config.max_servers < config.min_servers):
         bad(("min_servers", "max_servers"),
