@@ -98,3 +98,13 @@ def test_a_killed_worker_counts_as_a_restart_and_totals_survive_it(mail_env: Mai
         c.close()
     finally:
         srv.stop()
+
+
+def test_check_config_refuses_a_bad_metrics_address_and_a_relative_control_socket() -> None:
+    from tpops.config import Config, check_config
+
+    assert check_config(Config(metrics_address="9110")) == [
+        "$metrics_address: expected HOST:PORT (e.g. '127.0.0.1:9110'), got '9110'"]
+    assert check_config(Config(metrics_address="[::1]:70000")) == ["$metrics_address: port 70000 is out of range"]
+    assert check_config(Config(metrics_address="[::1]:9110", control_socket="/run/x")) == []
+    assert check_config(Config(control_socket="run/x")) == ["$control_socket must be an absolute path"]

@@ -324,8 +324,6 @@ def _checks(config: Config, *, complete: bool = True) -> list[tuple[tuple[str, .
     if ok("control_socket") and config.control_socket and not config.control_socket.startswith("/"):
         bad("control_socket", "$control_socket must be an absolute path")
     if ok("metrics_address") and config.metrics_address:
-        from tpops.metrics import parse_address
-
         try:
             parse_address(config.metrics_address)
         except ValueError as exc:
@@ -360,6 +358,19 @@ def _checks(config: Config, *, complete: bool = True) -> list[tuple[tuple[str, .
     if complete and ok("user", "group") and config.group is not None and config.user is None:
         bad(("user", "group"), "$group requires $user (the workers run as $user, in $group)")
     return out
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` (``$metrics_address``) -> (host, port); ValueError with the reason."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not host:
+        raise ValueError(f"expected HOST:PORT (e.g. '127.0.0.1:9110'), got {quote(text)}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    number = int(port)
+    if not 1 <= number <= 65535:
+        raise ValueError(f"port {number} is out of range")
+    return host, number
 
 
 def check_config(config: Config) -> list[str]:

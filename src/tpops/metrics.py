@@ -42,13 +42,11 @@ import shutil
 import signal
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tpops import logs
+from tpops.config import Config, parse_address
 from tpops.mailbox.lock import DEFAULT_LOCK_PARENT
-
-if TYPE_CHECKING:
-    from tpops.config import Config
 
 log = logs.get("metrics")
 
@@ -58,19 +56,6 @@ VERBS = ("USER", "PASS", "APOP", "AUTH", "CAPA", "STLS", "QUIT", "STAT", "LIST",
 LOGIN_RESULTS = ("ok", "auth", "in-use", "sys")
 SESSION_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 AUTH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> (host, port); ValueError with the reason."""
-    host, colon, port = text.rpartition(":")
-    if not colon or not port.isdigit() or not host:
-        raise ValueError(f"expected HOST:PORT (e.g. '127.0.0.1:9110'), got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    number = int(port)
-    if not 1 <= number <= 65535:
-        raise ValueError(f"port {number} is out of range")
-    return host, number
 
 
 def metrics_dir(port: int) -> str:
