@@ -43,6 +43,7 @@ from tpops.auth.base import Authenticator
 from tpops.config import Config, ConfigError
 from tpops.limits import SharedLimits
 from tpops.protocol import drain
+from tpops.status import Monitor
 from tpops.worker import BUSY, EXIT_BOOT_FAILED, IDLE, MASTER_SIGNALS, REPORT, Worker, warm_up
 
 log = logs.get("arbiter")
@@ -116,6 +117,9 @@ class Arbiter:
     #: Per-worker heartbeats and per-address state shared with the workers (made in :meth:`run`).
     limits: SharedLimits | None = None
     slots_warned: bool = False
+    #: ``tpops --status`` control socket, session board and metrics (:mod:`tpops.status`).
+    monitor: Monitor | None = None
+    started: float = field(default_factory=time.time)
 
     # -- signal plumbing ---------------------------------------------------
 
@@ -128,6 +132,8 @@ class Arbiter:
     def run(self) -> int:
         """The master loop; returns the process exit status."""
         setproctitle("tpops: master")
+        self.monitor = Monitor(self.config, max(self.config.max_servers, MIN_SLOTS))
+        self.monitor.start(self.listeners)
         self.report_r, self.report_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w)
@@ -145,7 +151,8 @@ class Arbiter:
                 self.scale()
                 if self.stopping:
                     break
-                ready, _, _ = select.select([self.report_r, self.wake_r], [], [], TICK)
+                ready, _, _ = select.select([self.report_r, self.wake_r, *self.monitor.fds()], [], [], TICK)
+                self.monitor.handle(ready, self.status)
                 if self.wake_r in ready:
                     drain(self.wake_r)
                 if self.report_r in ready:
@@ -154,7 +161,9 @@ class Arbiter:
                 self.reap()
                 self.murder_stuck()
                 self.retire_idle()
+                self.monitor.pool(*self.busy_idle())
         finally:
+            self.monitor.close()  # first: it reaps its exporter by pid, before shutdown reaps any child
             self.shutdown()
         return self.exit_status
 
@@ -247,7 +256,7 @@ class Arbiter:
         signal.set_wakeup_fd(-1)
         self.signals.clear()
         worker = Worker(self.config, self.listeners, self.report_w, self.log_files, self.authenticator,
-                        limits=self.limits, slot=slot)
+                        limits=self.limits, slot=slot, monitor=self.monitor)
         return worker.run()
 
     def read_reports(self) -> None:
@@ -287,11 +296,14 @@ class Arbiter:
             if pid == 0:
                 return
             info = self.workers.pop(pid, None)
+            code = os.waitstatus_to_exitcode(status)
+            if self.monitor is not None:  # its session line goes; an abnormal death counts as a restart
+                self.monitor.worker_gone(pid, info.slot if info else None,
+                                         failed=info is not None and code != 0 and not info.retiring)
             if info is None:
                 continue
             if self.limits is not None:  # its connection no longer counts for its client's address
                 self.limits.reset_slot(info.slot)
-            code = os.waitstatus_to_exitcode(status)
             if code == 0 or info.retiring:
                 continue
             if not info.booted or code == EXIT_BOOT_FAILED:
@@ -351,6 +363,20 @@ class Arbiter:
             os.kill(info.pid, signum)
         except ProcessLookupError:
             pass
+
+    def busy_idle(self) -> tuple[int, int]:
+        busy = sum(1 for w in self.workers.values() if w.state == BUSY)
+        return busy, len(self.workers) - busy
+
+    def status(self) -> dict[str, object]:
+        """The pool for ``tpops --status`` (the sessions come from the board)."""
+        from tpops import __version__
+
+        busy, idle = self.busy_idle()
+        return {"version": __version__, "pid": os.getpid(), "started": self.started,
+                "listening": ", ".join(_address(s) for s in self.listeners), "workers": len(self.workers),
+                "busy": busy, "idle": idle, "spares": SPARE_WORKERS, "min_servers": self.config.min_servers,
+                "max_servers": self.config.max_servers}
 
     # -- reload and stop ---------------------------------------------------
 

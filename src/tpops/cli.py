@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check-config", action="store_true",
                         help="check the configuration (values, users, groups, log directories); print "
                              "the effective settings and exit 0, or the errors and exit 2")
+    parser.add_argument("--status", action="store_true",
+                        help="print the running daemon's workers and sessions (asks $control_socket; root)")
     return parser
 
 
@@ -131,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.check_config:
         sys.stdout.write(format_effective(config))
         return 0
+    if options.status:
+        from tpops.status import print_status
+
+        return print_status(config)
     if config.with_inetd:
         return run_inetd(config)
     return run_standalone(config, options)

@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from tpops import logs
 from tpops.auth.base import Authenticator, MailUser
@@ -50,6 +51,16 @@ _SECRET_ARGS = {"PASS": 0, "APOP": 1, "AUTH": 1}
 
 #: Every verb known in some state: a known verb in the wrong state gets a precise -ERR.
 ALL_VERBS = frozenset(AUTHORIZATION_COMMANDS) | frozenset(TRANSACTION_COMMANDS)
+
+
+class SessionObserver(Protocol):
+    """What a session reports as it goes (``tpops --status`` and metrics: :mod:`tpops.status`)."""
+
+    def command(self, verb: str, state: str) -> None:
+        """Before the state ``state`` (its name) executes ``verb``."""
+
+    def replied(self, verb: str, reply: Reply) -> None:
+        """After it answered ``verb`` with ``reply`` (before the loop writes it)."""
 
 
 @dataclass(slots=True)
@@ -88,7 +99,8 @@ class Session:
     """One client connection from greeting to close: the loop around a protocol state object.
 
     The arguments after ``authenticator`` are handed to the first state,
-    :class:`~tpops.authorization.Authorization` (see it for ``serve_as`` and ``on_login``).
+    :class:`~tpops.authorization.Authorization` (see it for ``serve_as`` and ``on_login``),
+    except ``observer``, which hears of every command and its reply.
     """
 
     def __init__(
@@ -101,7 +113,9 @@ class Session:
         serve_as: Callable[[MailUser], bool] | None = None,
         on_login: Callable[[str], None] | None = None,
         timestamp: str | None = None,
+        observer: SessionObserver | None = None,
     ) -> None:
+        self.observer = observer
         self.transport = transport
         self.peer = peer
         self.config = config
@@ -196,7 +210,11 @@ class Session:
         verb = verb.upper()
         if self.config.debug:
             log.debug("C: %s", logs.escape(_mask(verb, rest)))
+        if self.observer is not None:
+            self.observer.command(verb, self.state.name)
         reply = self.state.execute(verb, rest)
+        if self.observer is not None and reply is not None:
+            self.observer.replied(verb, reply)
         if reply is not None:
             return reply
         if verb in ALL_VERBS:
