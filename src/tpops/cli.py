@@ -175,11 +175,18 @@ def run_standalone(config: Config, options: argparse.Namespace) -> int:
         logs.get("cli").warning("%s", notice)
     pid_file = PidFile(config.pid_file) if config.pid_file else None
     try:
-        inherited = take_inherited_listeners()
         if pid_file is not None:
             pid_file.check()
-        prepare_workers(config)
-        listeners = inherited if inherited else make_listeners(config)
+        # The address first: its error is the one an admin most often has to fix, and
+        # it must not hide behind the pre-flight worker's output.
+        inherited = take_inherited_listeners()
+        listeners = inherited or make_listeners(config)
+        try:
+            prepare_workers(config)
+        except BaseException:
+            for sock in listeners:
+                sock.close()
+            raise
     except ListenError as exc:
         print(f"tpops: {exc}", file=sys.stderr)
         return EXIT_STARTUP
