@@ -129,6 +129,11 @@ def test_without_error_log_the_foreground_notice_names_stderr(tmp_path: Path) ->
         assert refused.syslog_notice().startswith(f"syslog is unreachable ({missing}: connection refused)")
         assert logs.setup(facility=None, error_log=None, access_log=None, debug=False, to_stderr=False,
                           dev_log=missing).syslog_notice() is None
+        # stderr is the journal: syslog is not used besides (under systemd /dev/log is the same
+        # journal, every line would be there twice), so there is nothing missing to report.
+        journal = logs.setup(facility=2 << 3, error_log=None, access_log=None, debug=False, to_stderr=True,
+                             journal=True, dev_log=missing)
+        assert journal.syslog is None and journal.syslog_notice() is None
     finally:
         root = logging.getLogger("tpops")
         for handler in list(root.handlers):

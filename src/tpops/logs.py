@@ -309,7 +309,8 @@ def setup(
     """Route the ``tpops`` logger: syslog (info and up, debug with --debug), the error log
     (warnings, errors and tracebacks) and, in the foreground, stderr (every level
     configured; with ``journal``, stderr is journald's stream and each line carries its
-    ``<N>`` priority instead of a time stamp).
+    ``<N>`` priority instead of a time stamp, and syslog is left out: under systemd it
+    is the same journal).
 
     Logs never vanish: when ``facility`` is set but syslog cannot be reached (no
     ``dev_log`` socket: a container, a minimal host), the lines meant for syslog go to
@@ -343,6 +344,11 @@ def setup(
     level = logging.DEBUG if debug else logging.INFO
     root.setLevel(level)
     root.propagate = False
+    if journal and to_stderr:
+        # stderr is the journal, and so is /dev/log under systemd: both would put every
+        # line in the journal twice (and count each failed login twice for fail2ban).
+        # The unit's SyslogFacility= gives the stderr lines their facility instead.
+        facility = None
     if facility is not None:
         result.syslog_missing = syslog_unreachable(dev_log)
     if result.syslog_missing is not None:
