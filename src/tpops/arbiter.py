@@ -405,7 +405,7 @@ class Arbiter:
 
         busy, idle = self.busy_idle()
         return {"version": __version__, "pid": os.getpid(), "started": self.started,
-                "listening": ", ".join(_address(s) for s in self.listeners), "workers": len(self.workers),
+                "listening": ", ".join(address_of(s) for s in self.listeners), "workers": len(self.workers),
                 "busy": busy, "idle": idle, "spares": SPARE_WORKERS, "min_servers": self.config.min_servers,
                 "max_servers": self.config.max_servers}
 
