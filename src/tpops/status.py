@@ -303,8 +303,13 @@ class ControlSocket:
                 log.error("control socket %s: accept: %s", self.path, exc)
                 return
             try:
+                try:
+                    answer = json.dumps(document()).encode() + b"\n"
+                except Exception:  # a bug here must never take the master down
+                    log.exception("control socket %s: cannot build the status", self.path)
+                    answer = b""
                 conn.settimeout(ANSWER_TIMEOUT)
-                conn.sendall(json.dumps(document()).encode() + b"\n")
+                conn.sendall(answer)
             except OSError:
                 pass  # the client went away or does not read: its problem
             finally:
