@@ -240,8 +240,10 @@ def test_start_up_errors_fail_before_detaching(mail_env: MailEnv, case: str) -> 
         status, message = 2, f"{mail_env.conf}:1:"
     elif case == "port in use":
         held = _holding_port()
-        daemon.args[daemon.args.index(str(daemon.port))] = str(held.getsockname()[1])
-        status, message = 1, "tpops: cannot start: [Errno 98] Address already in use"
+        held_port = held.getsockname()[1]
+        daemon.args[daemon.args.index(str(daemon.port))] = str(held_port)
+        status, message = 1, (f"tpops: cannot listen on 127.0.0.1:{held_port}: address already in use "
+                              "(another POP3 server running?)\n")
     elif case == "log is a directory":
         mail_env.write_conf(access_log=repr(str(mail_env.base)))
         status, message = 1, "tpops: cannot open a log file: [Errno 21] Is a directory"

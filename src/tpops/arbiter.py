@@ -43,6 +43,8 @@ from tpops.auth.base import Authenticator
 from tpops.config import Config, ConfigError
 from tpops.limits import SharedLimits
 from tpops.protocol import drain
+from tpops.status import Monitor
+from tpops.systemd import Notifier
 from tpops.worker import BUSY, EXIT_BOOT_FAILED, IDLE, MASTER_SIGNALS, REPORT, Worker, warm_up
 
 log = logs.get("arbiter")
@@ -116,6 +118,17 @@ class Arbiter:
     #: Per-worker heartbeats and per-address state shared with the workers (made in :meth:`run`).
     limits: SharedLimits | None = None
     slots_warned: bool = False
+    #: ``tpops --status`` control socket, session board and metrics (:mod:`tpops.status`).
+    monitor: Monitor | None = None
+    started: float = field(default_factory=time.time)
+    #: systemd's ``Type=notify`` channel (does nothing outside systemd): READY=1 once the
+    #: first worker booted, RELOADING=1/READY=1 around a reload, STOPPING=1, STATUS= lines.
+    notifier: Notifier = field(default_factory=lambda: Notifier(None))
+    #: The listeners came from systemd (socket activation): their addresses are the socket
+    #: unit's business, never compared with ``$port``/``$bind_address`` on reload.
+    inherited: bool = False
+    last_status: str = ""
+    status_at: float = 0.0
 
     # -- signal plumbing ---------------------------------------------------
 
@@ -128,6 +141,8 @@ class Arbiter:
     def run(self) -> int:
         """The master loop; returns the process exit status."""
         setproctitle("tpops: master")
+        self.monitor = Monitor(self.config, max(self.config.max_servers, MIN_SLOTS))
+        self.monitor.start(self.listeners)
         self.report_r, self.report_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w)
@@ -138,14 +153,15 @@ class Arbiter:
         if self.limits is None:
             self.limits = SharedLimits(max(self.config.max_servers, MIN_SLOTS))
         gc.freeze()  # workers share the master's objects: no collection copies their pages
-        addresses = ", ".join(_address(s) for s in self.listeners)
+        addresses = ", ".join(address_of(s) for s in self.listeners)
         log.info("tpops master %d listening on %s", os.getpid(), addresses)
         try:
             while not self.stopping:
                 self.scale()
                 if self.stopping:
                     break
-                ready, _, _ = select.select([self.report_r, self.wake_r], [], [], TICK)
+                ready, _, _ = select.select([self.report_r, self.wake_r, *self.monitor.fds()], [], [], TICK)
+                self.monitor.handle(ready, self.status)
                 if self.wake_r in ready:
                     drain(self.wake_r)
                 if self.report_r in ready:
@@ -154,9 +170,30 @@ class Arbiter:
                 self.reap()
                 self.murder_stuck()
                 self.retire_idle()
+                self.monitor.pool(*self.busy_idle())
+                self.report_status()
         finally:
+            self.monitor.close()  # first: it reaps its exporter by pid, before shutdown reaps any child
             self.shutdown()
         return self.exit_status
+
+    # -- systemd -------------------------------------------------------------
+
+    def pool_status(self) -> str:
+        """One line for ``systemctl status``: the pool's size and how busy it is."""
+        busy = sum(1 for w in self.workers.values() if w.state == BUSY)
+        return (f"{len(self.workers)} workers ({busy} busy, {len(self.workers) - busy} idle), "
+                f"max {self.config.max_servers}")
+
+    def report_status(self) -> None:
+        """Send STATUS= when the pool changed, at most once a second (no datagram per connection)."""
+        if not self.notifier.enabled or not self.ever_booted:
+            return
+        now = time.monotonic()
+        status = self.pool_status()
+        if status != self.last_status and now - self.status_at >= TICK:
+            self.notifier.status(status)
+            self.last_status, self.status_at = status, now
 
     def handle_signals(self) -> None:
         while self.signals:
@@ -247,7 +284,7 @@ class Arbiter:
         signal.set_wakeup_fd(-1)
         self.signals.clear()
         worker = Worker(self.config, self.listeners, self.report_w, self.log_files, self.authenticator,
-                        limits=self.limits, slot=slot)
+                        limits=self.limits, slot=slot, monitor=self.monitor)
         return worker.run()
 
     def read_reports(self) -> None:
@@ -271,7 +308,10 @@ class Arbiter:
             if not info.booted:
                 info.booted = True
                 self.boot_failures = 0
-                self.ever_booted = True
+                if not self.ever_booted:  # listeners bound and a worker serving: ready
+                    self.ever_booted = True
+                    info.state = state
+                    self.notifier.ready(self.pool_status())
                 if self.backoff:
                     log.warning("worker %d started: workers boot again, the pool is refilled", pid)
                     self.backoff = 0.0
@@ -287,11 +327,14 @@ class Arbiter:
             if pid == 0:
                 return
             info = self.workers.pop(pid, None)
+            code = os.waitstatus_to_exitcode(status)
+            if self.monitor is not None:  # its session line goes; an abnormal death counts as a restart
+                self.monitor.worker_gone(pid, info.slot if info else None,
+                                         failed=info is not None and code != 0 and not info.retiring)
             if info is None:
                 continue
             if self.limits is not None:  # its connection no longer counts for its client's address
                 self.limits.reset_slot(info.slot)
-            code = os.waitstatus_to_exitcode(status)
             if code == 0 or info.retiring:
                 continue
             if not info.booted or code == EXIT_BOOT_FAILED:
@@ -352,6 +395,20 @@ class Arbiter:
         except ProcessLookupError:
             pass
 
+    def busy_idle(self) -> tuple[int, int]:
+        busy = sum(1 for w in self.workers.values() if w.state == BUSY)
+        return busy, len(self.workers) - busy
+
+    def status(self) -> dict[str, object]:
+        """The pool for ``tpops --status`` (the sessions come from the board)."""
+        from tpops import __version__
+
+        busy, idle = self.busy_idle()
+        return {"version": __version__, "pid": os.getpid(), "started": self.started,
+                "listening": ", ".join(address_of(s) for s in self.listeners), "workers": len(self.workers),
+                "busy": busy, "idle": idle, "spares": SPARE_WORKERS, "min_servers": self.config.min_servers,
+                "max_servers": self.config.max_servers}
+
     # -- reload and stop ---------------------------------------------------
 
     def reload(self, force: bool) -> None:
@@ -365,6 +422,13 @@ class Arbiter:
         (``$max_use``, ``$max_idle``) or the next good reload.
         """
         name = "SIGHUP" if force else "SIGUSR1"
+        self.notifier.reloading(f"reloading ({name})")
+        try:
+            self._reload(name, force)
+        finally:
+            self.notifier.ready(self.pool_status())
+
+    def _reload(self, name: str, force: bool) -> None:
         try:
             config = self.reload_config()
         except (ConfigError, OSError, ValueError) as exc:
@@ -375,9 +439,11 @@ class Arbiter:
             except OSError as reopen_error:
                 log.error("%s: cannot reopen the logs, keeping the open ones: %s", name, reopen_error)
             return
-        if (config.port, config.bind_address) != (self.config.port, self.config.bind_address):
+        if self.inherited:
+            config = dataclasses.replace(config, port=self.config.port, bind_address=self.config.bind_address)
+        elif (config.port, config.bind_address) != (self.config.port, self.config.bind_address):
             log.warning("%s: a new $port or $bind_address needs a restart; still listening on %s", name,
-                        ", ".join(_address(s) for s in self.listeners))
+                        ", ".join(address_of(s) for s in self.listeners))
             config = dataclasses.replace(config, port=self.config.port, bind_address=self.config.bind_address)
         try:
             new_logs = self.reopen_logs(config)
@@ -397,6 +463,7 @@ class Arbiter:
 
     def shutdown(self) -> None:
         """Stop accepting, end every worker (SIGKILL after STOP_GRACE), reap them all."""
+        self.notifier.stopping(f"stopping {len(self.workers)} workers")
         for listener in self.listeners:
             listener.close()
         for info in self.workers.values():
@@ -450,7 +517,7 @@ def _one_line(exc: BaseException) -> str:
     return "; ".join(str(exc).splitlines())
 
 
-def _address(sock: socket.socket) -> str:
+def address_of(sock: socket.socket) -> str:
     try:
         host, port = sock.getsockname()[:2]
     except OSError:
@@ -458,8 +525,32 @@ def _address(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class ListenError(Exception):
+    """A listening address cannot be bound; the message names it and the likely fix."""
+
+
+#: What a bind error means to an admin, and what to do about it.
+_LISTEN_HINTS = {
+    errno.EACCES: "permission denied (run as root, or pick --port above 1023)",
+    errno.EADDRINUSE: "address already in use (another POP3 server running?)",
+    errno.EADDRNOTAVAIL: "address not available (not an address of this host: check --bind/$bind_address)",
+}
+
+
+def _listen_error(family: int, sockaddr: tuple, exc: OSError) -> ListenError:  # type: ignore[type-arg]
+    host, port = sockaddr[0], sockaddr[1]
+    where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    reason = _LISTEN_HINTS.get(exc.errno or 0) or (exc.strerror or str(exc)).lower()
+    return ListenError(f"cannot listen on {where}: {reason}")
+
+
 def make_listeners(config: Config) -> list[socket.socket]:
-    """Bind every ``$bind_address`` (default: all addresses, IPv6 and IPv4) on ``$port``."""
+    """Bind every ``$bind_address`` (default: all addresses, IPv6 and IPv4) on ``$port``.
+
+    Raises :class:`ListenError` naming the address and the likely fix
+    (``cannot listen on 0.0.0.0:110: permission denied (run as root, or pick --port
+    above 1023)``).
+    """
     addresses = config.bind_addresses()
     sockets: list[socket.socket] = []
     try:
@@ -468,13 +559,16 @@ def make_listeners(config: Config) -> list[socket.socket]:
                 sockets.append(_listen(socket.AF_INET6, ("::", config.port), dual_stack=True))
             except OSError as exc:
                 if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
-                    raise
+                    raise _listen_error(socket.AF_INET6, ("::", config.port), exc) from None
                 sockets.append(_listen(socket.AF_INET, ("0.0.0.0", config.port)))
             return sockets
         for address in addresses:
-            infos = socket.getaddrinfo(
-                address, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
+            try:
+                infos = socket.getaddrinfo(
+                    address, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                )
+            except socket.gaierror as exc:
+                raise ListenError(f"cannot listen on {address}: {exc.strerror} (check --bind/$bind_address)") from None
             family, _, _, _, sockaddr = infos[0]
             sockets.append(_listen(family, sockaddr))
         return sockets
@@ -493,6 +587,9 @@ def _listen(family: int, sockaddr: tuple, dual_stack: bool = False) -> socket.so
         sock.bind(sockaddr)
         sock.listen(1024)
         sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise _listen_error(family, sockaddr, exc) from None
     except BaseException:
         sock.close()
         raise

@@ -37,8 +37,8 @@ class Authorization:
     ``serve_as(user)`` is called after the lock is taken and before the Maildir is
     opened: it switches to the mailbox owner and says whether it did (or refuses with
     :class:`tpops.privileges.Refused`). ``on_login(text)`` lets the worker update its
-    process title. ``timestamp`` is the APOP timestamp, used only when the backend
-    supports APOP.
+    process title. ``timestamp`` is the APOP timestamp, used only when ``$apop`` is
+    true and the backend supports APOP.
     """
 
     name = "AUTHORIZATION"
@@ -58,7 +58,7 @@ class Authorization:
         self.peer = peer
         self.serve_as = serve_as
         self.on_login = on_login
-        self.apop_timestamp = timestamp if authenticator.supports_apop else None
+        self.apop_timestamp = timestamp if config.apop and authenticator.supports_apop else None
         self.pending_user: str | None = None
         self.attempted_login: str | None = None
         self.failures = 0

@@ -11,10 +11,11 @@ import argparse
 import dataclasses
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 
-from tpops import __version__, logs
+from tpops import __version__, logs, systemd
 from tpops.config import (
     DEFAULT_PATH,
     Config,
@@ -30,7 +31,9 @@ EXIT_STARTUP = 1
 
 DESCRIPTION = """\
 tpops: a POP3 server (RFC 1939, RFC 2449) for Maildir mailboxes, a modern rewrite
-of TPOPS. Without --fg or --inetd it detaches and runs as a daemon.
+of TPOPS. Without --fg or --inetd it detaches and runs as a daemon (except under
+systemd's Type=notify, which needs it in the foreground). Listening sockets passed
+by systemd (socket activation, LISTEN_FDS) are used instead of binding $port.
 Signals: SIGTERM stops; SIGHUP reloads the configuration, reopens the logs and
 restarts the workers, forcing clients off; SIGUSR1 does the same but lets busy
 workers finish their session."""
@@ -60,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check-config", action="store_true",
                         help="check the configuration (values, users, groups, log directories); print "
                              "the effective settings and exit 0, or the errors and exit 2")
+    parser.add_argument("--status", action="store_true",
+                        help="print the running daemon's workers and sessions (asks $control_socket; root)")
     return parser
 
 
@@ -106,12 +111,15 @@ def _blamed(source: ConfigFile, problems: list[tuple[tuple[str, ...], str]],
 
 
 def setup_logs(config: Config, *, foreground: bool) -> logs.LogSetup:
+    """The logs for ``config``; in the foreground also stderr, with journald's ``<N>``
+    priority prefixes when stderr is the journal (under systemd)."""
     return logs.setup(
         facility=config.syslog_facility,
         error_log=config.error_log,
         access_log=config.access_log,
         debug=config.debug,
         to_stderr=foreground,
+        journal=foreground and systemd.stderr_is_journal(),
     )
 
 
@@ -131,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.check_config:
         sys.stdout.write(format_effective(config))
         return 0
+    if options.status:
+        from tpops.status import print_status
+
+        return print_status(config)
     if config.with_inetd:
         return run_inetd(config)
     return run_standalone(config, options)
@@ -149,23 +161,42 @@ def run_inetd(config: Config) -> int:
 
 
 def run_standalone(config: Config, options: argparse.Namespace) -> int:
-    """The prefork master, in the foreground (--fg) or detached as a daemon."""
-    from tpops.arbiter import Arbiter, make_listeners
+    """The prefork master, in the foreground (--fg, or systemd's Type=notify) or detached as a daemon."""
+    from tpops.arbiter import Arbiter, ListenError, make_listeners
     from tpops.daemonize import PidFile, PidFileError, detach
 
-    foreground = options.fg
+    notifier = systemd.Notifier.from_environment()
+    # Type=notify: systemd waits for READY=1 from the process it started; detaching
+    # would make that process exit and the service fail.
+    foreground = options.fg or notifier.enabled
     try:
         log_files = setup_logs(config, foreground=foreground)
     except OSError as exc:
         print(f"tpops: cannot open a log file: {exc}", file=sys.stderr)
         return EXIT_STARTUP
+    notice = log_files.syslog_notice()
+    if notice is not None:
+        if not foreground:  # the log line below reaches $error_log; say it where the admin looks now
+            print(f"tpops: warning: {notice}", file=sys.stderr)
+        logs.get("cli").warning("%s", notice)
     pid_file = PidFile(config.pid_file) if config.pid_file else None
     try:
         if pid_file is not None:
             pid_file.check()
-        prepare_workers(config)
-        listeners = make_listeners(config)
-    except (OSError, PidFileError, ValueError) as exc:
+        # The address first: its error is the one an admin most often has to fix, and
+        # it must not hide behind the pre-flight worker's output.
+        inherited = take_inherited_listeners()
+        listeners = inherited or make_listeners(config)
+        try:
+            prepare_workers(config)
+        except BaseException:
+            for sock in listeners:
+                sock.close()
+            raise
+    except ListenError as exc:
+        print(f"tpops: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    except (OSError, PidFileError, ValueError, systemd.ActivationError) as exc:
         print(f"tpops: cannot start: {exc}", file=sys.stderr)
         return EXIT_STARTUP
 
@@ -178,6 +209,9 @@ def run_standalone(config: Config, options: argparse.Namespace) -> int:
         reopened = setup_logs(new, foreground=foreground)
         if not foreground:
             _stderr_to(reopened)
+        notice = reopened.syslog_notice()
+        if notice is not None and notice != log_files.syslog_notice():
+            logs.get("cli").warning("%s", notice)
         return reopened
 
     if not foreground:
@@ -186,12 +220,33 @@ def run_standalone(config: Config, options: argparse.Namespace) -> int:
     if pid_file is not None:
         pid_file.write()
     try:
-        arbiter = Arbiter(config, listeners, log_files, reload_config, reopen_logs)
+        arbiter = Arbiter(config, listeners, log_files, reload_config, reopen_logs,
+                          notifier=notifier, inherited=bool(inherited))
         return arbiter.run()
     finally:
         if pid_file is not None:
             pid_file.remove()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def take_inherited_listeners() -> list[socket.socket]:
+    """The listening sockets systemd passed (socket activation), [] when none.
+
+    Each carries its kind (``FileDescriptorName=pop3``/``pop3s``, else the port: 995 is
+    implicit TLS). Plain POP3 is all this tpops serves: a TLS listener is refused with a
+    clear error rather than served in the clear.
+    """
+    from tpops.arbiter import address_of
+
+    inherited = systemd.inherited_listeners()
+    tls = [i for i in inherited if i.kind == systemd.TLS]
+    if tls:
+        names = ", ".join(f"{i.name} ({address_of(i.sock)})" for i in tls)
+        for listener in inherited:
+            listener.sock.close()
+        raise ValueError(f"systemd passed an implicit-TLS listener ({names}), but TLS is not configured; "
+                         "remove it from the socket unit (or name it FileDescriptorName=pop3)")
+    return [i.sock for i in inherited]
 
 
 def prepare_workers(config: Config) -> None:

@@ -130,6 +130,9 @@ class Config:
     haproxy_trusted_networks: str | None = _p(
         None, "load balancers (addresses/CIDRs, by spaces or commas) whose connections start "
               "with a PROXY v1/v2 header naming the client (nil = none)")
+    control_socket: str | None = _p(
+        None, "Unix socket (0600) tpops --status asks (nil = /run/tpops/control as root)")
+    metrics_address: str | None = _p(None, "HOST:PORT serving Prometheus metrics (nil = no metrics)")
     # --- logging
     access_log: str | None = _p(None, "file logging one line per finished session")
     error_log: str | None = _p(None, "file for error messages")
@@ -165,6 +168,7 @@ class Config:
               "the Maildir, for shared storage) or 'mysql' (GET_LOCK); nil = 'mysql' for MySQL, else 'local'")
     apop_passwd_file: str | None = _p(None, "APOP password database (login -> plain password)")
     auth_file: str | None = _p(None, "user file for auth_type 'File'")
+    apop: bool = _p(True, "offer APOP (the greeting's timestamp); false: USER/PASS only")
     # --- MySQL (auth_type 'MySQL')
     mysql_server: str | None = _p(None, "MySQL server host name")
     mysql_port: int = _p(3306, "MySQL server TCP port")
@@ -290,8 +294,8 @@ def _type_error(name: str, kind: Kind, value: object) -> str | None:
 _BAD_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
 # Optional strings that would be meaningless when empty (use nil instead).
-_NONEMPTY_OPTIONAL = ("bind_address", "user", "group", "pid_file", "access_log",
-                      "error_log", "default_domain", "apop_passwd_file", "auth_file",
+_NONEMPTY_OPTIONAL = ("bind_address", "user", "group", "pid_file", "control_socket",
+                      "metrics_address", "access_log", "error_log", "default_domain", "apop_passwd_file", "auth_file",
                       "mysql_socket", "tls_cert_file", "tls_key_file", "tls_ciphers",
                       "haproxy_trusted_networks", "mailbox_lock")
 _NONEMPTY = ("hostname", "passwd_lock_dir", "mysql_auth_query")
@@ -354,6 +358,13 @@ def _checks(config: Config, *, complete: bool = True) -> list[tuple[tuple[str, .
     at_least("max_connections_per_ip", 0, " (0 = no limit)")
     at_least("max_auth_penalty", 0, " (0 = none)")
     at_least("login_timeout", 1)
+    if ok("control_socket") and config.control_socket and not config.control_socket.startswith("/"):
+        bad("control_socket", "$control_socket must be an absolute path")
+    if ok("metrics_address") and config.metrics_address:
+        try:
+            parse_address(config.metrics_address)
+        except ValueError as exc:
+            bad("metrics_address", f"$metrics_address: {exc}")
     if (ok("min_servers", "max_servers") and config.min_servers >= 1
             and config.max_servers < config.min_servers):
         bad(("min_servers", "max_servers"),
@@ -408,6 +419,19 @@ def _checks(config: Config, *, complete: bool = True) -> list[tuple[tuple[str, .
     if complete and ok("user", "group") and config.group is not None and config.user is None:
         bad(("user", "group"), "$group requires $user (the workers run as $user, in $group)")
     return out
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` (``$metrics_address``) -> (host, port); ValueError with the reason."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not host:
+        raise ValueError(f"expected HOST:PORT (e.g. '127.0.0.1:9110'), got {quote(text)}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    number = int(port)
+    if not 1 <= number <= 65535:
+        raise ValueError(f"port {number} is out of range")
+    return host, number
 
 
 def check_config(config: Config) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import syslog
 import time
 from collections.abc import Callable
@@ -198,14 +199,39 @@ class _OneLineFormatter(logging.Formatter):
 _LINE_FORMAT = "%(asctime)s tpops[%(process)d]: %(levelname)s %(message)s"
 
 
+class _JournalFormatter(_OneLineFormatter):
+    """journald's stderr convention: every line starts with ``<N>``, its syslog priority
+    (RFC 5424 severity: 3 error, 4 warning, 6 info, 7 debug). journald adds the time, the
+    ident and the pid itself, so the line is only the message (a traceback's lines each
+    carry the record's priority, so they stay one priority in ``journalctl -p``)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{journal_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
+
+
+def journal_priority(level: int) -> int:
+    """The syslog severity for a logging level (what syslog(3) and journald call the priority)."""
+    if level >= logging.ERROR:
+        return 3
+    if level >= logging.WARNING:
+        return 4
+    if level >= logging.INFO:
+        return 6
+    return 7
+
+
 class _FdHandler(logging.Handler):
     """Formats records (tracebacks included) into one append per record."""
 
-    def __init__(self, target: ReopenableFile | int, failures: LogFailures) -> None:
+    def __init__(self, target: ReopenableFile | int, failures: LogFailures, *, journal: bool = False) -> None:
         super().__init__()
         self.target = target
         self.failures = failures
-        self.setFormatter(_OneLineFormatter(_LINE_FORMAT))
+        self.setFormatter(_JournalFormatter() if journal else _OneLineFormatter(_LINE_FORMAT))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -245,6 +271,16 @@ class LogSetup:
     access_log: ReopenableFile | None = None
     syslog: SyslogHandler | None = None
     failures: LogFailures = field(default_factory=LogFailures)
+    #: Why syslog is out of reach although ``$syslog_facility`` is set (None: it is
+    #: reachable, or not wanted), and where its lines go instead.
+    syslog_missing: str | None = None
+    syslog_fallback: str = ""
+
+    def syslog_notice(self) -> str | None:
+        """The start-up notice when syslog is unreachable: what is wrong and where the lines go."""
+        if self.syslog_missing is None:
+            return None
+        return f"syslog is unreachable ({self.syslog_missing}): {self.syslog_fallback}"
 
     def fds(self) -> list[int]:
         return [f.fd for f in (self.error_log, self.access_log) if f is not None]
@@ -267,9 +303,19 @@ def setup(
     access_log: str | None,
     debug: bool,
     to_stderr: bool,
+    journal: bool = False,
+    dev_log: str = "/dev/log",
 ) -> LogSetup:
     """Route the ``tpops`` logger: syslog (info and up, debug with --debug), the error log
-    (warnings, errors and tracebacks) and, in the foreground, stderr.
+    (warnings, errors and tracebacks) and, in the foreground, stderr (every level
+    configured; with ``journal``, stderr is journald's stream and each line carries its
+    ``<N>`` priority instead of a time stamp, and syslog is left out: under systemd it
+    is the same journal).
+
+    Logs never vanish: when ``facility`` is set but syslog cannot be reached (no
+    ``dev_log`` socket: a container, a minimal host), the lines meant for syslog go to
+    the error log instead (every level syslog would get), or to stderr when tpops logs
+    there; :attr:`LogSetup.syslog_missing` says why, for the caller's start-up notice.
 
     The files are opened before anything is changed: when one cannot be opened this
     raises OSError (a start-up error, or a failed reopen on SIGHUP) and the handlers in
@@ -295,11 +341,28 @@ def setup(
             failures.adopt(handler.failures)
         root.removeHandler(handler)
         handler.close()  # the old SyslogHandler's closelog() comes before the new openlog()
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    level = logging.DEBUG if debug else logging.INFO
+    root.setLevel(level)
     root.propagate = False
+    if journal and to_stderr:
+        # stderr is the journal, and so is /dev/log under systemd: both would put every
+        # line in the journal twice (and count each failed login twice for fail2ban).
+        # The unit's SyslogFacility= gives the stderr lines their facility instead.
+        facility = None
+    if facility is not None:
+        result.syslog_missing = syslog_unreachable(dev_log)
+    if result.syslog_missing is not None:
+        facility = None
+        if result.error_log is not None:
+            result.syslog_fallback = f"its lines go to $error_log {error_log} instead"
+        elif to_stderr:
+            result.syslog_fallback = "its lines go to stderr instead"
+        else:
+            result.syslog_fallback = ("its lines are lost: set $error_log, or run a syslog daemon, "
+                                      "or run tpops --fg under systemd")
     if result.error_log is not None:
         handler = _FdHandler(result.error_log, failures)
-        handler.setLevel(logging.WARNING)
+        handler.setLevel(level if result.syslog_missing is not None else logging.WARNING)
         root.addHandler(handler)
         error_fd = result.error_log
         failures.sinks.append(lambda message: _report_line(error_fd.fd, message))
@@ -308,8 +371,28 @@ def setup(
         root.addHandler(result.syslog)
         failures.sinks.append(lambda message: syslog.syslog(syslog.LOG_ERR, message))
     if to_stderr:
-        handler = _FdHandler(2, failures)
-        handler.setLevel(logging.DEBUG if debug else logging.INFO)
+        handler = _FdHandler(2, failures, journal=journal)
+        handler.setLevel(level)
         root.addHandler(handler)
         failures.sinks.append(lambda message: _report_line(2, message))
     return result
+
+
+def syslog_unreachable(path: str = "/dev/log") -> str | None:
+    """Why syslog(3) cannot deliver to ``path`` (None: it can).
+
+    glibc's syslog() connects to /dev/log as a datagram socket, else as a stream socket,
+    and silently drops every line when neither works; this makes the same attempts.
+    """
+    problem = ""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC) as sock:
+            try:
+                sock.connect(path)
+            except FileNotFoundError:
+                return f"no {path}"
+            except OSError as exc:
+                problem = f"{path}: {(exc.strerror or str(exc)).lower()}"
+            else:
+                return None
+    return problem

@@ -72,6 +72,16 @@ _ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
 ALL_VERBS = frozenset(AUTHORIZATION_COMMANDS) | frozenset(TRANSACTION_COMMANDS)
 
 
+class SessionObserver(Protocol):
+    """What a session reports as it goes (``tpops --status`` and metrics: :mod:`tpops.status`)."""
+
+    def command(self, verb: str, state: str) -> None:
+        """Before the state ``state`` (its name) executes ``verb``."""
+
+    def replied(self, verb: str, reply: Reply) -> None:
+        """After it answered ``verb`` with ``reply`` (before the loop writes it)."""
+
+
 @dataclass(slots=True)
 class SessionRecord:
     """What the access log and the worker need to know about a finished session."""
@@ -130,10 +140,11 @@ class Session:
     """One client connection from greeting to close: the loop around a protocol state object.
 
     ``serve_as``, ``on_login`` and ``timestamp`` are handed to the first state,
-    :class:`~tpops.authorization.Authorization` (see it). ``penalty``, when given,
-    lengthens the pause after a failed login by the client address's shared penalty
-    (:class:`FailurePenalty`). The transport's ``progress()`` heartbeat is also called
-    after each command is handled (a slow backend check or UPDATE moves no data).
+    :class:`~tpops.authorization.Authorization` (see it). ``observer`` hears of every
+    command and its reply. ``penalty``, when given, lengthens the pause after a failed
+    login by the client address's shared penalty (:class:`FailurePenalty`). The
+    transport's ``progress()`` heartbeat is also called after each command is handled
+    (a slow backend check or UPDATE moves no data).
     """
 
     def __init__(
@@ -146,8 +157,10 @@ class Session:
         serve_as: Callable[[MailUser], bool] | None = None,
         on_login: Callable[[str], None] | None = None,
         timestamp: str | None = None,
+        observer: SessionObserver | None = None,
         penalty: FailurePenalty | None = None,
     ) -> None:
+        self.observer = observer
         self.transport = transport
         self.peer = peer
         self.config = config
@@ -298,7 +311,11 @@ class Session:
         verb = verb.translate(_ASCII_UPPER)  # ASCII folding only: "\u017ftat".upper() is "STAT"
         if self.config.debug:
             log.debug("C: %s", logs.escape(_mask(text, verb, rest)))
+        if self.observer is not None:
+            self.observer.command(verb, self.state.name)
         reply = self.state.execute(verb, rest)
+        if self.observer is not None and reply is not None:
+            self.observer.replied(verb, reply)
         if reply is not None:
             return reply
         if verb in ALL_VERBS:

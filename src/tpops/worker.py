@@ -46,6 +46,8 @@ from tpops.privileges import SessionPrivileges, become, lookup_identity
 from tpops.protocol import Transport, drain
 from tpops.proxy import ProxyError, ProxyInfo, TrustedNetworks, read_header
 from tpops.session import Session, make_timestamp
+from tpops.status import CountingTransport, Monitor
+from tpops.transaction import Transaction
 
 log = logs.get("worker")
 
@@ -104,6 +106,8 @@ class Worker:
     #: Connections refused since the last log line about them, and when that was.
     refused: int = 0
     refused_logged: float = float("-inf")
+    #: Status board and metrics (:mod:`tpops.status`), inherited from the master; None without one.
+    monitor: Monitor | None = None
 
     def progress(self) -> None:
         """A sign of life for the master's watchdog (cheap: one store into shared memory)."""
@@ -176,6 +180,8 @@ class Worker:
         # and reaches the handlers above now, instead of the master's inherited queue.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
         setproctitle("tpops: worker starting")
+        if self.monitor is not None:  # still root: metrics files opened before any drop
+            self.monitor.in_worker()
         try:
             privileges, authenticator = boot(self.config, self.authenticator)
         except Exception as exc:
@@ -257,8 +263,15 @@ class Worker:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        observer = self.monitor.session(self.slot) if self.monitor is not None else None
         try:
-            transport = Transport(conn.fileno(), conn.fileno(), wake_r, lambda: self.stop.force, self.progress)
+            if observer is not None:
+                observer.begin(peer)
+                transport: Transport = CountingTransport(conn.fileno(), conn.fileno(), wake_r,
+                                                         lambda: self.stop.force, self.progress,
+                                                         on_sent=observer.sent)
+            else:
+                transport = Transport(conn.fileno(), conn.fileno(), wake_r, lambda: self.stop.force, self.progress)
             session = Session(
                 transport,
                 peer,
@@ -267,8 +280,13 @@ class Worker:
                 serve_as=privileges,
                 on_login=lambda who: setproctitle(f"tpops: worker {who}"),
                 timestamp=make_timestamp(self.config.hostname, self.sessions),
+                observer=observer,
             )
             record = session.run()
+            if observer is not None:
+                observer.finished(record.logged_in, record.start_msgs, record.end_msgs,
+                                  quit=isinstance(session.state, Transaction) and session.state.updating)
+                observer = None
             write_access_log(self.log_files, record.access_log_line())
             session.finish()  # after the access log: a client that sees EOF sees the session accounted
         except Exception:
@@ -281,6 +299,8 @@ class Worker:
             except OSError:
                 pass
         finally:
+            if observer is not None:  # an internal error: the record must not outlive the session
+                observer.finished(False, 0, 0, quit=False)
             conn.close()
         if not privileges.changed:
             setproctitle("tpops: worker idle")

@@ -97,6 +97,7 @@ class MailEnv:
             "max_servers": "8",
             "max_idle": "100",
             "hostname": "'test.example.org'",
+            "control_socket": repr(str(base / "control")),  # each test's tpops its own --status socket
         }
         self.write_conf()
 

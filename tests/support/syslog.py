@@ -59,7 +59,7 @@ class SyslogCatcher:
 
 #: Run a command in a private mount namespace whose /dev is a small tmpfs holding the
 #: usual device nodes (bind-mounted from the real /dev) and ``log``, a symlink to the test's
-#: syslog socket. Nothing outside the namespace changes; it vanishes with its processes.
+#: syslog socket (no ``log`` when the socket argument is empty: a host without syslog). Nothing outside the namespace changes; it vanishes with its processes.
 _PRIVATE_DEV = r"""
 set -e
 real=$1; log=$2; shift 2
@@ -69,18 +69,19 @@ for n in null zero full random urandom tty; do
   if [ -e "$real/$n" ]; then : > "/dev/$n"; mount --bind "$real/$n" "/dev/$n"; fi
 done
 ln -s /proc/self/fd /dev/fd
-ln -s "$log" /dev/log
+if [ -n "$log" ]; then ln -s "$log" /dev/log; fi
 umount -l "$real"
 exec "$@"
 """
 
 
-def with_dev_log(base: Path, log_socket: Path, argv: list[str]) -> list[str]:
-    """``argv`` run where /dev/log is ``log_socket`` (needs root: ``unshare --mount``)."""
+def with_dev_log(base: Path, log_socket: Path | None, argv: list[str]) -> list[str]:
+    """``argv`` run where /dev/log is ``log_socket``, or where there is no /dev/log at all
+    when it is None (needs root: ``unshare --mount``)."""
     real = base / "realdev"
     real.mkdir(exist_ok=True)
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _PRIVATE_DEV,
-            "sh", str(real), str(log_socket), *argv]
+            "sh", str(real), "" if log_socket is None else str(log_socket), *argv]
 
 
 class SyslogServer(Server):
