@@ -23,6 +23,7 @@ from tpops import logs
 from tpops.auth.base import Authenticator, AuthUnavailable, MailboxInUse, MailUser
 from tpops.commands import Arg, Command, capabilities, dispatch
 from tpops.config import Config
+from tpops.connection import Connection
 from tpops.mailbox.maildir import Maildir
 from tpops.privileges import Refused, maildir_root
 from tpops.reply import Accounting, Reply, bad, err, ok
@@ -52,8 +53,11 @@ class Authorization:
         serve_as: Callable[[MailUser], bool] | None = None,
         on_login: Callable[[str], None] | None = None,
         timestamp: str | None = None,
+        connection: Connection | None = None,
     ) -> None:
         self.config = config
+        #: The client's address and protection (CAPA and $disable_plaintext_auth ask it).
+        self.connection = connection if connection is not None else Connection(peer)
         self.authenticator = authenticator
         self.peer = peer
         self.serve_as = serve_as

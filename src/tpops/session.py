@@ -46,6 +46,7 @@ from tpops import logs
 from tpops.auth.base import Authenticator, MailUser
 from tpops.authorization import AUTHORIZATION_COMMANDS, Authorization
 from tpops.config import Config
+from tpops.connection import Connection
 from tpops.protocol import (
     LINE_TOO_LONG,
     MAX_COMMAND_OCTETS,
@@ -159,6 +160,7 @@ class Session:
         timestamp: str | None = None,
         observer: SessionObserver | None = None,
         penalty: FailurePenalty | None = None,
+        connection: Connection | None = None,
     ) -> None:
         self.observer = observer
         self.transport = transport
@@ -172,8 +174,10 @@ class Session:
         self.logged_in = False
         self.reader = LineReader(transport)
         self.writer = ReplyWriter(transport, float(config.command_timeout), self._hard_deadline())
+        self.connection = connection if connection is not None else Connection(peer)
         self.authorization = Authorization(
-            config, authenticator, peer, serve_as=serve_as, on_login=on_login, timestamp=timestamp
+            config, authenticator, peer, serve_as=serve_as, on_login=on_login, timestamp=timestamp,
+            connection=self.connection,
         )
         self.state: State = self.authorization
         self.exchange: Exchange | None = None
