@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import mmap
 import os
 import socket
@@ -162,8 +163,8 @@ class CountingTransport(Transport):
         super().__init__(*args, **kwargs)
         self.on_sent = on_sent
 
-    def send(self, data: bytes | bytearray | memoryview, timeout: float) -> None:
-        super().send(data, timeout)
+    def send(self, data: bytes | bytearray | memoryview, timeout: float, deadline: float = math.inf) -> None:
+        super().send(data, timeout, deadline)
         self.on_sent(len(data))
 
 
