@@ -281,6 +281,7 @@ class Worker:
                 on_login=lambda who: setproctitle(f"tpops: worker {who}"),
                 timestamp=make_timestamp(self.config.hostname, self.sessions),
                 observer=observer,
+                penalty=self.client_limits(peer),
             )
             record = session.run()
             if observer is not None:
