@@ -11,8 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import select
-import socket
-import stat
 import time
 from collections.abc import Callable, Iterable
 
@@ -32,9 +30,6 @@ GATHER_MIN_OCTETS = 16 * 1024
 GATHER_OCTETS = 1024 * 1024
 #: At most this many buffers per ``writev`` (Linux IOV_MAX is 1024).
 GATHER_MAX_BUFFERS = 64
-#: The socket send buffer asked for before the first bulk send: the kernel takes a
-#: whole 1 MiB message in few calls, and the worker sleeps in poll less often.
-BULK_SNDBUF = 4 * 1024 * 1024
 
 
 class ConnectionLost(Exception):
@@ -80,7 +75,6 @@ class Transport:
         self.wake_fd = wake_fd
         self.should_stop = should_stop or (lambda: False)
         self.progress = progress or (lambda: None)
-        self._bulk_ready = False
         for fd in {rfd, wfd}:
             os.set_blocking(fd, False)
 
@@ -143,7 +137,6 @@ class Transport:
         Nothing is copied: a partial write advances a memoryview of the buffer it
         stopped in.
         """
-        self._bulk()
         views = [memoryview(c) for c in chunks if len(c)]
         deadline = time.monotonic() + timeout
         first = 0
@@ -175,7 +168,6 @@ class Transport:
         so the caller must not go on as if it had been sent. Where the kernel cannot
         ``sendfile`` to this descriptor, the rest goes with ``pread`` + :meth:`send`.
         """
-        self._bulk()
         offset = 0
         deadline = time.monotonic() + timeout
         while offset < count:
@@ -205,29 +197,6 @@ class Transport:
                 raise OSError(errno.EIO, "file shorter than announced")
             self.send(data, timeout)
             offset += len(data)
-
-    def _bulk(self) -> None:
-        """Before the first bulk send: a large send buffer, if ``wfd`` is a socket (once)."""
-        if self._bulk_ready:
-            return
-        self._bulk_ready = True
-        try:
-            if not stat.S_ISSOCK(os.fstat(self.wfd).st_mode):
-                return  # a pipe in --inetd mode
-            dup = os.dup(self.wfd)
-        except OSError:
-            return
-        try:
-            sock = socket.socket(fileno=dup)
-        except OSError:
-            os.close(dup)
-            return
-        with sock:
-            try:
-                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < BULK_SNDBUF:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BULK_SNDBUF)
-            except OSError:
-                pass
 
     def pause(self, seconds: float) -> None:
         """Sleep (the `$error_interval` delay) but wake up for a stop request."""

@@ -31,6 +31,7 @@ import errno
 import io
 import itertools
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
@@ -46,6 +47,8 @@ SIZE_CHUNK_OCTETS = 64 * 1024
 _LF = 0x0A
 _CR = 0x0D
 _DOT = 0x2E
+#: A line starting with the termination octet, found by the LF before it.
+_DOT_LINE = re.compile(rb"\n\.")
 #: A verbatim message at least this large is sent with ``os.sendfile``; a smaller one is
 #: cheaper to read and send in one piece with the status line and the terminator.
 VERBATIM_MIN_OCTETS = 128 * 1024
@@ -66,14 +69,16 @@ def _convert(chunk: bytes) -> bytes:
     came before), as is a CR at its very end (it depends on what follows).
     """
     if b"\r" not in chunk:
-        out = chunk.replace(b"\n", b"\r\n")
-    elif chunk.count(b"\n") == chunk.count(b"\r\n"):
+        # Stuff first, then the line ends: LF"." finds exactly the lines to stuff.
+        return _DOT_LINE.sub(b"\n..", chunk).replace(b"\n", b"\r\n")
+    if chunk.count(b"\n") == chunk.count(b"\r\n"):
         out = chunk  # already CRLF throughout (bare CRs are data)
     else:
         out = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    # Every LF in ``out`` now follows a CR, so CRLF"." finds exactly the lines to
-    # stuff; split+join is about twice as fast as replace when there are many.
-    return b"\r\n..".join(out.split(b"\r\n."))
+    # Every LF in ``out`` now follows a CR, so LF"." still finds exactly the lines to
+    # stuff. (``re.sub`` with this pattern is about 1.5x faster than split+join or
+    # ``bytes.replace`` of a multi-octet pattern, which scan slowly when LF is frequent.)
+    return _DOT_LINE.sub(b"\n..", out)
 
 
 def encode_whole(data: bytes) -> bytes:
