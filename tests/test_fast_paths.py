@@ -128,7 +128,9 @@ def test_threaded_sizing_equals_one_thread(tmp_path: Path, monkeypatch: pytest.M
         (root / "cur" / "1800000000.dir.host").mkdir()  # not a message
         os.mkfifo(root / "cur" / "1800000001.fifo.host")  # listed as a file type? never a message
         monkeypatch.setattr(maildir_module, "SIZING_THREADS", threads)
-        monkeypatch.setattr(maildir_module, "_THREADED_MIN_MESSAGES", 2)
+        monkeypatch.setattr(maildir_module, "_PROBE_MESSAGES", 3)
+        monkeypatch.setattr(maildir_module, "_THREAD_BATCH", 5)
+        monkeypatch.setattr(maildir_module, "_IO_BOUND_SECONDS", 0.0 if threads > 1 else 1e9)
         results.append(snapshot(Maildir.open(str(root))))
         caches.append((root / SIZE_CACHE_NAME).read_bytes())
     assert results[0] == results[1]

@@ -64,6 +64,7 @@ import io
 import os
 import re
 import stat
+import time
 import weakref
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -101,11 +102,15 @@ _LEADING_NUMBER = re.compile(r"[0-9]*")
 _CACHE_LINE = re.compile(r"([^\n]*) ([0-9]{1,18})( v)?\n")
 #: A message file at most this large is sized with one read of all of it.
 _WHOLE_READ_OCTETS = 1 << 20
-#: Below this many messages to size, the sizing runs in the calling thread alone.
-_THREADED_MIN_MESSAGES = 64
-#: Threads that size messages on a first login: open, fstat, pread and close release
-#: the GIL, so the file system calls of several files overlap.
-SIZING_THREADS = 1
+#: Messages sized and timed in the calling thread before deciding on threads.
+_PROBE_MESSAGES = 64
+#: Per-file time above which sizing is waiting for the disk, not computing: threads then.
+_IO_BOUND_SECONDS = 40e-6
+#: Messages per task handed to a sizing thread.
+_THREAD_BATCH = 256
+#: Threads that size messages read from the disk on a first login: open, fstat, pread
+#: and close release the GIL, so the disk waits of several files overlap.
+SIZING_THREADS = 8
 _PLAIN_UIDL = re.compile(r"[\x21-\x7e]{1,%d}" % 70)
 _SIZE_FIELD = re.compile(r",([SW])=([0-9]+)")
 #: Files in the Maildir: never through a symlink, and a FIFO must not block the open.
@@ -567,17 +572,28 @@ class _Sizer:
 def _exact_sizes(cur_fd: int, todo: list[tuple[int, str, str]]) -> list[tuple[int, bool] | OSError]:
     """:func:`_exact_octets` of each ``(_, name, unique)`` in ``todo``, in order.
 
-    A first login of a large Maildir opens and reads thousands of small files; the
-    system calls release the GIL, so a few threads, each taking every n-th file, keep
-    the disk (or the page cache) and both cores busy while Python counts line ends.
+    A first login of a large Maildir opens and reads thousands of small files. When
+    they are in the page cache, each costs a few microseconds of Python and system
+    calls, and threads only add GIL hand-offs; when they must come from the disk, each
+    waits for it, and the waits overlap in threads (open, fstat, pread and close
+    release the GIL). So the first :data:`_PROBE_MESSAGES` are sized here, timed, and
+    the rest go to :data:`SIZING_THREADS` threads only if that took longer than
+    :data:`_IO_BOUND_SECONDS` per file.
     """
-    if len(todo) < _THREADED_MIN_MESSAGES or SIZING_THREADS < 2:
-        return _exact_run(cur_fd, todo)
+    probe = todo[:_PROBE_MESSAGES]
+    started = time.monotonic()
+    results = _exact_run(cur_fd, probe)
+    rest = todo[_PROBE_MESSAGES:]
+    if not rest:
+        return results
+    per_file = (time.monotonic() - started) / len(probe)
+    if SIZING_THREADS < 2 or per_file < _IO_BOUND_SECONDS:
+        return results + _exact_run(cur_fd, rest)
+    step = max(1, min(_THREAD_BATCH, len(rest) // SIZING_THREADS))
+    batches = [rest[k : k + step] for k in range(0, len(rest), step)]
     with ThreadPoolExecutor(SIZING_THREADS, thread_name_prefix="tpops-sizing") as pool:
-        parts = list(pool.map(lambda k: _exact_run(cur_fd, todo[k::SIZING_THREADS]), range(SIZING_THREADS)))
-    results: list[tuple[int, bool] | OSError] = [(0, False)] * len(todo)
-    for k, part in enumerate(parts):
-        results[k::SIZING_THREADS] = part
+        for part in pool.map(lambda batch: _exact_run(cur_fd, batch), batches):
+            results.extend(part)
     return results
 
 
