@@ -320,3 +320,30 @@ def test_dummy_verify_costs_like_a_real_check() -> None:
         hashes.dummy_verify(b"wrong")
     t_dummy = time.perf_counter() - start
     assert t_real / 3 < t_dummy < t_real * 3
+
+
+def test_index_lookups_on_odd_layouts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The load indexes lines without parsing them: every layout still finds the right line."""
+    path = tmp_path / "users"
+    body = "".join(line(f"u{i}", f"{{PLAIN}}pw{i}") for i in range(2000))
+    path.write_bytes(
+        b"# comment: with a colon\r\n"
+        + b"  \t\r\n"
+        + line("crlf", "{PLAIN}crlfpw").replace("\n", "\r\n").encode()
+        + body.encode()
+        + line("bad", "{NOSUCH}x").encode()  # line 2004
+        + b"  # indented comment:x\n"
+        + b"last:{PLAIN}lastpw::::/home/vmail/last::"  # no final newline
+    )
+    caplog.set_level(logging.INFO, "tpops")
+    auth = FileAuthenticator(config(tmp_path, path))
+    assert auth.authenticate("crlf", b"crlfpw") is not None
+    for i in (0, 1, 999, 1999):
+        found = auth.authenticate(f"u{i}", f"pw{i}".encode())
+        assert found is not None and found.login == f"u{i}" and found.maildir == "/home/vmail/x/Maildir"
+    assert auth.authenticate("last", b"lastpw") is not None
+    assert auth.authenticate("# comment", b"x") is None
+    assert auth.authenticate("  # indented comment", b"x") is None
+    assert auth.authenticate("bad", b"x") is None
+    assert "line 2004: bad entry, login bad refused" in caplog.text
+    assert "indexed 2003 logins" in caplog.text  # crlf, 2000, bad, last
