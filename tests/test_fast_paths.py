@@ -277,3 +277,35 @@ def test_retr_and_top_of_verbatim_and_other_messages_are_exact(mail_env: MailEnv
         assert cache.count(b" v\n") == 1  # only large_clean is verbatim
     finally:
         srv.stop()
+
+
+def test_a_changed_large_passwd_file_is_reindexed_by_the_master(mail_env: MailEnv) -> None:
+    """60,000 users (past REINDEX_MAX_LOGINS): after a change the workers answer by scanning
+    (a user added a moment ago logs in), and the master re-indexes once and replaces them."""
+    from tests.support.procs import proc_children, wait_for
+
+    mail_env.add_user("alice", messages=[b"Subject: a\n\nhi\n"])
+    with mail_env.passwd_file.open("a") as f:
+        f.write("".join(f"x{i}:{{PLAIN}}p{i}::::/nonexistent/x{i}::\n" for i in range(60_000)))
+    srv = Server(mail_env).start()
+    try:
+        c = RawClient(srv.port)
+        assert c.login("alice").startswith(b"+OK")
+        c.cmd("QUIT")
+        assert srv.proc is not None
+        before = proc_children(srv.proc.pid)
+        mail_env.add_user("bob", messages=[b"Subject: b\n\nhi\n"])  # appended: the file changed
+        c = RawClient(srv.port)
+        assert c.login("bob").startswith(b"+OK")  # at once, from a scan or the new index
+        c.cmd("QUIT")
+        # the master re-indexes within a second or so and replaces every worker of before
+        wait_for(lambda: not set(before) & set(proc_children(srv.proc.pid)), timeout=20, what="new workers")
+        for user in ("alice", "bob"):
+            c = RawClient(srv.port)
+            assert c.login(user).startswith(b"+OK"), user
+            c.cmd("QUIT")
+    finally:
+        srv.stop()
+    log = srv.output()  # --fg: the log goes to stderr
+    assert "changed: looking logins up by scanning it" in log
+    assert "indexed 60002 logins" in log and "user list changed: re-read by the master, replacing workers" in log

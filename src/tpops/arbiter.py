@@ -109,6 +109,8 @@ class Arbiter:
     #: Current delay between boot attempts (0: workers boot fine) and when the next may start.
     backoff: float = 0.0
     spawn_after: float = 0.0
+    #: When :meth:`refresh_backend` may next look at the user list.
+    refresh_after: float = 0.0
     stopping: bool = False
     exit_status: int = 0
     #: The backend prepared in the master (user list read, modules imported), inherited by workers.
@@ -154,6 +156,7 @@ class Arbiter:
                 self.reap()
                 self.murder_stuck()
                 self.retire_idle()
+                self.refresh_backend()
         finally:
             self.shutdown()
         return self.exit_status
@@ -345,6 +348,24 @@ class Arbiter:
                 self._signal(info, signal.SIGUSR1)
                 info.retiring = True
                 surplus -= 1
+
+    def refresh_backend(self) -> None:
+        """At most once a second: let the prepared backend re-read a changed user list
+        (File: a large passwd-file is re-indexed here once, not in every worker); when
+        it did, replace the workers after their session so the new ones share it."""
+        now = time.monotonic()
+        if now < self.refresh_after:
+            return
+        self.refresh_after = now + TICK
+        refresh = getattr(self.authenticator, "refresh", None)
+        if refresh is None or not refresh():
+            return
+        gc.freeze()
+        log.info("user list changed: re-read by the master, replacing workers")
+        for info in self.workers.values():
+            if not info.retiring:
+                self._signal(info, signal.SIGUSR1)
+                info.retiring = True
 
     def _signal(self, info: WorkerInfo, signum: int) -> None:
         try:

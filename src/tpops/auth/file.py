@@ -59,6 +59,12 @@ class _Bad:
 _PLAIN_CANDIDATE = re.compile(rb"(?mi)^[^:\n]*:\{(?:plain|cleartext)")
 #: Stored values sampled (evenly over the file) for the majority scheme of the dummy check.
 _TALLY_SAMPLE = 2000
+#: A worker that sees the file changed re-indexes it itself only up to this many logins
+#: (a few tens of milliseconds and megabytes); a larger one is scanned per lookup until
+#: the master re-indexes it (:meth:`FileAuthenticator.refresh`) and replaces the workers.
+REINDEX_MAX_LOGINS = 50_000
+#: Read size of :func:`scan`.
+SCAN_CHUNK_OCTETS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -215,6 +221,52 @@ def index(data: bytes, path: str) -> dict[bytes, int]:
     return found
 
 
+def scan(path: str, login: bytes) -> tuple[int, str] | None:
+    """The offset and text of the first line of ``path`` for ``login``, read in chunks
+    of :data:`SCAN_CHUNK_OCTETS` (memory stays bounded whatever the file's size).
+
+    What a stale index is replaced with until the file is indexed again: a few tens of
+    milliseconds for a million lines, where an index costs a second and 200 MB.
+    """
+    wanted = login + b":"
+    with open(path, "rb") as f:
+        base = 0  # file offset of buf[0], always a line start
+        buf = b""
+        while True:
+            chunk = f.read(SCAN_CHUNK_OCTETS)
+            buf += chunk
+            last = len(buf) if not chunk else buf.rfind(b"\n") + 1  # complete lines only
+            start = 0
+            while start < last:
+                if buf.startswith(wanted, start, last):
+                    pos = start
+                else:
+                    hit = buf.find(b"\n" + wanted, start, last)
+                    if hit < 0:
+                        break
+                    pos = hit + 1
+                end = buf.find(b"\n", pos, last)
+                line = buf[pos : end if end >= 0 else last]
+                if not line.lstrip().startswith(b"#"):  # a login that looks like a comment is one
+                    return base + pos, line.decode("utf-8", "surrogateescape").rstrip("\r")
+                if end < 0:
+                    break
+                start = end + 1
+            if not chunk:
+                return None
+            buf, base = buf[last:], base + last
+
+
+def _lineno(path: str, offset: int) -> int:
+    """The line number at ``offset`` of ``path`` (for a log line)."""
+    count = 1
+    with open(path, "rb") as f:
+        while offset > 0 and (chunk := f.read(min(SCAN_CHUNK_OCTETS, offset))):
+            count += chunk.count(b"\n")
+            offset -= len(chunk)
+    return count
+
+
 def _apop_possible(data: bytes) -> bool:
     """True when some line has a clear-text (``{PLAIN}``/``{CLEARTEXT}``) password."""
     for match in _PLAIN_CANDIDATE.finditer(data):
@@ -251,13 +303,28 @@ class FileAuthenticator(StoredPasswordAuthenticator, LockingAuthenticator):
         self._path: str = config.auth_file
         self._table: _Table | None = None
         self._bad_logged: set[int] = set()  # offsets of bad lines logged since the last load
+        self._last_key: tuple[int, ...] | None = None
+        self._scan_noted = False  # the "scanning until re-indexed" line was logged
 
     def _users(self) -> _Table:
-        """The current table, re-read when the file's identity changed since the last read."""
+        """The table to use: re-read when the file changed, unless it is large (then the
+        last one, and :meth:`lookup` scans the file; see :meth:`refresh`)."""
+        key = self._last_key = self._key()
+        table = self._table
+        if table is None or (table.key != key and len(table.index) <= REINDEX_MAX_LOGINS):
+            table = self._load()
+            self._last_key = table.key
+        return table
+
+    def _key(self) -> tuple[int, ...]:
         try:
-            key = file_key(os.stat(self._path))
-            if self._table is not None and self._table.key == key:
-                return self._table
+            return file_key(os.stat(self._path))
+        except OSError as e:
+            raise AuthUnavailable(f"File: cannot read {self._path}: {e.strerror or e}") from e
+
+    def _load(self) -> _Table:
+        """Read and index the file now."""
+        try:
             with open(self._path, "rb") as f:
                 key = file_key(os.fstat(f.fileno()))
                 data = f.read()
@@ -268,7 +335,29 @@ class FileAuthenticator(StoredPasswordAuthenticator, LockingAuthenticator):
         log.info("indexed %d logins from %s", len(found), escape(self._path))
         self._table = table
         self._bad_logged = set()
+        self._scan_noted = False
         return table
+
+    def refresh(self) -> bool:
+        """Re-index a large file (more than :data:`REINDEX_MAX_LOGINS` logins) if it
+        changed since the last load; True when it did.
+
+        The master calls this between its rounds, so a large file changed without a
+        signal is indexed once, there, and the workers it forks afterwards share it
+        (it replaces the older workers, which scan meanwhile). A small file is left to
+        the workers, which re-read it at their next login. A file that cannot be read
+        keeps the last table (logged); the workers report it at login.
+        """
+        try:
+            key = self._key()
+            table = self._table
+            if table is None or table.key == key or len(table.index) <= REINDEX_MAX_LOGINS:
+                return False  # unchanged, or small enough for each worker to re-read at once
+            self._load()
+        except AuthUnavailable as e:
+            log.error("%s", e)
+            return False
+        return True
 
     def prepare(self) -> None:
         """Handlers imported and the user list read, so forked workers share both."""
@@ -295,16 +384,33 @@ class FileAuthenticator(StoredPasswordAuthenticator, LockingAuthenticator):
     def lookup(self, login: str) -> StoredEntry | None:
         """The usable entry for a login; None (logged) for unknown users and bad lines."""
         table = self._users()
-        offset = table.index.get(login.encode("utf-8", "surrogateescape"))
-        if offset is None:
+        wanted = login.encode("utf-8", "surrogateescape")
+        if table.key == self._key_seen():
+            offset = table.index.get(wanted)
+            line = None if offset is None else table.line(offset)
+        else:  # a large file changed: the index is stale, scan the file for this one line
+            if not self._scan_noted:
+                self._scan_noted = True
+                log.info("%s changed: looking logins up by scanning it until it is indexed again",
+                         escape(self._path))
+            try:
+                found = scan(self._path, wanted)
+            except OSError as e:
+                raise AuthUnavailable(f"File: cannot read {self._path}: {e.strerror or e}") from e
+            offset, line = found if found is not None else (None, None)
+        if offset is None or line is None:
             log.info("login %s refused: no such user", escape(login))
             return None
         try:
-            return parse_line(table.line(offset))
+            return parse_line(line)
         except BadLine as e:
-            lineno = table.lineno(offset)
             if offset not in self._bad_logged:
                 self._bad_logged.add(offset)
+                lineno = table.lineno(offset) if table.key == self._key_seen() else _lineno(self._path, offset)
                 log.error("%s line %d: bad entry, login %s refused: %s", escape(self._path), lineno, escape(login), e)
-            log.info("login %s refused: its line %d is bad (%s)", escape(login), lineno, e)
+            log.info("login %s refused: its line is bad (%s)", escape(login), e)
             return None
+
+    def _key_seen(self) -> tuple[int, ...] | None:
+        """The file key found by the last :meth:`_users` (its ``stat``)."""
+        return self._last_key
