@@ -357,6 +357,8 @@ def test_a_changed_large_file_is_scanned_until_the_master_reindexes_it(
     from tpops.auth import file as file_module
 
     monkeypatch.setattr(file_module, "REINDEX_MAX_LOGINS", 3)
+    niced: list[bool] = []
+    monkeypatch.setattr(file_module, "_yield_cpu", lambda: niced.append(True))  # not this test process
     monkeypatch.setattr(file_module, "SCAN_CHUNK_OCTETS", 7)  # lines straddle every read
     path = tmp_path / "users"
     write(path, "".join(line(f"u{i}", f"{{PLAIN}}pw{i}") for i in range(5)))
@@ -378,6 +380,7 @@ def test_a_changed_large_file_is_scanned_until_the_master_reindexes_it(
     assert "line 7: bad entry, login bad refused" in caplog.text
     assert "changed: looking logins up by scanning" in caplog.text
     assert "indexed 6 logins" not in caplog.text  # no worker-side re-index
+    assert niced == [True]  # once: the scanning worker yields the CPU to the master
     assert auth.refresh() is True and "indexed 6 logins" in caplog.text
     assert auth.refresh() is False  # unchanged now
     assert auth.authenticate("u9", b"pw9") is not None and auth.authenticate("u1", b"pw1") is None

@@ -63,6 +63,8 @@ _TALLY_SAMPLE = 2000
 #: (a few tens of milliseconds and megabytes); a larger one is scanned per lookup until
 #: the master re-indexes it (:meth:`FileAuthenticator.refresh`) and replaces the workers.
 REINDEX_MAX_LOGINS = 50_000
+#: Nice increment of a worker that scans (see :func:`_yield_cpu`).
+STALE_NICE = 19
 #: Read size of :func:`scan`.
 SCAN_CHUNK_OCTETS = 1 << 20
 
@@ -257,6 +259,19 @@ def scan(path: str, login: bytes) -> tuple[int, str] | None:
             buf, base = buf[last:], base + last
 
 
+def _yield_cpu() -> None:
+    """Lower this worker's CPU priority for the rest of its life (it is replaced soon).
+
+    Under load, dozens of workers scanning a large changed file would starve the master,
+    whose one re-index ends the scanning; niced, they leave it the CPU. Raising the
+    nice value needs no privilege; failing to is harmless.
+    """
+    try:
+        os.nice(STALE_NICE)
+    except OSError:
+        pass
+
+
 def _lineno(path: str, offset: int) -> int:
     """The line number at ``offset`` of ``path`` (for a log line)."""
     count = 1
@@ -393,6 +408,7 @@ class FileAuthenticator(StoredPasswordAuthenticator, LockingAuthenticator):
                 self._scan_noted = True
                 log.info("%s changed: looking logins up by scanning it until it is indexed again",
                          escape(self._path))
+                _yield_cpu()
             try:
                 found = scan(self._path, wanted)
             except OSError as e:
