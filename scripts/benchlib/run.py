@@ -19,7 +19,6 @@ from benchlib.servers import DovecotServer, Server, TpopsServer, ensure_dovecot
 from benchlib.world import World
 from tests.support.procs import proc_pss_kib, proc_status_kib
 
-
 #: The parts of a run, in order; ``--only`` picks some (curve and million are opt-in).
 SECTIONS = ("logins", "retr", "listing", "huge", "curve", "million")
 
