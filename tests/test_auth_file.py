@@ -378,7 +378,7 @@ def test_a_changed_large_file_is_scanned_until_the_master_reindexes_it(
     assert auth.authenticate("u9", b"pw9") is not None  # the last line; the comment is not it
     assert auth.authenticate("bad", b"x") is None
     assert "line 7: bad entry, login bad refused" in caplog.text
-    assert "changed: looking logins up by scanning" in caplog.text
+    assert "changed: looking logins up (scanning it)" in caplog.text
     assert "indexed 6 logins" not in caplog.text  # no worker-side re-index
     assert niced == [True]  # once: the scanning worker yields the CPU to the master
     assert auth.refresh() is True and "indexed 6 logins" in caplog.text
@@ -400,3 +400,30 @@ def test_scan_finds_the_same_lines_as_the_index(tmp_path: Path, monkeypatch: pyt
             assert file_module.scan(str(path), login) == (offset, data[offset:].split(b"\n")[0].decode().rstrip("\r"))
         assert file_module.scan(str(path), b"# a") is None
         assert file_module.scan(str(path), b"nobody") is None
+
+
+def test_lines_appended_to_a_large_file_need_no_full_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The usual change, users appended: the stale index answers for the old part and
+    only the new lines are scanned (no priority drop); the first line still wins."""
+    from tpops.auth import file as file_module
+
+    monkeypatch.setattr(file_module, "REINDEX_MAX_LOGINS", 3)
+    niced: list[bool] = []
+    monkeypatch.setattr(file_module, "_yield_cpu", lambda: niced.append(True))
+    scanned: list[int] = []
+    real_scan = file_module.scan
+    monkeypatch.setattr(file_module, "scan", lambda path, login, start=0: scanned.append(start) or real_scan(path, login, start))
+    path = tmp_path / "users"
+    path.write_text("".join(line(f"u{i}", f"{{PLAIN}}pw{i}") for i in range(5)))
+    old_size = path.stat().st_size
+    auth = FileAuthenticator(config(tmp_path, path))
+    assert auth.authenticate("u1", b"pw1") is not None
+    with path.open("a") as f:
+        f.write(line("new", "{PLAIN}newpw") + line("u1", "{PLAIN}duplicate"))
+    assert auth.authenticate("new", b"newpw") is not None
+    assert auth.authenticate("u1", b"pw1") is not None and auth.authenticate("u1", b"duplicate") is None
+    assert auth.authenticate("nobody", b"x") is None
+    assert scanned and set(scanned) == {old_size} and not niced
+    path.write_text(line("u1", "{PLAIN}changed"))  # not an append: scanned whole, niced once
+    assert auth.authenticate("u1", b"changed") is not None and auth.authenticate("new", b"newpw") is None
+    assert scanned[-1] == 0 and niced == [True]

@@ -307,5 +307,5 @@ def test_a_changed_large_passwd_file_is_reindexed_by_the_master(mail_env: MailEn
     finally:
         srv.stop()
     log = srv.output()  # --fg: the log goes to stderr
-    assert "changed: looking logins up by scanning it" in log
+    assert "changed: looking logins up (only its new lines are scanned)" in log
     assert "indexed 60002 logins" in log and "user list changed: re-read by the master, replacing workers" in log

@@ -101,16 +101,26 @@ def million(world: World, warmup: float, secs: float, add: Add, count: int = MIL
             startup = _start_timed(srv)
             memory = _memory(srv)
             rate = login_rate(srv.port, creds, CLIENTS, warmup, secs)
-            os.utime(path)  # changed: every worker re-reads it at its next login
+            with path.open("a") as f:  # the usual change: a user added
+                f.write(f"added-{name}@example.org:{{PLAIN}}pw::::/nonexistent/added::\n")
             changed = login_rate(srv.port, creds, CLIENTS, 0.0, secs)
+            time.sleep(2)  # the master has re-indexed the append by now
+            text = path.read_bytes()  # a rewrite: one password in the middle changed, a new inode
+            middle = text.index(b":{PLAIN}pw", len(text) // 2)
+            tmp = path.with_suffix(".new")
+            tmp.write_bytes(text[:middle] + b":{PLAIN}PW" + text[middle + 10 :])
+            tmp.chmod(0o644)
+            os.replace(tmp, path)
+            rewritten = login_rate(srv.port, creds, CLIENTS, 0.0, secs)
         finally:
             srv.stop()
-        results[name] = {"startup_s": startup, **memory, "rate": rate, "after_change": changed}
+        results[name] = {"startup_s": startup, **memory, "rate": rate, "after_change": changed,
+                         "after_rewrite": rewritten}
     small, large = results["small"], results["million"]
     users_small = len(world.lines)
     params = {"users": count + users_small, "small_file_users": users_small, "clients": CLIENTS, "mode": "user",
-              "small": {k: v for k, v in small.items() if k not in ("rate", "after_change")},
-              "million": {k: v for k, v in large.items() if k not in ("rate", "after_change")}}
+              "small": {k: v for k, v in small.items() if k not in ("rate", "after_change", "after_rewrite")},
+              "million": {k: v for k, v in large.items() if k not in ("rate", "after_change", "after_rewrite")}}
     ratio = large["rate"]["value"] / small["rate"]["value"]
     add("million.file.logins_per_s", f"logins/s, {CLIENTS} clients, 1M-user passwd-file (user)",
         large["rate"]["value"], "sessions/s", "higher",
@@ -118,13 +128,20 @@ def million(world: World, warmup: float, secs: float, add: Add, count: int = MIL
          "errors": large["rate"]["errors"]},
         goal=f"within 10% of the small file ({small['rate']['value']:.0f}/s): {ratio:.2f}",
         goal_met=ratio >= 0.9)
-    after = large["after_change"]
-    add("million.file.logins_per_s_after_change", "logins/s in the seconds after the 1M-user file changed",
-        after["value"], "sessions/s", "higher",
-        {"latency_ms_p50": after["latency_ms_p50"], "latency_ms_p99": after["latency_ms_p99"],
-         "errors": after["errors"], "small_file_after_change": round(small["after_change"]["value"], 1),
-         "note": "workers scan the changed file (niced) until the master re-indexes it once and replaces them"},
-        goal="no stall: logins go on", goal_met=after["value"] > 0 and after["errors"] == 0)
+    for which, title, note in (
+        ("after_change", "a user was appended to", "the stale index answers for the old lines, the new ones are "
+                                                   "scanned, until the master re-indexes once and replaces workers"),
+        ("after_rewrite", "a rewrite (one password changed) replaced",
+         "workers scan the whole file (niced) until the master re-indexes once and replaces them"),
+    ):
+        after = large[which]
+        base = small[which]["value"]
+        add(f"million.file.logins_per_s_{which}", f"logins/s in the {secs:.0f} s after {title} the 1M-user file",
+            after["value"], "sessions/s", "higher",
+            {"latency_ms_p50": after["latency_ms_p50"], "latency_ms_p99": after["latency_ms_p99"],
+             "errors": after["errors"], "small_file_same_change": round(base, 1), "note": note},
+            goal=f"no stall ({after['value'] / base:.2f} of the small file's rate)" if base else "no stall",
+            goal_met=after["errors"] == 0 and base > 0 and after["value"] >= 0.5 * base)
     add("million.file.startup_s", "start-up (until the port answers), 1M-user passwd-file", large["startup_s"], "s",
         "lower", {"small_file_startup_s": round(small["startup_s"], 3)}, goal="")
     growth = (large["master_rss_kib"] - small["master_rss_kib"]) / 1024

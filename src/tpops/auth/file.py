@@ -64,7 +64,7 @@ _TALLY_SAMPLE = 2000
 #: the master re-indexes it (:meth:`FileAuthenticator.refresh`) and replaces the workers.
 REINDEX_MAX_LOGINS = 50_000
 #: Nice increment of a worker that scans (see :func:`_yield_cpu`).
-STALE_NICE = 19
+STALE_NICE = 10
 #: Read size of :func:`scan`.
 SCAN_CHUNK_OCTETS = 1 << 20
 
@@ -223,16 +223,18 @@ def index(data: bytes, path: str) -> dict[bytes, int]:
     return found
 
 
-def scan(path: str, login: bytes) -> tuple[int, str] | None:
-    """The offset and text of the first line of ``path`` for ``login``, read in chunks
-    of :data:`SCAN_CHUNK_OCTETS` (memory stays bounded whatever the file's size).
+def scan(path: str, login: bytes, start: int = 0) -> tuple[int, str] | None:
+    """The offset and text of the first line of ``path`` for ``login`` from the line
+    starting at offset ``start``, read in chunks of :data:`SCAN_CHUNK_OCTETS` (memory
+    stays bounded whatever the file's size).
 
     What a stale index is replaced with until the file is indexed again: a few tens of
     milliseconds for a million lines, where an index costs a second and 200 MB.
     """
     wanted = login + b":"
     with open(path, "rb") as f:
-        base = 0  # file offset of buf[0], always a line start
+        f.seek(start)
+        base = start  # file offset of buf[0], always a line start
         buf = b""
         while True:
             chunk = f.read(SCAN_CHUNK_OCTETS)
@@ -257,6 +259,21 @@ def scan(path: str, login: bytes) -> tuple[int, str] | None:
             if not chunk:
                 return None
             buf, base = buf[last:], base + last
+
+
+def appended_to(path: str, old: bytes) -> int | None:
+    """``len(old)`` when ``path`` is ``old`` with lines appended (the usual way users are
+    added), else None. Compared in chunks: one read of the old part, bounded memory."""
+    if old and not old.endswith(b"\n"):
+        return None  # an append could have continued the last line
+    with open(path, "rb") as f:
+        offset = 0
+        while offset < len(old):
+            chunk = f.read(min(SCAN_CHUNK_OCTETS, len(old) - offset))
+            if not chunk or chunk != old[offset : offset + len(chunk)]:
+                return None
+            offset += len(chunk)
+    return len(old)
 
 
 def _yield_cpu() -> None:
@@ -319,7 +336,9 @@ class FileAuthenticator(StoredPasswordAuthenticator, LockingAuthenticator):
         self._table: _Table | None = None
         self._bad_logged: set[int] = set()  # offsets of bad lines logged since the last load
         self._last_key: tuple[int, ...] | None = None
-        self._scan_noted = False  # the "scanning until re-indexed" line was logged
+        self._stale_key: tuple[int, ...] | None = None  # the changed file's key seen while stale
+        self._appended: int | None = None  # where appended lines start in it (None: not an append)
+        self._niced = False  # this process lowered its priority (see _yield_cpu)
 
     def _users(self) -> _Table:
         """The table to use: re-read when the file changed, unless it is large (then the
@@ -350,7 +369,7 @@ class FileAuthenticator(StoredPasswordAuthenticator, LockingAuthenticator):
         log.info("indexed %d logins from %s", len(found), escape(self._path))
         self._table = table
         self._bad_logged = set()
-        self._scan_noted = False
+        self._stale_key = None
         return table
 
     def refresh(self) -> bool:
@@ -403,17 +422,11 @@ class FileAuthenticator(StoredPasswordAuthenticator, LockingAuthenticator):
         if table.key == self._key_seen():
             offset = table.index.get(wanted)
             line = None if offset is None else table.line(offset)
-        else:  # a large file changed: the index is stale, scan the file for this one line
-            if not self._scan_noted:
-                self._scan_noted = True
-                log.info("%s changed: looking logins up by scanning it until it is indexed again",
-                         escape(self._path))
-                _yield_cpu()
+        else:  # a large file changed: the index is stale until the master re-indexes it
             try:
-                found = scan(self._path, wanted)
+                offset, line = self._stale_lookup(table, wanted)
             except OSError as e:
                 raise AuthUnavailable(f"File: cannot read {self._path}: {e.strerror or e}") from e
-            offset, line = found if found is not None else (None, None)
         if offset is None or line is None:
             log.info("login %s refused: no such user", escape(login))
             return None
@@ -426,6 +439,32 @@ class FileAuthenticator(StoredPasswordAuthenticator, LockingAuthenticator):
                 log.error("%s line %d: bad entry, login %s refused: %s", escape(self._path), lineno, escape(login), e)
             log.info("login %s refused: its line is bad (%s)", escape(login), e)
             return None
+
+    def _stale_lookup(self, table: _Table, wanted: bytes) -> tuple[int | None, str | None]:
+        """A lookup in the changed file while ``table`` is stale.
+
+        When lines were only appended (checked once per change), the old index still
+        answers for the old part and only the new lines are scanned; otherwise the whole
+        file is scanned, and this worker lowers its priority so the master's re-index
+        is not starved.
+        """
+        key = self._last_key
+        if self._stale_key != key:
+            self._stale_key = key
+            self._appended = appended_to(self._path, table.data)
+            how = "only its new lines are scanned" if self._appended is not None else "scanning it"
+            log.info("%s changed: looking logins up (%s) until it is indexed again", escape(self._path), how)
+            if self._appended is None and not self._niced:
+                self._niced = True
+                _yield_cpu()
+        if self._appended is not None:
+            offset = table.index.get(wanted)
+            if offset is not None:
+                return offset, table.line(offset)
+            found = scan(self._path, wanted, self._appended)
+        else:
+            found = scan(self._path, wanted)
+        return found if found is not None else (None, None)
 
     def _key_seen(self) -> tuple[int, ...] | None:
         """The file key found by the last :meth:`_users` (its ``stat``)."""
