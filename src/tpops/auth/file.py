@@ -17,11 +17,14 @@ unreadable file makes the backend unavailable. APOP works for
 ``{PLAIN}``/``{CLEARTEXT}`` entries only.
 
 Scale: a load does not parse every line. It keeps the file's octets and an index
-``login -> offset of its line`` (one pass of ``bytes`` operations: about 0.4 s and
-~110 MB for 1,000,000 users); a lookup parses the one line it needs. The master
+``login -> offset of its line`` (one pass of ``bytes`` operations: about 0.7 s and
+~210 MB for 1,000,000 users); a lookup parses the one line it needs. The master
 loads the file before it forks (and again on SIGHUP/SIGUSR1), so workers share the
-index copy-on-write; a worker that sees the file changed re-indexes it itself, which
-costs it that fraction of a second once, not a parse of every line.
+index copy-on-write. A worker that sees a small file changed re-indexes it itself; a
+large one (more than :data:`REINDEX_MAX_LOGINS`) is re-indexed once by the master
+(:meth:`FileAuthenticator.refresh`, which then replaces the workers), and until then
+the worker answers from its old index plus a scan of appended lines, or by scanning
+the whole file.
 """
 
 from __future__ import annotations
