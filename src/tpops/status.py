@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from tpops import logs
 from tpops.mailbox.lock import DEFAULT_LOCK_PARENT
-from tpops.protocol import Transport
+from tpops.protocol import TLSTransport, Transport
 from tpops.reply import Reply
 
 if TYPE_CHECKING:
@@ -166,6 +166,10 @@ class CountingTransport(Transport):
     def send(self, data: bytes | bytearray | memoryview, timeout: float, deadline: float = math.inf) -> None:
         super().send(data, timeout, deadline)
         self.on_sent(len(data))
+
+
+class CountingTLSTransport(CountingTransport, TLSTransport):
+    """A :class:`~tpops.protocol.TLSTransport` that reports the (clear-text) octets it sends."""
 
 
 class SessionObserver:
