@@ -121,7 +121,6 @@ def test_poplib_implicit_tls_and_stls_see_what_plain_sees(tls: TLSServer) -> Non
 
 def test_a_second_stls_and_stls_on_the_tls_port_are_refused(tls: TLSServer) -> None:
     client = poplib.POP3_SSL("127.0.0.1", tls.tls_port, context=tls.context(), timeout=10)
-    assert client._shortcmd("NOOP") if False else True  # noqa: SLF001 - greeting read by the constructor
     with pytest.raises(poplib.error_proto, match="Command not permitted when TLS active"):
         client._shortcmd("STLS")
     client.quit()
