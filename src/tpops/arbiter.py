@@ -474,9 +474,11 @@ class Arbiter:
             except OSError as reopen_error:
                 log.error("%s: cannot reopen the logs, keeping the open ones: %s", name, reopen_error)
             return
-        listening = (self.config.port, self.config.bind_address, self.config.tls_port)
-        if not self.inherited and (config.port, config.bind_address, config.tls_port) != listening:
-            log.warning("%s: a new $port, $tls_port or $bind_address needs a restart; still listening on %s",
+        if not self.inherited and (config.port, config.bind_address) != (self.config.port, self.config.bind_address):
+            log.warning("%s: a new $port or $bind_address needs a restart; still listening on %s",
+                        name, ", ".join(address_of(s) for s in self.listeners))
+        elif not self.inherited and config.tls_port != self.config.tls_port:
+            log.warning("%s: a new $tls_port needs a restart; still listening on %s",
                         name, ", ".join(address_of(s) for s in self.listeners))
         config = dataclasses.replace(config, port=self.config.port, bind_address=self.config.bind_address,
                                      tls_port=self.config.tls_port)
