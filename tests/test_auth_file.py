@@ -320,3 +320,110 @@ def test_dummy_verify_costs_like_a_real_check() -> None:
         hashes.dummy_verify(b"wrong")
     t_dummy = time.perf_counter() - start
     assert t_real / 3 < t_dummy < t_real * 3
+
+
+def test_index_lookups_on_odd_layouts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The load indexes lines without parsing them: every layout still finds the right line."""
+    path = tmp_path / "users"
+    body = "".join(line(f"u{i}", f"{{PLAIN}}pw{i}") for i in range(2000))
+    path.write_bytes(
+        b"# comment: with a colon\r\n"
+        + b"  \t\r\n"
+        + line("crlf", "{PLAIN}crlfpw").replace("\n", "\r\n").encode()
+        + body.encode()
+        + line("bad", "{NOSUCH}x").encode()  # line 2004
+        + b"  # indented comment:x\n"
+        + b"last:{PLAIN}lastpw::::/home/vmail/last::"  # no final newline
+    )
+    caplog.set_level(logging.INFO, "tpops")
+    auth = FileAuthenticator(config(tmp_path, path))
+    assert auth.authenticate("crlf", b"crlfpw") is not None
+    for i in (0, 1, 999, 1999):
+        found = auth.authenticate(f"u{i}", f"pw{i}".encode())
+        assert found is not None and found.login == f"u{i}" and found.maildir == "/home/vmail/x/Maildir"
+    assert auth.authenticate("last", b"lastpw") is not None
+    assert auth.authenticate("# comment", b"x") is None
+    assert auth.authenticate("  # indented comment", b"x") is None
+    assert auth.authenticate("bad", b"x") is None
+    assert "line 2004: bad entry, login bad refused" in caplog.text
+    assert "indexed 2003 logins" in caplog.text  # crlf, 2000, bad, last
+
+
+def test_a_changed_large_file_is_scanned_until_the_master_reindexes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past REINDEX_MAX_LOGINS a worker does not re-index a changed file: it scans it per
+    lookup (same answers, chunk boundaries included); refresh() re-indexes it (the master)."""
+    from tpops.auth import file as file_module
+
+    monkeypatch.setattr(file_module, "REINDEX_MAX_LOGINS", 3)
+    niced: list[bool] = []
+    monkeypatch.setattr(file_module, "_yield_cpu", lambda: niced.append(True))  # not this test process
+    monkeypatch.setattr(file_module, "SCAN_CHUNK_OCTETS", 7)  # lines straddle every read
+    path = tmp_path / "users"
+    write(path, "".join(line(f"u{i}", f"{{PLAIN}}pw{i}") for i in range(5)))
+    auth = FileAuthenticator(config(tmp_path, path))
+    assert auth.authenticate("u1", b"pw1") is not None
+    caplog.set_level(logging.INFO, "tpops")
+    write(path, "# u9:{PLAIN}commented\n"
+          + line("u0", "{PLAIN}new0")
+          + "".join(line(f"u{i}", f"{{PLAIN}}pw{i}") for i in range(2, 5))
+          + line("u0", "{PLAIN}duplicate")
+          + line("bad", "{NOSUCH}x")
+          + "u9:{PLAIN}pw9::::/home/vmail/u9::")  # no final newline
+    assert auth.authenticate("u0", b"new0") is not None and auth.authenticate("u0", b"pw0") is None
+    assert auth.authenticate("u0", b"duplicate") is None  # the first line wins
+    assert auth.authenticate("u1", b"pw1") is None  # removed
+    assert auth.authenticate("u4", b"pw4") is not None
+    assert auth.authenticate("u9", b"pw9") is not None  # the last line; the comment is not it
+    assert auth.authenticate("bad", b"x") is None
+    assert "line 7: bad entry, login bad refused" in caplog.text
+    assert "changed: looking logins up (scanning it)" in caplog.text
+    assert "indexed 6 logins" not in caplog.text  # no worker-side re-index
+    assert niced == [True]  # once: the scanning worker yields the CPU to the master
+    assert auth.refresh() is True and "indexed 6 logins" in caplog.text
+    assert auth.refresh() is False  # unchanged now
+    assert auth.authenticate("u9", b"pw9") is not None and auth.authenticate("u1", b"pw1") is None
+
+
+def test_scan_finds_the_same_lines_as_the_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tpops.auth import file as file_module
+
+    data = ("# a:comment\n\n" + "".join(line(f"user{i}", f"{{PLAIN}}p{i}") for i in range(300))
+            + " user7:{PLAIN}spaced::::/x::\r\nuser7:{PLAIN}dup::::/x::\nlast:{PLAIN}l::::/x::").encode()
+    path = tmp_path / "users"
+    path.write_bytes(data)
+    found = file_module.index(data, str(path))
+    for chunk in (1, 5, 64, 1 << 20):
+        monkeypatch.setattr(file_module, "SCAN_CHUNK_OCTETS", chunk)
+        for login, offset in found.items():
+            assert file_module.scan(str(path), login) == (offset, data[offset:].split(b"\n")[0].decode().rstrip("\r"))
+        assert file_module.scan(str(path), b"# a") is None
+        assert file_module.scan(str(path), b"nobody") is None
+
+
+def test_lines_appended_to_a_large_file_need_no_full_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The usual change, users appended: the stale index answers for the old part and
+    only the new lines are scanned (no priority drop); the first line still wins."""
+    from tpops.auth import file as file_module
+
+    monkeypatch.setattr(file_module, "REINDEX_MAX_LOGINS", 3)
+    niced: list[bool] = []
+    monkeypatch.setattr(file_module, "_yield_cpu", lambda: niced.append(True))
+    scanned: list[int] = []
+    real_scan = file_module.scan
+    monkeypatch.setattr(file_module, "scan", lambda path, login, start=0: scanned.append(start) or real_scan(path, login, start))
+    path = tmp_path / "users"
+    path.write_text("".join(line(f"u{i}", f"{{PLAIN}}pw{i}") for i in range(5)))
+    old_size = path.stat().st_size
+    auth = FileAuthenticator(config(tmp_path, path))
+    assert auth.authenticate("u1", b"pw1") is not None
+    with path.open("a") as f:
+        f.write(line("new", "{PLAIN}newpw") + line("u1", "{PLAIN}duplicate"))
+    assert auth.authenticate("new", b"newpw") is not None
+    assert auth.authenticate("u1", b"pw1") is not None and auth.authenticate("u1", b"duplicate") is None
+    assert auth.authenticate("nobody", b"x") is None
+    assert scanned and set(scanned) == {old_size} and not niced
+    path.write_text(line("u1", "{PLAIN}changed"))  # not an append: scanned whole, niced once
+    assert auth.authenticate("u1", b"changed") is not None and auth.authenticate("new", b"newpw") is None
+    assert scanned[-1] == 0 and niced == [True]

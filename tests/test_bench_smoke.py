@@ -20,6 +20,7 @@ def expected_metrics() -> list[str]:
     for mode in modes:
         names += [f"login_sessions_per_s.c{c}.{mode}" for c in (1, 32, 128)]
         names += [f"rss_master_mib.{mode}", f"rss_idle_worker_mib.{mode}"]
+        names += [f"pss_master_mib.{mode}", f"pss_idle_worker_mib.{mode}"]
     for size in ("1mib", "4kib"):
         names += [f"retr_mb_per_s.{size}.{style}" for style in ("lockstep", "pipelined")]
     names += [f"retr_msgs_per_s.4kib.{style}" for style in ("lockstep", "pipelined")]

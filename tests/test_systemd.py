@@ -330,11 +330,17 @@ def test_inetd_style_activation_one_process_per_connection(mail_env: MailEnv) ->
             assert client.stat()[0] == 2
             assert b"Subject: second" in client.retr(2)[1]
             client.quit()
+
+        # The access log names the real peer (getpeername on the inherited socket), one line
+        # a session; each --inetd process writes it after its last reply, so wait for both.
+        def alice_lines() -> list[str] | None:
+            found = [line for line in mail_env.access_log.read_text().splitlines() if " alice " in line]
+            return found if len(found) == 2 else None
+
+        lines = wait_for(alice_lines, what="two access-log lines for alice")
+        assert all(line.startswith("127.0.0.1 ") for line in lines)
     finally:
         stop_process(proc)
-    # The access log names the real peer (getpeername on the inherited socket), one line a session.
-    lines = [line for line in mail_env.access_log.read_text().splitlines() if " alice " in line]
-    assert len(lines) == 2 and all(line.startswith("127.0.0.1 ") for line in lines)
 
 
 # -- the unit files --------------------------------------------------------------

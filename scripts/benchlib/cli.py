@@ -8,7 +8,7 @@ import sys
 
 from benchlib.common import TPOPS, log
 from benchlib.report import markdown
-from benchlib.run import Bench
+from benchlib.run import SECTIONS, Bench
 
 
 def main(doc: str) -> int:
@@ -20,7 +20,26 @@ def main(doc: str) -> int:
     parser.add_argument("--no-dovecot", action="store_true", help="do not run the Dovecot baseline")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (Maildirs, configs, logs)")
     parser.add_argument("--tmpdir", default=None, help="where to make the temp dir (default: system temp dir)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated sections to run: " + ",".join(SECTIONS) + " (default: all but "
+                             "million; --large and --million add theirs)")
+    parser.add_argument("--large", action="store_true",
+                        help="also the growth curve: first and later logins at 1k, 20k and 100k messages")
+    parser.add_argument("--million", action="store_true",
+                        help="also the user-base rows: a 1,000,000-user passwd-file against a 100-user one")
     args = parser.parse_args()
+    if args.only:
+        wanted = [x.strip() for x in args.only.split(",") if x.strip()]
+        unknown = sorted(set(wanted) - set(SECTIONS))
+        if unknown:
+            parser.error(f"--only: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+        args.sections = wanted
+    else:
+        args.sections = [x for x in SECTIONS if x not in ("curve", "million")]
+        if args.large:
+            args.sections.append("curve")
+        if args.million:
+            args.sections.append("million")
     if not TPOPS.exists():
         print(f"bench: {TPOPS} not found; run scripts/test or scripts/demo first", file=sys.stderr)
         return 1

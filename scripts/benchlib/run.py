@@ -14,10 +14,13 @@ from pathlib import Path
 
 from benchlib.clients import huge_rss, listing_run, login_rate, retr_run
 from benchlib.common import FULL, IS_ROOT, MIB, QUICK, REPO, TPOPS, log
+from benchlib.scale import MILLION, curve, million
 from benchlib.servers import DovecotServer, Server, TpopsServer, ensure_dovecot
 from benchlib.world import World
 from tests.support.procs import proc_pss_kib, proc_status_kib
 
+#: The parts of a run, in order; ``--only`` picks some (curve and million are opt-in).
+SECTIONS = ("logins", "retr", "listing", "huge", "curve", "million")
 
 #: tpops mode -> the Dovecot variant with the same process model.
 PAIRING = {"root-drop": "per-session", "user": "reuse", "nonroot": "reuse"}
@@ -79,6 +82,8 @@ class Bench:
         base.chmod(0o755)
         self.base = base
         self.world = World(base, self.profile)
+        if "curve" in self.args.sections:
+            self.world.curve_sizes = (200, 1000) if self.args.quick else (1000, 20000, 100000)
         self.world.build()
         modes = ["root-drop", "user"] if IS_ROOT else ["nonroot"]
         for mode in modes:
@@ -153,16 +158,20 @@ class Bench:
         idle = srv.idle_workers()
         rss = [proc_status_kib(w).get("VmRSS", 0) for w in idle]
         pss = [x for x in (proc_pss_kib(w) for w in idle) if x is not None]
-        dv_master = dv_idle = None
+        dv_master = dv_idle = dv_master_pss = dv_idle_pss = None
         dv_params: dict = {}
         pair = self.paired(srv)
         if pair:
             dm = pair.master_pid()
             dv_master = proc_status_kib(dm).get("VmRSS", 0) / 1024
+            dv_master_pss = (proc_pss_kib(dm) or 0) / 1024
             idlers = pair.idle_workers()
             lr = [proc_status_kib(w).get("VmRSS", 0) for w in idlers]
             if lr:
                 dv_idle = statistics.median(lr) / 1024
+            lp = [x for x in (proc_pss_kib(w) for w in idlers) if x is not None]
+            if lp:
+                dv_idle_pss = statistics.median(lp) / 1024
             dv_params = {"dovecot_variant": pair.variant, "dovecot_master_pss_kib": proc_pss_kib(dm),
                          "dovecot_idle_processes": len(idlers)}
         self.add(f"rss_master_mib.{srv.mode}", f"master RSS ({srv.mode})", m.get("VmRSS", 0) / 1024, "MiB",
@@ -175,6 +184,14 @@ class Bench:
                   "note": "RSS counts pages shared with the master; PSS splits them",
                   "dovecot_compared_process": "a pre-started pop3 process waiting for a session", **dv_params},
                  dovecot=dv_idle, goal="", server=srv.label)
+        self.add(f"pss_master_mib.{srv.mode}", f"master PSS ({srv.mode})", (proc_pss_kib(master) or 0) / 1024, "MiB",
+                 "lower", {"when": "after the login runs", "note": "PSS splits shared pages among their users",
+                           **dv_params}, dovecot=dv_master_pss, goal="", server=srv.label)
+        self.add(f"pss_idle_worker_mib.{srv.mode}", f"idle worker PSS, median ({srv.mode})",
+                 statistics.median(pss) / 1024 if pss else 0.0, "MiB", "lower",
+                 {"idle_workers": len(idle), **dv_params,
+                  "dovecot_compared_process": "a pre-started pop3 process waiting for a session"},
+                 dovecot=dv_idle_pss, goal="", server=srv.label)
 
     # -- 2. RETR
     def bench_retr(self) -> None:
@@ -281,6 +298,14 @@ class Bench:
                  {"wire_bytes": t["wire_bytes"], "tpops_mode": srv.mode}, dovecot=d["mb_per_s"] if d else None,
                  goal="≥ Dovecot", server=srv.label)
 
+    # -- 5. growth curve and user base (opt-in: --large, --million)
+    def bench_curve(self) -> None:
+        curve(self.world, self.servers_for_data(), self.profile.list_reps, self.add)
+
+    def bench_million(self) -> None:
+        p = self.profile
+        million(self.world, p.warmup_secs, p.login_secs, self.add, count=MILLION if not self.args.quick else 20000)
+
     def health(self) -> dict:
         out = {}
         for srv in self.tpops:
@@ -299,10 +324,9 @@ class Bench:
         t0 = time.monotonic()
         try:
             self.setup()
-            self.bench_logins()
-            self.bench_retr()
-            self.bench_listing()
-            self.bench_huge()
+            for section in SECTIONS:
+                if section in self.args.sections:
+                    getattr(self, f"bench_{section}")()
             health = self.health()
         finally:
             self.teardown()

@@ -69,13 +69,14 @@ class TpopsServer(Server):
     kind = "tpops"
     launcher_note: str | None = None
 
-    def __init__(self, world: World, mode: str) -> None:
+    def __init__(self, world: World, mode: str, *, name: str | None = None,
+                 overrides: dict[str, str] | None = None) -> None:
         self.world = world
         self.mode = mode  # root-drop | user | nonroot
-        self.label = f"tpops ({mode})"
+        self.label = f"tpops ({name or mode})"
         self.port = free_port()
         b = world.base
-        tag = mode.replace("-", "_")
+        tag = (name or mode).replace("-", "_").replace(" ", "_")
         self.conf = b / f"tpops-{tag}.conf"
         self.access_log = b / f"access-{tag}.log"
         self.error_log = b / f"error-{tag}.log"
@@ -94,6 +95,7 @@ class TpopsServer(Server):
             "max_connections_per_ip": "0",  # every bench client comes from 127.0.0.1
             "max_idle": "600",
             "hostname": "'bench.example.org'",
+            **(overrides or {}),
         }
         self.settings = settings
         self.conf.write_text("".join(f"${k} = {v}\n" for k, v in settings.items()))

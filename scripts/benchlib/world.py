@@ -38,6 +38,8 @@ class World:
         self.pool = "".join(pool).encode()
         self.chunk = self.pool[: 77 * 13618]  # ~1 MiB, whole lines
         self.counter = 0
+        #: Maildir sizes of the growth curve (``--large``): one user ``curve<n>`` each.
+        self.curve_sizes: tuple[int, ...] = ()
 
     # -- messages
     def message(self, size: int, tag: str) -> bytes:
@@ -102,6 +104,10 @@ class World:
                 self.put(md, self.message(sizes[k], user), k, style)
         md = self.add_user("huge", "pw-huge")
         self.put_huge(md, p.huge_size)
+        for n in self.curve_sizes:
+            md = self.add_user(f"curve{n}", f"pw-curve{n}")
+            for k in range(n):
+                self.put(md, self.message(sizes[k % len(sizes)] // 3, f"curve{n}"), k)
         self.finish()
         log(f"built Maildirs in {time.monotonic() - t0:.1f} s under {self.base}")
 

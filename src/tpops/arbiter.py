@@ -127,6 +127,8 @@ class Arbiter:
     #: Current delay between boot attempts (0: workers boot fine) and when the next may start.
     backoff: float = 0.0
     spawn_after: float = 0.0
+    #: When :meth:`refresh_backend` may next look at the user list.
+    refresh_after: float = 0.0
     stopping: bool = False
     exit_status: int = 0
     #: The backend prepared in the master (user list read, modules imported), inherited by workers.
@@ -197,6 +199,7 @@ class Arbiter:
                 self.retire_idle()
                 self.monitor.pool(*self.busy_idle())
                 self.report_status()
+                self.refresh_backend()
         finally:
             self.monitor.close()  # first: it reaps its exporter by pid, before shutdown reaps any child
             self.shutdown()
@@ -414,6 +417,24 @@ class Arbiter:
                 self._signal(info, signal.SIGUSR1)
                 info.retiring = True
                 surplus -= 1
+
+    def refresh_backend(self) -> None:
+        """At most once a second: let the prepared backend re-read a changed user list
+        (File: a large passwd-file is re-indexed here once, not in every worker); when
+        it did, replace the workers after their session so the new ones share it."""
+        now = time.monotonic()
+        if now < self.refresh_after:
+            return
+        self.refresh_after = now + TICK
+        refresh = getattr(self.authenticator, "refresh", None)
+        if refresh is None or not refresh():
+            return
+        gc.freeze()
+        log.info("user list changed: re-read by the master, replacing workers")
+        for info in self.workers.values():
+            if not info.retiring:
+                self._signal(info, signal.SIGUSR1)
+                info.retiring = True
 
     def _signal(self, info: WorkerInfo, signum: int) -> None:
         try:

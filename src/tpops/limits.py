@@ -215,7 +215,7 @@ class ClientLimits:
         self.cap = cap
 
     def penalty(self) -> float:
-        """Seconds to wait before checking this client's next credentials (0 when none)."""
+        """Seconds added to the pause after this client's next failed login (0 when none)."""
         if self.shared is None or self.cap <= 0:
             return 0.0
         return self.shared.penalty(self.address, self.cap)

@@ -8,6 +8,7 @@ while we wait (the worker's wake-up pipe) interrupts the wait so shutdown is pro
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import select
@@ -17,6 +18,8 @@ import stat
 import time
 from collections.abc import Callable, Iterable
 
+from tpops.mailbox.encode import VerbatimFile
+
 #: RFC 2449 section 4 caps a command at 255 octets including the CRLF; we accept 255
 #: octets plus the line end, so a 250-octet login still fits after "USER ".
 MAX_COMMAND_OCTETS = 255
@@ -24,6 +27,13 @@ MAX_COMMAND_OCTETS = 255
 READ_BLOCK = 16 * 1024
 #: Replies are buffered up to this size before they are sent, even mid-pipeline.
 WRITE_BUFFER = 256 * 1024
+#: A message chunk at least this large is not copied into the reply buffer: it is
+#: queued as it is and sent with the others in one ``writev``.
+GATHER_MIN_OCTETS = 16 * 1024
+#: Queued chunks are sent once they add up to this much.
+GATHER_OCTETS = 1024 * 1024
+#: At most this many buffers per ``writev`` (Linux IOV_MAX is 1024).
+GATHER_MAX_BUFFERS = 64
 #: When the server ends a connection, how long and how much client input it drains
 #: after shutting down its sending side (see :meth:`Transport.shut_down`).
 LINGER_SECONDS = 1.0
@@ -141,9 +151,94 @@ class Transport:
                 continue
             except OSError as exc:
                 raise ConnectionLost(str(exc)) from None
+            self.sent(sent)
             view = view[sent:]
             stall = time.monotonic() + timeout
             self.progress()
+
+    def send_chunks(
+        self,
+        chunks: list[bytes | bytearray | memoryview],
+        timeout: float,
+        deadline: float = math.inf,
+    ) -> None:
+        """Send the buffers in order with as few ``writev`` calls as the peer allows.
+
+        Bounded like :meth:`send`: ``timeout`` seconds without progress and the absolute
+        ``deadline`` raise Timeout. Nothing is copied: a partial write advances a
+        memoryview of the buffer it stopped in.
+        """
+        views = [memoryview(c) for c in chunks if len(c)]
+        stall = time.monotonic() + timeout
+        first = 0
+        while first < len(views):
+            if time.monotonic() >= deadline:
+                raise Timeout
+            batch = views[first : first + GATHER_MAX_BUFFERS]
+            try:
+                sent = os.writev(self.wfd, batch)
+            except BlockingIOError:
+                self._wait(self.wfd, select.POLLOUT, min(stall, deadline))
+                continue
+            except OSError as exc:
+                raise ConnectionLost(str(exc)) from None
+            self.sent(sent)
+            while sent and first < len(views):
+                size = len(views[first])
+                if sent >= size:
+                    sent -= size
+                    first += 1
+                else:
+                    views[first] = views[first][sent:]
+                    sent = 0
+            stall = time.monotonic() + timeout
+            self.progress()
+
+    def sendfile(self, fd: int, count: int, timeout: float, deadline: float = math.inf) -> None:
+        """Send ``count`` octets of the file ``fd`` from offset 0 with ``os.sendfile``.
+
+        Bounded like :meth:`send` (``timeout`` seconds without progress, the absolute
+        ``deadline``: Timeout). A file shorter than ``count`` raises OSError: the
+        announced size would be a lie, so the caller must not go on as if it had been
+        sent. Where the kernel cannot ``sendfile`` to this descriptor, the rest goes
+        with ``pread`` + :meth:`send`.
+        """
+        offset = 0
+        stall = time.monotonic() + timeout
+        while offset < count:
+            if time.monotonic() >= deadline:
+                raise Timeout
+            try:
+                sent = os.sendfile(self.wfd, fd, offset, count - offset)
+            except BlockingIOError:
+                self._wait(self.wfd, select.POLLOUT, min(stall, deadline))
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    self._copy_file(fd, offset, count, timeout, deadline)
+                    return
+                if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                    raise ConnectionLost(str(exc)) from None
+                raise
+            if sent == 0:
+                raise OSError(errno.EIO, "file shorter than announced")
+            self.sent(sent)
+            offset += sent
+            stall = time.monotonic() + timeout
+            self.progress()
+
+    def _copy_file(self, fd: int, offset: int, count: int, timeout: float, deadline: float) -> None:
+        """The :meth:`sendfile` fallback: the file's octets ``offset`` to ``count`` by reading."""
+        while offset < count:
+            data = os.pread(fd, min(READ_BLOCK * 16, count - offset), offset)
+            if not data:
+                raise OSError(errno.EIO, "file shorter than announced")
+            self.send(data, timeout, deadline)
+            offset += len(data)
+
+    def sent(self, octets: int) -> None:
+        """Called with the octets each write put on the wire: a hook for counting
+        subclasses (:class:`tpops.status.CountingTransport`); nothing here."""
 
     def shut_down(self, linger: float = LINGER_SECONDS, limit: int = LINGER_OCTETS) -> None:
         """End the server's side of a connection cleanly, before the owner closes the fds.
@@ -355,6 +450,11 @@ class LineReader:
 class ReplyWriter:
     """Buffers replies so a pipelined batch of commands goes out in few writes, in order.
 
+    Small pieces are copied into ``buffer``; large message chunks are queued as they
+    are in ``queued`` (whatever was buffered before them is moved into the queue
+    first) and everything goes out in one ``writev``. A
+    :class:`~tpops.mailbox.encode.VerbatimFile` body goes out with ``os.sendfile``.
+
     Every send is bounded by ``timeout`` seconds without progress and by the absolute
     ``deadline`` (the session keeps it at its connection/login limit). While replies
     cannot drain, the send blocks the session loop, so no further client input is read
@@ -372,6 +472,8 @@ class ReplyWriter:
         self.timeout = timeout
         self.deadline = deadline
         self.buffer = bytearray()
+        self.queued: list[bytes | bytearray] = []
+        self.queued_octets = 0
         self.broken = False
 
     def line(self, text: str) -> None:
@@ -391,25 +493,50 @@ class ReplyWriter:
             self.flush()
 
     def raw(self, chunks: Iterable[bytes]) -> None:
-        """Already-encoded multi-line data (byte-stuffed, CRLF); large chunks go straight out."""
+        """Already-encoded multi-line data (byte-stuffed, CRLF); large chunks are not copied."""
+        if isinstance(chunks, VerbatimFile):
+            self._sendfile(chunks)
+            return
         for chunk in chunks:
-            if len(chunk) >= WRITE_BUFFER:
-                self.flush()
-                self._send(chunk)
+            if len(chunk) >= GATHER_MIN_OCTETS:
+                if self.buffer:
+                    self.queued.append(bytes(self.buffer))
+                    self.buffer.clear()
+                self.queued.append(chunk)
+                self.queued_octets += len(chunk)
+                if self.queued_octets >= GATHER_OCTETS:
+                    self.flush()
                 continue
             self.buffer += chunk
             if len(self.buffer) >= WRITE_BUFFER:
                 self.flush()
 
+    def _sendfile(self, body: VerbatimFile) -> None:
+        """The status line and anything before it, then the file itself by ``sendfile``."""
+        try:
+            self.flush()
+            self._guarded(lambda: self.transport.sendfile(body.fd, body.octets, self.timeout, self.deadline))
+        finally:
+            body.close()
+
     def flush(self) -> None:
-        if self.buffer:
+        if self.queued:
+            chunks: list[bytes | bytearray | memoryview] = [*self.queued]
+            if self.buffer:
+                chunks.append(bytes(self.buffer))
+            self.queued.clear()
+            self.queued_octets = 0
+            self.buffer.clear()
+            self._guarded(lambda: self.transport.send_chunks(chunks, self.timeout, self.deadline))
+        elif self.buffer:
             data = bytes(self.buffer)
             self.buffer.clear()
-            self._send(data)
+            self._guarded(lambda: self.transport.send(data, self.timeout, self.deadline))
 
-    def _send(self, data: bytes) -> None:
+    def _guarded(self, send: Callable[[], None]) -> None:
+        """Run one send; if it fails, the client may hold half a reply: ``broken``."""
         try:
-            self.transport.send(data, self.timeout, self.deadline)
+            send()
         except BaseException:
             self.broken = True
             raise

@@ -363,7 +363,9 @@ class Session:
         if self.writer.broken:
             return
         try:
-            data = bytes(self.writer.buffer) + reply.status_line().encode() + b"\r\n"
+            pending = [*self.writer.queued, self.writer.buffer]  # in the order they were written
+            data = b"".join(pending) + reply.status_line().encode() + b"\r\n"
+            self.writer.queued.clear()
             self.writer.buffer.clear()
             self.transport.should_stop = lambda: False
             self.transport.send(data, 1.0, time.monotonic() + 1.0)

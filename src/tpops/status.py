@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import math
 import mmap
 import os
 import socket
@@ -163,9 +162,8 @@ class CountingTransport(Transport):
         super().__init__(*args, **kwargs)
         self.on_sent = on_sent
 
-    def send(self, data: bytes | bytearray | memoryview, timeout: float, deadline: float = math.inf) -> None:
-        super().send(data, timeout, deadline)
-        self.on_sent(len(data))
+    def sent(self, octets: int) -> None:
+        self.on_sent(octets)
 
 
 class CountingTLSTransport(CountingTransport, TLSTransport):

@@ -127,7 +127,7 @@ def _send_message(tx: Transaction, which: Numbered, body_lines: int | None, text
         log.error("cannot open message %d of %s: %s", msn, tx.log_name, exc.strerror)
         return err(f"Cannot read message {msn}.", "SYS/TEMP")
     try:
-        data = wire_message(fd, body_lines)
+        data = wire_message(fd, body_lines, msg.octets if msg.verbatim else None)
     except OSError as exc:
         log.error("cannot read message %d of %s: %s", msn, tx.log_name, exc.strerror)
         return err(f"Cannot read message {msn}.", "SYS/TEMP")

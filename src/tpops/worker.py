@@ -328,6 +328,7 @@ class Worker:
                 on_login=lambda who: setproctitle(f"tpops: worker {who}"),
                 timestamp=make_timestamp(self.config.hostname, self.sessions),
                 observer=observer,
+                penalty=self.client_limits(peer),
                 connection=connection,
                 start_tls=start_tls if self.server_tls is not None else None,
             )

@@ -93,6 +93,7 @@ class MailEnv:
             "error_log": repr(str(self.error_log)),
             "syslog_facility": "nil",
             "error_interval": "0",
+            "max_auth_penalty": "0",  # every test client is 127.0.0.1; tests of the penalty set it
             "min_servers": "2",
             "max_servers": "8",
             "max_idle": "100",

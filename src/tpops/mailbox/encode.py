@@ -27,9 +27,11 @@ result.
 
 from __future__ import annotations
 
+import errno
 import io
 import itertools
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
@@ -44,6 +46,12 @@ SIZE_CHUNK_OCTETS = 64 * 1024
 
 _LF = 0x0A
 _CR = 0x0D
+_DOT = 0x2E
+#: A line starting with the termination octet, found by the LF before it.
+_DOT_LINE = re.compile(rb"\n\.")
+#: A verbatim message at least this large is sent with ``os.sendfile``; a smaller one is
+#: cheaper to read and send in one piece with the status line and the terminator.
+VERBATIM_MIN_OCTETS = 128 * 1024
 
 
 def _reads(f: BinaryIO, chunk_size: int) -> Iterator[bytes]:
@@ -61,14 +69,16 @@ def _convert(chunk: bytes) -> bytes:
     came before), as is a CR at its very end (it depends on what follows).
     """
     if b"\r" not in chunk:
-        out = chunk.replace(b"\n", b"\r\n")
-    elif chunk.count(b"\n") == chunk.count(b"\r\n"):
+        # Stuff first, then the line ends: LF"." finds exactly the lines to stuff.
+        return _DOT_LINE.sub(b"\n..", chunk).replace(b"\n", b"\r\n")
+    if chunk.count(b"\n") == chunk.count(b"\r\n"):
         out = chunk  # already CRLF throughout (bare CRs are data)
     else:
         out = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    # Every LF in ``out`` now follows a CR, so CRLF"." finds exactly the lines to
-    # stuff; split+join is about twice as fast as replace when there are many.
-    return b"\r\n..".join(out.split(b"\r\n."))
+    # Every LF in ``out`` now follows a CR, so LF"." still finds exactly the lines to
+    # stuff. (``re.sub`` with this pattern is about 1.5x faster than split+join or
+    # ``bytes.replace`` of a multi-octet pattern, which scan slowly when LF is frequent.)
+    return _DOT_LINE.sub(b"\n..", out)
 
 
 def encode_whole(data: bytes) -> bytes:
@@ -83,15 +93,27 @@ def encode_whole(data: bytes) -> bytes:
     return out
 
 
-def wire_message(fd: int, body_lines: int | None = None) -> Iterable[bytes]:
+def wire_message(fd: int, body_lines: int | None = None, verbatim_octets: int | None = None) -> Iterable[bytes]:
     """What RETR (``body_lines=None``) or TOP sends for the message open on ``fd``; the
     descriptor is closed when the chunks have been consumed (or at once).
+
+    ``verbatim_octets`` says the file is known (from sizing) to be its own wire form,
+    that long: a large one is returned as a :class:`VerbatimFile` for ``os.sendfile``,
+    provided the file still has that size.
 
     The usual small message is read with two plain ``os.read`` calls and encoded in one
     piece, which spares a file object and a generator chain per message when a client
     pipelines thousands of RETRs; anything larger streams through
     :func:`iter_wire_chunks` with bounded memory.
     """
+    if body_lines is None and verbatim_octets is not None and verbatim_octets >= VERBATIM_MIN_OCTETS:
+        try:
+            same = os.fstat(fd).st_size == verbatim_octets
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            return VerbatimFile(fd, verbatim_octets)
     if body_lines is None:
         try:
             first = os.read(fd, DEFAULT_CHUNK_OCTETS)
@@ -230,25 +252,43 @@ def wire_size_bytes(data: bytes) -> int:
 
 
 def _wire_size_of_reads(read: Callable[[int], bytes], chunk_size: int) -> int:
-    """Sum of the wire size over successive ``read(chunk_size)`` results.
+    """Sum of the wire size over successive ``read(chunk_size)`` results."""
+    return _size_and_verbatim(read, chunk_size)[0]
+
+
+def _size_and_verbatim(read: Callable[[int], bytes], chunk_size: int) -> tuple[int, bool]:
+    """The wire size over successive ``read(chunk_size)`` results, and whether the
+    stored octets already are the wire form (see :func:`wire_size_verbatim_fd`).
 
     Each bare LF costs one more octet (its CR). A CRLF split across two reads was
-    counted as a bare LF in the second read, so it is taken back.
+    counted as a bare LF in the second read, so it is taken back. The message is
+    verbatim when no LF is bare (every LF was taken back), no line starts with "."
+    (nothing to stuff: not at the start, not after any LF, across reads included) and
+    it ends in LF; an empty message is not (there is nothing to send verbatim).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, not {chunk_size}")
     octets = 0
-    last = _LF  # an empty message needs no appended line end
+    bare_lf = 0
+    dotted = False
+    last = _LF  # an empty message needs no appended line end; a first "." opens a line
     while chunk := read(chunk_size):
-        octets += len(chunk) + chunk.count(b"\n")
+        lf = chunk.count(b"\n")
+        octets += len(chunk) + lf
         if b"\r" in chunk:
-            octets -= chunk.count(b"\r\n")
+            crlf = chunk.count(b"\r\n")
+            octets -= crlf
+            lf -= crlf
         if last == _CR and chunk[0] == _LF:
             octets -= 1
+            lf -= 1
+        bare_lf += lf
+        if not dotted and ((last == _LF and chunk[0] == _DOT) or b"\n." in chunk):
+            dotted = True
         last = chunk[-1]
     if last != _LF:
         octets += 2
-    return octets
+    return octets, octets > 0 and bare_lf == 0 and not dotted and last == _LF
 
 
 def wire_size(f: BinaryIO, chunk_size: int = DEFAULT_CHUNK_OCTETS) -> int:
@@ -267,3 +307,57 @@ def wire_size_fd(fd: int, chunk_size: int = SIZE_CHUNK_OCTETS) -> int:
     makes that noticeably cheaper.
     """
     return _wire_size_of_reads(lambda n: os.read(fd, n), chunk_size)
+
+
+def wire_size_verbatim_fd(fd: int, chunk_size: int = SIZE_CHUNK_OCTETS) -> tuple[int, bool]:
+    """:func:`wire_size_fd`, and whether the file's octets are exactly what RETR sends.
+
+    A verbatim message has CRLF line ends only, no line starting with "." and a final
+    CRLF (a bare CR is data either way): RETR may then send the file as it is
+    (``os.sendfile``), and its wire size equals its file size. Reads with ``os.pread``
+    from offset 0, so the descriptor's position does not matter and is not moved.
+    """
+    offset = 0
+
+    def read(n: int) -> bytes:
+        nonlocal offset
+        data = os.pread(fd, n, offset)
+        offset += len(data)
+        return data
+
+    return _size_and_verbatim(read, chunk_size)
+
+
+class VerbatimFile:
+    """A RETR body that is the message file itself, ``octets`` long: a verbatim message
+    (see :func:`wire_size_verbatim_fd`) the writer may hand to ``os.sendfile``.
+
+    Iterating it yields the file's content in chunks (so any writer can send it), and
+    closes the descriptor at the end; :meth:`close` closes it too (idempotent). Reads
+    use ``os.pread`` from offset 0. A file that no longer has ``octets`` octets (it was
+    changed in place, which Maildir forbids) raises OSError rather than send framing
+    the announced size does not match.
+    """
+
+    __slots__ = ("fd", "octets")
+
+    def __init__(self, fd: int, octets: int) -> None:
+        self.fd = fd
+        self.octets = octets
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            offset = 0
+            while offset < self.octets:
+                chunk = os.pread(self.fd, min(DEFAULT_CHUNK_OCTETS, self.octets - offset), offset)
+                if not chunk:
+                    raise OSError(errno.EIO, "message file shrank while it was sent")
+                offset += len(chunk)
+                yield chunk
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)

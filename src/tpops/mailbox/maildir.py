@@ -64,13 +64,15 @@ import io
 import os
 import re
 import stat
+import time
 import weakref
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from tpops.logs import escape, get
-from tpops.mailbox.encode import wire_size_fd
+from tpops.mailbox.encode import VERBATIM_MIN_OCTETS, wire_size_verbatim_fd
 
 log = get("mailbox")
 
@@ -81,7 +83,12 @@ SIZE_CACHE_NAME = "tpops-sizecache"
 _HOST = re.sub(r"[^A-Za-z0-9.-]", "_", os.uname().nodename)[:64] or "host"
 #: First line of the size cache; a file starting otherwise is ignored and rewritten.
 #: Version 2: lines are in delivery order, so an unchanged Maildir is listed from the cache alone.
-SIZE_CACHE_HEADER = b"tpops-sizecache 2\n"
+#: Version 3: a line may end in " v": the message is stored in its wire form (RETR may
+#: ``sendfile`` it). A version 2 cache is read as version 3 without flags and rewritten
+#: in version 3 the next time the Maildir changes.
+SIZE_CACHE_HEADER = b"tpops-sizecache 3\n"
+#: Older headers whose lines are still read (sizes only).
+SIZE_CACHE_OLD_HEADERS = (b"tpops-sizecache 2\n",)
 #: A size cache larger than this is ignored and rewritten, never read: about 150,000
 #: messages' worth, far more than any mailbox a POP3 client downloads.
 SIZE_CACHE_MAX_OCTETS = 16 * 1024 * 1024
@@ -95,7 +102,18 @@ UIDL_MAX_OCTETS = 70
 MAX_SYMLINKS = 40
 
 _LEADING_NUMBER = re.compile(r"[0-9]*")
-_CACHE_LINE = re.compile(r"([^\n]*) ([0-9]{1,18})\n")
+_CACHE_LINE = re.compile(r"([^\n]*) ([0-9]{1,18})( v)?\n")
+#: A message file at most this large is sized with one read of all of it.
+_WHOLE_READ_OCTETS = 1 << 20
+#: Messages sized and timed in the calling thread before deciding on threads.
+_PROBE_MESSAGES = 64
+#: Per-file time above which sizing is waiting for the disk, not computing: threads then.
+_IO_BOUND_SECONDS = 40e-6
+#: Messages per task handed to a sizing thread.
+_THREAD_BATCH = 256
+#: Threads that size messages read from the disk on a first login: open, fstat, pread
+#: and close release the GIL, so the disk waits of several files overlap.
+SIZING_THREADS = 8
 _PLAIN_UIDL = re.compile(r"[\x21-\x7e]{1,%d}" % 70)
 _SIZE_FIELD = re.compile(r",([SW])=([0-9]+)")
 #: Files in the Maildir: never through a symlink, and a FIFO must not block the open.
@@ -132,6 +150,7 @@ class Message:
     octets: int  #: exact wire size, or the configured fast approximation
     deleted: bool = False  #: marked by DELE, cleared by RSET; acted on by commit()
     ino: int = 0  #: the file's inode at the snapshot (0: unknown): tells duplicates apart
+    verbatim: bool = False  #: the file is its own wire form, ``octets`` long (RETR may sendfile it)
 
 
 @dataclass(slots=True)
@@ -352,20 +371,22 @@ class _SizeCache:
     """The ``tpops-sizecache`` file: exact wire sizes by unique name.
 
     Format: the header line, then one ``<unique name> <octets>`` line per message,
-    names as their file system octets. A name containing LF cannot be stored and is
-    simply not cached; the octets are digits, so the last space on a line separates
+    names as their file system octets, `` v`` appended when the message is stored in
+    its wire form (``verbatim``). A name containing LF cannot be stored and is
+    simply not cached; the octets are digits, so the last space before them separates
     them from a name that contains spaces. A file that is not a regular file, is
     larger than :data:`SIZE_CACHE_MAX_OCTETS` or does not parse is ignored whole and
     rewritten. It is written to a new file with a unique name in the Maildir root
     and renamed over the old one, so readers never see half a cache.
     """
 
-    __slots__ = ("root_fd", "label", "entries", "valid")
+    __slots__ = ("root_fd", "label", "entries", "verbatim", "valid")
 
     def __init__(self, root_fd: int, label: str) -> None:
         self.root_fd = root_fd
         self.label = label  # the path, for log lines
         self.entries: dict[str, int] = {}
+        self.verbatim: set[str] = set()
         self.valid = True
         self._load()
 
@@ -378,30 +399,39 @@ class _SizeCache:
             log.warning("size cache %s ignored, it will be rewritten: %s", self._where(), e.strerror)
             self.valid = False
             return
-        entries = self._parse(data)
-        if entries is None:
+        parsed = self._parse(data)
+        if parsed is None:
             log.debug("size cache %s is corrupt, ignoring it", self._where())
             self.valid = False
         else:
-            self.entries = entries
+            self.entries, self.verbatim = parsed
 
     def _where(self) -> str:
         return escape(os.path.join(self.label, SIZE_CACHE_NAME))
 
     @staticmethod
-    def _parse(data: bytes) -> dict[str, int] | None:
-        """The entries of a cache file's content, or None if it is not a valid cache."""
-        if not data.startswith(SIZE_CACHE_HEADER) or not data.endswith(b"\n"):
+    def _parse(data: bytes) -> tuple[dict[str, int], set[str]] | None:
+        """The sizes and verbatim names of a cache file's content; None if not a valid cache."""
+        if data.startswith(SIZE_CACHE_HEADER):
+            header = SIZE_CACHE_HEADER
+        else:
+            header = next((h for h in SIZE_CACHE_OLD_HEADERS if data.startswith(h)), b"")
+            if not header:
+                return None
+        if not data.endswith(b"\n"):
             return None
         # Decoding the whole body equals decoding each name: LF and space are ASCII.
-        body = os.fsdecode(data[len(SIZE_CACHE_HEADER) :])
+        body = os.fsdecode(data[len(header) :])
         # A match cannot span lines, so every line is valid iff each one gave a match.
-        pairs = _CACHE_LINE.findall(body)
-        if len(pairs) != body.count("\n"):
+        lines = _CACHE_LINE.findall(body)
+        if len(lines) != body.count("\n"):
             return None
-        return {name: int(octets) for name, octets in pairs}
+        if header != SIZE_CACHE_HEADER and any(flag for _, _, flag in lines):
+            return None  # no flags before version 3
+        entries = {name: int(octets) for name, octets, _ in lines}
+        return entries, {name for name, _, flag in lines if flag}
 
-    def save(self, entries: dict[str, int]) -> None:
+    def save(self, entries: dict[str, int], verbatim: set[str]) -> None:
         """Replace the cache with ``entries`` if they differ in keys or it was invalid.
 
         Sizes never change for a unique name, so only added or dropped names matter.
@@ -414,9 +444,13 @@ class _SizeCache:
             return
         lines = [SIZE_CACHE_HEADER]
         fsencode = os.fsencode
-        lines.extend(b"%s %d\n" % (fsencode(u), n) for u, n in storable.items())
+        lines.extend(
+            b"%s %d v\n" % (fsencode(u), n) if u in verbatim else b"%s %d\n" % (fsencode(u), n)
+            for u, n in storable.items()
+        )
         if _replace_file(self.root_fd, SIZE_CACHE_NAME, b"".join(lines), self._where()):
             self.entries = storable
+            self.verbatim = {u for u in verbatim if u in storable}
             self.valid = True
 
 
@@ -456,26 +490,27 @@ def _replace_file(dir_fd: int, name: str, data: bytes, label: str) -> bool:
 class _Sizer:
     """Finds each message's size during :meth:`Maildir.open`, by the configured rules.
 
-    ``exact`` collects the exact sizes of present messages: the next cache content.
-    The cache is read only when some size may have to be exact.
+    :meth:`size` takes the sorted listing and returns one result per entry: the
+    cached size, the configured approximation, or the exact size found by reading the
+    file (many files at once, in threads: :func:`_exact_sizes`). ``exact`` collects
+    the exact sizes of present messages, ``verbatim`` the unique names of those stored
+    in their wire form: the next cache content. The cache is read only when some size
+    may have to be exact.
     """
 
-    __slots__ = ("cur_fd", "extended", "use_filesize", "cache", "known", "exact")
+    __slots__ = ("cur_fd", "extended", "use_filesize", "cache", "known", "exact", "verbatim")
 
-    def __init__(self, root: MaildirRoot, cur_fd: int, extended: bool, use_filesize: bool) -> None:
-        assert root.fd is not None
+    def __init__(self, cache: _SizeCache | None, cur_fd: int, extended: bool, use_filesize: bool) -> None:
         self.cur_fd = cur_fd
         self.extended = extended
         self.use_filesize = use_filesize
-        self.cache = None if use_filesize else _SizeCache(root.fd, root.path)
+        self.cache = cache
         self.known: dict[str, int] = self.cache.entries if self.cache else {}
+        self.verbatim: set[str] = set(self.cache.verbatim) if self.cache else set()
         self.exact: dict[str, int] = {}
 
-    def octets(self, name: str, unique: str) -> int:
-        """The size for LIST of ``cur/name``.
-
-        Raises FileNotFoundError if the file vanished, other OSError if unreadable.
-        """
+    def _approximate(self, name: str, unique: str) -> int | None:
+        """The size the fast settings give without reading (None: none applies)."""
         if self.extended and ("," in unique):
             fields = size_fields(unique)
             if "W" in fields:  # trusted as is: no check of the final newline
@@ -484,11 +519,41 @@ class _Sizer:
                 return fields["S"]
         if self.use_filesize:
             return os.stat(name, dir_fd=self.cur_fd, follow_symlinks=False).st_size
-        octets = self.known.get(unique)
-        if octets is None:
-            octets = _exact_octets(self.cur_fd, name, unique)
-        self.exact[unique] = octets
-        return octets
+        return None
+
+    def size(self, listing: list[tuple[int, str, str]]) -> list[int | OSError]:
+        """For each ``(time, unique, name)`` of ``listing``: its size, or the OSError
+        that makes it no message (FileNotFoundError: it vanished)."""
+        results: list[int | OSError] = []
+        todo: list[tuple[int, str, str]] = []  # (index in results, name, unique)
+        known = self.known
+        approximate = self.extended or self.use_filesize
+        for _, unique, name in listing:
+            try:
+                octets = self._approximate(name, unique) if approximate else None
+            except OSError as e:
+                results.append(e)
+                continue
+            if octets is None:
+                octets = known.get(unique)
+                if octets is None:
+                    todo.append((len(results), name, unique))
+                    results.append(0)
+                    self.exact[unique] = 0  # its place: the cache is in delivery order
+                    continue
+                self.exact[unique] = octets
+            results.append(octets)
+        for (index, _, unique), found in zip(todo, _exact_sizes(self.cur_fd, todo), strict=True):
+            if isinstance(found, OSError):
+                results[index] = found
+                self.exact.pop(unique, None)
+                continue
+            octets, verbatim = found
+            results[index] = octets
+            self.exact[unique] = octets
+            if verbatim:
+                self.verbatim.add(unique)
+        return results
 
     def save(self, present: Iterable[str]) -> None:
         """Rewrite the cache if the set of names with exact sizes changed.
@@ -506,30 +571,93 @@ class _Sizer:
                 if octets is not None:
                     merged[unique] = octets
             self.exact = merged
-        self.cache.save(self.exact)
+        self.cache.save(self.exact, self.verbatim)
 
 
-def _exact_octets(cur_fd: int, name: str, unique: str) -> int:
-    """The exact wire size of a message file: from ``W=`` and its last octet, or by reading.
+def _exact_sizes(cur_fd: int, todo: list[tuple[int, str, str]]) -> list[tuple[int, bool] | OSError]:
+    """:func:`_exact_octets` of each ``(_, name, unique)`` in ``todo``, in order.
+
+    A first login of a large Maildir opens and reads thousands of small files. When
+    they are in the page cache, each costs a few microseconds of Python and system
+    calls, and threads only add GIL hand-offs; when they must come from the disk, each
+    waits for it, and the waits overlap in threads (open, fstat, pread and close
+    release the GIL). So the first :data:`_PROBE_MESSAGES` are sized here, timed, and
+    the rest go to :data:`SIZING_THREADS` threads only if that took longer than
+    :data:`_IO_BOUND_SECONDS` per file.
+    """
+    probe = todo[:_PROBE_MESSAGES]
+    started = time.monotonic()
+    results = _exact_run(cur_fd, probe)
+    rest = todo[_PROBE_MESSAGES:]
+    if not rest:
+        return results
+    per_file = (time.monotonic() - started) / len(probe)
+    if SIZING_THREADS < 2 or per_file < _IO_BOUND_SECONDS:
+        return results + _exact_run(cur_fd, rest)
+    step = max(1, min(_THREAD_BATCH, len(rest) // SIZING_THREADS))
+    batches = [rest[k : k + step] for k in range(0, len(rest), step)]
+    with ThreadPoolExecutor(SIZING_THREADS, thread_name_prefix="tpops-sizing") as pool:
+        for part in pool.map(lambda batch: _exact_run(cur_fd, batch), batches):
+            results.extend(part)
+    return results
+
+
+def _exact_run(cur_fd: int, todo: list[tuple[int, str, str]]) -> list[tuple[int, bool] | OSError]:
+    """:func:`_exact_octets` over ``todo``, an OSError in place of each failure."""
+    out: list[tuple[int, bool] | OSError] = []
+    for _, name, unique in todo:
+        try:
+            out.append(_exact_octets(cur_fd, name, unique))
+        except OSError as e:
+            out.append(e)
+    return out
+
+
+def _exact_octets(cur_fd: int, name: str, unique: str) -> tuple[int, bool]:
+    """The exact wire size of a message file: from ``W=`` and its last octet, or by
+    reading; and whether the file is its own wire form (always False with ``W=``).
 
     ``W=`` (Maildir++/Dovecot) counts the message with CRLF line ends; a file whose
     last octet is not LF is sent with a CRLF appended, 2 octets W= does not count.
+    The file is opened ``O_NOFOLLOW | O_NONBLOCK`` and must be a regular file
+    (:class:`NotRegularFile`); the non-blocking flag is harmless for a regular file,
+    so it is left on (two ``fcntl`` calls fewer per message).
     """
     virtual_octets = size_fields(unique).get("W") if ",W=" in unique else None
-    fd = open_regular(cur_fd, name)
+    fd = os.open(name, _OPEN_FLAGS, dir_fd=cur_fd)
     try:
-        if virtual_octets is None:
-            return wire_size_fd(fd)
-        try:
-            os.lseek(fd, -1, os.SEEK_END)
-        except OSError as e:
-            if e.errno == errno.EINVAL:
-                return 0  # empty file: nothing is sent, whatever W= says
-            raise
-        last = os.read(fd, 1)
-        return virtual_octets if last == b"\n" else virtual_octets + 2
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(name)
+        size = st.st_size
+        if virtual_octets is not None:
+            if size == 0:
+                return 0, False  # empty file: nothing is sent, whatever W= says
+            last = os.pread(fd, 1, size - 1)
+            if last == b"":  # it shrank since fstat: read it whole
+                return wire_size_verbatim_fd(fd)
+            return (virtual_octets if last == b"\n" else virtual_octets + 2), False
+        if size < _WHOLE_READ_OCTETS:
+            data = os.pread(fd, size + 1, 0)
+            if len(data) <= size:  # all of it (a short read of a regular file is its end)
+                return _wire_size_of(data)
+        return wire_size_verbatim_fd(fd)
     finally:
         os.close(fd)
+
+
+def _wire_size_of(data: bytes) -> tuple[int, bool]:
+    """:func:`~tpops.mailbox.encode.wire_size_verbatim_fd` of a message read whole."""
+    if not data:
+        return 0, False
+    lf = data.count(b"\n")
+    crlf = data.count(b"\r\n") if b"\r" in data else 0
+    octets = len(data) + lf - crlf
+    if data[-1] != 0x0A:
+        return octets + 2, False
+    if lf != crlf or len(data) < VERBATIM_MIN_OCTETS:
+        return octets, False  # a small message is never sent verbatim: no need to know
+    return octets, data[0] != 0x2E and b"\n." not in data
 
 
 class Maildir:
@@ -578,33 +706,42 @@ class Maildir:
     def _snapshot(cls, root: MaildirRoot, cur_fd: int | None, extended: bool, use_filesize: bool) -> Maildir:
         if cur_fd is None:
             return cls(root, None, [])
-        if not (extended or use_filesize):
-            unchanged = _from_cache(root, cur_fd)
+        assert root.fd is not None
+        # One listing serves both the cache check and the full scan.
+        files: list[tuple[str, int]] = []  # (name, inode) of every possible message
+        odd = False  # some entry is a symlink, FIFO, directory ...: never a message
+        with os.scandir(cur_fd) as entries:
+            for entry in entries:
+                if entry.name[0] == ".":
+                    continue
+                if entry.is_file(follow_symlinks=False):
+                    files.append((entry.name, entry.inode()))
+                else:
+                    odd = True
+        cache = None if use_filesize else _SizeCache(root.fd, root.path)
+        if cache is not None and not extended:
+            unchanged = _from_cache(cache, files, odd)
             if unchanged is not None:
                 return cls(root, cur_fd, unchanged)
         # (delivery time, unique name, name): names are unique within a directory.
-        inodes: dict[str, int] = {}
-        listing = []
-        for entry in _message_entries(cur_fd):
-            inodes[entry.name] = entry.inode()
-            listing.append(delivery_order_key(entry.name))
+        inodes = dict(files)
+        listing = [delivery_order_key(name) for name, _ in files]
         listing.sort()
-        sizer = _Sizer(root, cur_fd, extended, use_filesize)
+        sizer = _Sizer(cache, cur_fd, extended, use_filesize)
         messages: list[Message] = []
         previous = None
-        for _, unique, name in listing:
-            try:
-                octets = sizer.octets(name, unique)
-            except FileNotFoundError:
+        verbatim = sizer.verbatim
+        for (_, unique, name), octets in zip(listing, sizer.size(listing), strict=True):
+            if isinstance(octets, FileNotFoundError):
                 log.debug("message cur/%s vanished while sizing", escape(name))
                 continue
-            except OSError as e:
-                log.warning("message cur/%s skipped: %s", escape(name), e.strerror)
+            if isinstance(octets, OSError):
+                log.warning("message cur/%s skipped: %s", escape(name), octets.strerror)
                 continue
             if unique == previous:  # sorted, so copies of one unique name are adjacent
                 log.warning("duplicate unique name in %s: cur/%s", escape(root.path), escape(name))
             previous = unique
-            messages.append(Message(uidl_for(unique), name, octets, ino=inodes[name]))
+            messages.append(Message(uidl_for(unique), name, octets, ino=inodes[name], verbatim=unique in verbatim))
         sizer.save(unique for _, unique, _ in listing)
         return cls(root, cur_fd, messages)
 
@@ -677,35 +814,26 @@ class Maildir:
         return result
 
 
-def _from_cache(root: MaildirRoot, cur_fd: int) -> list[Message] | None:
-    """The snapshot straight from the size cache when ``cur/`` holds exactly the cached
-    messages (the usual later login): no sorting, no sizing, one directory listing.
+def _from_cache(cache: _SizeCache, files: list[tuple[str, int]], odd: bool) -> list[Message] | None:
+    """The snapshot straight from the size cache when the regular files of ``cur/``
+    (``files``: name and inode) are exactly the cached messages (the usual later
+    login): no sorting, no sizing.
 
-    Any difference — a new, gone or renamed message, a non-message entry — returns
-    None and the full scan decides.
+    Any difference — a new, gone or renamed message, a non-message entry (``odd``) —
+    returns None and the full scan decides.
     """
-    assert root.fd is not None
-    names: dict[str, tuple[str, int]] = {}
-    count = 0
-    with os.scandir(cur_fd) as entries:
-        for entry in entries:
-            name = entry.name
-            if name[0] == ".":
-                continue
-            if not entry.is_file(follow_symlinks=False):
-                return None  # a symlink, FIFO or directory: the full scan skips it
-            count += 1
-            names[name.partition(":")[0]] = (name, entry.inode())
-    cache = _SizeCache(root.fd, root.path)
     cached = cache.entries
-    if not cache.valid or count != len(cached) or not count:
+    count = len(files)
+    if odd or not cache.valid or count != len(cached) or not count:
         return None
+    names = {name.partition(":")[0]: (name, ino) for name, ino in files}
     if len(names) != count or names.keys() != cached.keys():
         return None
     messages = []
+    verbatim = cache.verbatim
     for unique, octets in cached.items():
         name, ino = names[unique]
-        messages.append(Message(uidl_for(unique), name, octets, ino=ino))
+        messages.append(Message(uidl_for(unique), name, octets, ino=ino, verbatim=unique in verbatim))
     return messages
 
 
