@@ -389,3 +389,27 @@ def test_getmail6_ssl_retriever(tls: TLSServer, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert_same_messages(got_bodies(maildir))
     assert "(TLS: " in tls.error_log()
+
+
+def test_large_and_gathered_replies_go_through_tls(mail_env: MailEnv) -> None:
+    """The plain transport's zero-copy paths (``sendfile`` for a large verbatim message,
+    ``writev`` for gathered chunks) must never bypass TLS: RETR of such messages over TLS
+    gives what plain POP3 gives, octet for octet."""
+    big = b"Subject: big\r\n\r\n" + b"".join(b"line %06d of a big CRLF message\r\n" % i for i in range(12_000))
+    medium = [make_message(f"m{i}", ("x" * 70 + "\n") * 300) for i in range(6)]
+    mail_env.add_user("alice", "secret", [big, *medium])
+    srv = start(mail_env, issue(mail_env.base))
+    try:
+        plain = poplib_plain(srv.port)
+        assert any(len(m) > 128 * 1024 for m in plain[2])
+        client = poplib.POP3_SSL("127.0.0.1", srv.tls_port, context=srv.context(), timeout=10)
+        client.user("alice")
+        client.pass_("secret")
+        assert listing(client) == plain
+        # Pipelined: several RETRs answered in one gathered write.
+        client.sock.sendall(b"".join(b"RETR %d\r\n" % i for i in range(2, 8)))
+        for i in range(2, 8):
+            assert client._getlongresp()[1] == plain[2][i - 1].split(b"\n")  # noqa: SLF001
+        client.quit()
+    finally:
+        srv.server.stop()

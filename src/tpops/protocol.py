@@ -383,9 +383,25 @@ class TLSTransport(Transport):
                 continue
             except (ssl.SSLError, OSError, ValueError) as exc:
                 raise ConnectionLost(str(exc)) from None
+            self.sent(sent)
             view = view[sent:]
             stall = time.monotonic() + timeout
             self.progress()
+
+    def send_chunks(
+        self,
+        chunks: list[bytes | bytearray | memoryview],
+        timeout: float,
+        deadline: float = math.inf,
+    ) -> None:
+        """As :meth:`Transport.send_chunks`, through TLS: ``writev`` on the socket would
+        bypass the encryption, so the buffers are joined and sent as records."""
+        self.send(b"".join(chunks), timeout, deadline)
+
+    def sendfile(self, fd: int, count: int, timeout: float, deadline: float = math.inf) -> None:
+        """As :meth:`Transport.sendfile`, through TLS: the kernel's ``sendfile`` would put
+        the file on the wire unencrypted, so it is read and sent (pread + :meth:`send`)."""
+        self._copy_file(fd, 0, count, timeout, deadline)
 
     def shut_down(self, linger: float = LINGER_SECONDS, limit: int = LINGER_OCTETS) -> None:
         """Send TLS close_notify (best effort, never waiting for the client's), then as
