@@ -11,8 +11,13 @@ way releases what was taken and answers with a precise ``-ERR``.
 
 Next states fit here the same way: a SASL AUTH handler answers with
 :func:`tpops.reply.more` and an exchange object whose final reply carries the
-Transaction from :meth:`Authorization.log_in`; an STLS handler answers with
-``ok(..., upgrade=...)``. Log lines go to the ``tpops.session`` logger, like the loop's.
+Transaction from :meth:`Authorization.log_in`. STLS (RFC 2595) answers
+``ok(..., upgrade=...)``: the loop writes ``+OK``, discards the client's buffered
+input and hands its transport to the owner's ``start_tls``, which runs the handshake;
+the state then continues on the upgraded :class:`~tpops.connection.Connection`.
+``$disable_plaintext_auth`` refuses USER/PASS/APOP on a connection that is not
+:attr:`~tpops.connection.Connection.secure`. Log lines go to the ``tpops.session``
+logger, like the loop's.
 """
 
 from __future__ import annotations
@@ -23,13 +28,22 @@ from tpops import logs
 from tpops.auth.base import Authenticator, AuthUnavailable, MailboxInUse, MailUser
 from tpops.commands import Arg, Command, capabilities, dispatch
 from tpops.config import Config
-from tpops.connection import Connection
+from tpops.connection import PLAIN, Connection
 from tpops.mailbox.maildir import Maildir
 from tpops.privileges import Refused, maildir_root
+from tpops.protocol import Transport
 from tpops.reply import Accounting, Reply, bad, err, ok
 from tpops.transaction import Transaction
 
 log = logs.get("session")
+
+#: The owner's STLS handshake: the plain transport in, the TLS transport and the upgraded
+#: connection out. Raises :class:`tpops.protocol.HandshakeFailed` (logged by it).
+StartTLS = Callable[[Transport, Connection], tuple[Transport, Connection]]
+
+#: Dovecot's wording, also for APOP (its digest is as good as a password to an eavesdropper
+#: who can brute-force it offline).
+PLAINTEXT_DISALLOWED = "Plaintext authentication disallowed on non-secure connections."
 
 
 class Authorization:
@@ -39,7 +53,8 @@ class Authorization:
     opened: it switches to the mailbox owner and says whether it did (or refuses with
     :class:`tpops.privileges.Refused`). ``on_login(text)`` lets the worker update its
     process title. ``timestamp`` is the APOP timestamp, used only when ``$apop`` is
-    true and the backend supports APOP.
+    true and the backend supports APOP. ``start_tls`` (None: TLS not configured, or an
+    inetd session) upgrades the connection after STLS.
     """
 
     name = "AUTHORIZATION"
@@ -54,8 +69,10 @@ class Authorization:
         on_login: Callable[[str], None] | None = None,
         timestamp: str | None = None,
         connection: Connection | None = None,
+        start_tls: StartTLS | None = None,
     ) -> None:
         self.config = config
+        self.start_tls = start_tls
         #: The client's address and protection (CAPA and $disable_plaintext_auth ask it).
         self.connection = connection if connection is not None else Connection(peer)
         self.authenticator = authenticator
@@ -78,6 +95,26 @@ class Authorization:
         if self.apop_timestamp:
             text += " " + self.apop_timestamp
         return ok(text)
+
+    def plaintext_allowed(self) -> bool:
+        """Whether a password may be sent in clear here: ``$disable_plaintext_auth`` is off,
+        or the connection is TLS or from this host."""
+        return not self.config.plaintext_auth_disabled() or self.connection.secure
+
+    def stls_offered(self) -> bool:
+        """STLS is advertised: TLS is configured and this connection is not TLS yet."""
+        return self.start_tls is not None and not self.connection.tls
+
+    def upgrade(self, transport: Transport) -> Transport:
+        """After ``+OK`` to STLS: the handshake, then this state goes on over TLS.
+
+        Anything learnt in the clear is forgotten (RFC 2595 section 4: a USER name
+        given before is not carried into the TLS session).
+        """
+        assert self.start_tls is not None
+        transport, self.connection = self.start_tls(transport, self.connection)
+        self.pending_user = None
+        return transport
 
     def execute(self, verb: str, rest: str) -> Reply | None:
         return dispatch(AUTHORIZATION_COMMANDS, self, verb, rest)
@@ -143,10 +180,18 @@ class Authorization:
             raise
         transaction = Transaction(user, mailbox, lock, dropped_privileges=self.dropped_privileges)
         count, octets = transaction.start_totals
-        log.info("login: %s has %d messages (%d octets) from %s", name, count, octets, self.peer)
+        log.info("login: %s has %d messages (%d octets) from %s (%s)", name, count, octets, self.peer,
+                 _protection(self.connection))
         if self.on_login:
             self.on_login(f"{user.login}@{self.peer}")
         return ok(f"Logged in, {count} messages ({octets} octets).", state=transaction)
+
+
+def _protection(connection: Connection) -> str:
+    """``TLS: TLSv1.3 TLS_AES_256_GCM_SHA384``, ``STLS: ...``, ``PROXY-TLS`` or ``plain``."""
+    if connection.security == PLAIN or connection.tls_description is None:
+        return connection.security
+    return f"{connection.security}: {connection.tls_description}"
 
 
 # ---------------------------------------------------------------------------
@@ -158,12 +203,16 @@ def cmd_user(auth: Authorization, name: str) -> Reply:
 
     The name is the rest of the line, as Dovecot takes it: a login is data, spaces included.
     """
+    if not auth.plaintext_allowed():
+        return err(PLAINTEXT_DISALLOWED, "AUTH")
     auth.pending_user = auth.attempted_login = name
     return ok("Send your password.")
 
 
 def cmd_pass(auth: Authorization, password: str) -> Reply:
     """PASS secret: the whole rest of the line is the password (spaces allowed)."""
+    if not auth.plaintext_allowed():
+        return err(PLAINTEXT_DISALLOWED, "AUTH")
     if auth.pending_user is None:
         return bad("USER first.")
     login = auth.pending_user
@@ -177,6 +226,8 @@ def cmd_apop(auth: Authorization, words: str) -> Reply:
     stamp = auth.apop_timestamp
     if stamp is None:
         return bad("APOP is not available.")
+    if not auth.plaintext_allowed():
+        return err(PLAINTEXT_DISALLOWED, "AUTH")
     login, _, digest = words.rpartition(" ")
     if not login or not digest:
         return bad("Missing argument for APOP.")
@@ -184,8 +235,23 @@ def cmd_apop(auth: Authorization, words: str) -> Reply:
 
 
 def cmd_capa(auth: Authorization) -> Reply:
-    """CAPA (RFC 2449): exactly what works before login."""
-    return ok("Capability list follows", lines=capabilities(logged_in=False))
+    """CAPA (RFC 2449): exactly what works before login on this connection: USER only
+    where plain-text passwords are allowed, STLS only while it is not TLS yet."""
+    caps = capabilities(logged_in=False)
+    if not auth.plaintext_allowed():
+        caps.remove("USER")
+    if auth.stls_offered():
+        caps.append("STLS")
+    return ok("Capability list follows", lines=caps)
+
+
+def cmd_stls(auth: Authorization) -> Reply:
+    """STLS (RFC 2595): ``+OK``, then the loop discards buffered input and upgrades."""
+    if auth.connection.tls:
+        return err("Command not permitted when TLS active")  # Dovecot's wording
+    if auth.start_tls is None:
+        return bad("TLS is not available on this server.")
+    return ok("Begin TLS negotiation.", upgrade=auth.upgrade)
 
 
 def cmd_quit(auth: Authorization) -> Reply:
@@ -198,5 +264,6 @@ AUTHORIZATION_COMMANDS: dict[str, Command] = {
     "PASS": Command(cmd_pass, (Arg.REST,)),
     "APOP": Command(cmd_apop, (Arg.REST,)),
     "CAPA": Command(cmd_capa),
+    "STLS": Command(cmd_stls),
     "QUIT": Command(cmd_quit),
 }
