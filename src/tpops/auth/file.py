@@ -12,7 +12,8 @@ runs as the Maildir's owner). The Maildir is ``home/Maildir`` unless the extra f
 The file is re-read whenever it changes (a cheap ``stat`` on every call), so users
 are added without a restart. A bad line is logged once per load with its line
 number and refuses only that user; a missing or unreadable file makes the backend
-unavailable. APOP works for ``{PLAIN}``/``{CLEARTEXT}`` entries only.
+unavailable. APOP and AUTH CRAM-MD5 work for ``{PLAIN}``/``{CLEARTEXT}`` entries only;
+AUTH SCRAM-SHA-256 for those and ``{SCRAM-SHA-256}`` entries (Dovecot's format).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from tpops.auth import hashes
 from tpops.auth.base import AuthUnavailable, LockingAuthenticator, file_key
+from tpops.auth.credentials import BackendCaps
 from tpops.auth.stored import StoredEntry, StoredPasswordAuthenticator
 from tpops.logs import escape, get
 
@@ -53,6 +55,7 @@ class _Table:
     key: tuple[int, ...]
     users: dict[str, StoredEntry | _Bad]
     apop: bool
+    scram: bool  # some entry is {SCRAM-SHA-256}
     dummy: str | None  # a stored value of the majority scheme and cost (hashes.SchemeTally)
 
 
@@ -190,13 +193,16 @@ class FileAuthenticator(StoredPasswordAuthenticator, LockingAuthenticator):
         apop = any(
             isinstance(u, StoredEntry) and hashes.plain_secret(u.stored) is not None for u in users.values()
         )
+        scram = any(
+            isinstance(u, StoredEntry) and hashes.scram_secret(u.stored) is not None for u in users.values()
+        )
         tally = hashes.SchemeTally()
         for entry in users.values():
             if isinstance(entry, StoredEntry):
                 tally.add(entry.stored)
         log.info("loaded %d users from %s", sum(isinstance(u, StoredEntry) for u in users.values()),
                  escape(self._path))
-        self._table = _Table(key, users, apop, tally.template())
+        self._table = _Table(key, users, apop, scram, tally.template())
         return self._table
 
     def prepare(self) -> None:
@@ -231,6 +237,17 @@ class FileAuthenticator(StoredPasswordAuthenticator, LockingAuthenticator):
         except Exception as e:  # a greeting must never fail
             log.error("%s", e)
             return False
+
+    @property
+    def sasl_caps(self) -> BackendCaps:
+        """CRAM-MD5 and SCRAM when some entry is ``{PLAIN}``; SCRAM also when some entry is
+        ``{SCRAM-SHA-256}``; neither when the file cannot be read (a login reports why)."""
+        try:
+            table = self._users()
+        except AuthUnavailable as e:  # CAPA still answers; a login reports it again
+            log.error("%s", e)
+            return BackendCaps()
+        return BackendCaps(clear_secrets=table.apop, scram=table.scram)
 
     def dummy_template(self) -> str | None:
         """The majority scheme and cost of the file's users, as of its last load."""
