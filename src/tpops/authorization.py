@@ -9,9 +9,10 @@ credentials check -> mailbox lock -> ``serve_as`` (the switch to the mailbox own
 :class:`~tpops.transaction.Transaction` as the loop's next state. Every failure on the
 way releases what was taken and answers with a precise ``-ERR``.
 
-Next states fit here the same way: a SASL AUTH handler answers with
-:func:`tpops.reply.more` and an exchange object whose final reply carries the
-Transaction from :meth:`Authorization.log_in`; an STLS handler answers with
+SASL AUTH (RFC 5034) runs in :mod:`tpops.sasl_exchange`: the handler here starts it
+with :meth:`Authorization.log_in` as the way out, so a mechanism's success or failure
+is handled exactly as PASS's; a challenge is a :func:`tpops.reply.more` reply whose
+exchange gets the client's next line. An STLS handler answers with
 ``ok(..., upgrade=...)``. Log lines go to the ``tpops.session`` logger, like the loop's.
 """
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tpops import logs
+from tpops import logs, sasl_exchange
 from tpops.auth.base import Authenticator, AuthUnavailable, MailboxInUse, MailUser
 from tpops.commands import Arg, Command, capabilities, dispatch
 from tpops.config import Config
@@ -80,6 +81,8 @@ class Authorization:
         return ok(text)
 
     def execute(self, verb: str, rest: str) -> Reply | None:
+        if verb == "AUTH" and not rest:  # the table's AUTH needs an argument; bare AUTH lists
+            return sasl_exchange.listing(self.config, self.authenticator, self.connection)
         return dispatch(AUTHORIZATION_COMMANDS, self, verb, rest)
 
     def accounting(self) -> Accounting:
@@ -183,9 +186,22 @@ def cmd_apop(auth: Authorization, words: str) -> Reply:
     return auth.log_in(login, lambda backend: backend.authenticate_apop(login, stamp, digest))
 
 
+def cmd_auth(auth: Authorization, words: str) -> Reply:
+    """AUTH mechanism [initial-response] (RFC 5034); a bare AUTH is answered by :meth:`Authorization.execute`."""
+    auth.pending_user = None
+    return sasl_exchange.begin(
+        words, config=auth.config, authenticator=auth.authenticator, connection=auth.connection,
+        log_in=auth.log_in,
+    )
+
+
 def cmd_capa(auth: Authorization) -> Reply:
-    """CAPA (RFC 2449): exactly what works before login."""
-    return ok("Capability list follows", lines=capabilities(logged_in=False))
+    """CAPA (RFC 2449): exactly what works before login, with this connection's SASL mechanisms."""
+    lines = capabilities(logged_in=False)
+    mechanisms = sasl_exchange.offered(auth.config, auth.authenticator, auth.connection)
+    if mechanisms:
+        lines.append("SASL " + " ".join(mechanisms))
+    return ok("Capability list follows", lines=lines)
 
 
 def cmd_quit(auth: Authorization) -> Reply:
@@ -197,6 +213,7 @@ AUTHORIZATION_COMMANDS: dict[str, Command] = {
     "USER": Command(cmd_user, (Arg.REST,)),
     "PASS": Command(cmd_pass, (Arg.REST,)),
     "APOP": Command(cmd_apop, (Arg.REST,)),
+    "AUTH": Command(cmd_auth, (Arg.REST,)),
     "CAPA": Command(cmd_capa),
     "QUIT": Command(cmd_quit),
 }
