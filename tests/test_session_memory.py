@@ -47,7 +47,7 @@ UIDS = [name.partition(":")[0] for name, _ in MESSAGES]
 TOTAL = sum(SIZES)
 LOGGED_IN = f"+OK Logged in, 3 messages ({TOTAL} octets).".encode()
 #: CAPA's SASL line for the fake backend (clear secrets) where plain text is allowed.
-SASL_ALL = b"SASL SCRAM-SHA-256 CRAM-MD5 PLAIN LOGIN"
+SASL_ALL = b"SASL SCRAM-SHA-256 PLAIN LOGIN"  # CRAM-MD5 is opt-in ($sasl_mechanisms)
 CLOSED = object()  #: marks the end of the connection in an expected reply list
 #: A conversation: (client line, the exact server lines it gets, CLOSED for EOF).
 Steps = Sequence[tuple[str | bytes, Sequence[object]]]
@@ -847,16 +847,18 @@ def _b64(data: bytes) -> str:
 
 
 def test_capa_sasl_line_follows_plaintext_policy(site: Site) -> None:
-    """PLAIN and LOGIN only where a password may cross; CRAM-MD5/SCRAM (clear secrets) always."""
+    """PLAIN and LOGIN only where a password may cross; SCRAM (and CRAM-MD5 when allowed) always."""
     remote = Connection("192.0.2.1")
     base = [b"+OK Capability list follows", b"TOP", b"UIDL", b"USER", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
     converse(site.start(connection=remote), [("CAPA", [*base, SASL_ALL, b"."])])
     converse(site.start(connection=remote, disable_plaintext_auth=True),
-             [("CAPA", [*base, b"SASL SCRAM-SHA-256 CRAM-MD5", b"."]),
-              ("AUTH", [b"+OK Supported mechanisms follow", b"SCRAM-SHA-256", b"CRAM-MD5", b"."]),
+             [("CAPA", [*base, b"SASL SCRAM-SHA-256", b"."]),
+              ("AUTH", [b"+OK Supported mechanisms follow", b"SCRAM-SHA-256", b"."]),
               ("AUTH PLAIN " + _b64(b"\0alice\0secret"),
                err("[AUTH] Plaintext authentication disallowed on non-secure connections.")),
               ("AUTH LOGIN", err("[AUTH] Plaintext authentication disallowed on non-secure connections."))])
+    converse(site.start(connection=remote, disable_plaintext_auth=True, sasl_mechanisms="cram-md5, PLAIN"),
+             [("CAPA", [*base, b"SASL CRAM-MD5", b"."])])
     loopback = Connection("127.0.0.1")
     converse(site.start(connection=loopback, disable_plaintext_auth=True),
              [("CAPA", [*base, SASL_ALL, b"."]),
@@ -864,8 +866,7 @@ def test_capa_sasl_line_follows_plaintext_policy(site: Site) -> None:
 
 
 AUTH_CASES: dict[str, Steps] = {
-    "bare auth lists": [("AUTH", [b"+OK Supported mechanisms follow", b"SCRAM-SHA-256", b"CRAM-MD5", b"PLAIN",
-                                  b"LOGIN", b"."])],
+    "bare auth lists": [("AUTH", [b"+OK Supported mechanisms follow", b"SCRAM-SHA-256", b"PLAIN", b"LOGIN", b"."])],
     "plain initial response": [("AUTH PLAIN " + _b64(b"\0alice\0secret"), [LOGGED_IN])],
     "plain lower-case mechanism": [("auth plain " + _b64(b"alice\0alice\0secret"), [LOGGED_IN])],
     "plain continuation": [("AUTH PLAIN", [b"+ "]), (_b64(b"\0alice\0secret"), [LOGGED_IN])],
@@ -881,6 +882,7 @@ AUTH_CASES: dict[str, Steps] = {
                                  "NOOP is not valid in the AUTHORIZATION state."))],
     "bad base64 initial": [("AUTH PLAIN @@@@", err("Invalid base64 data in initial response."))],
     "unknown mechanism": [("AUTH GSSAPI", err("Unsupported authentication mechanism.")),
+                          ("AUTH CRAM-MD5", err("Unsupported authentication mechanism.")),  # not in the default
                           ("AUTH SCRAM-SHA-256-PLUS", err("Unsupported authentication mechanism."))],
     "too many arguments": [("AUTH PLAIN a b", err("Too many arguments for AUTH."))],
     "three sasl failures close": [("AUTH PLAIN " + _b64(b"\0alice\0x"), err("[AUTH] Authentication failed."))] * 2
@@ -906,8 +908,12 @@ def test_auth(site: Site, steps: Steps) -> None:
 def test_cram_md5(site: Site) -> None:
     import base64
 
+    from tpops import config, sasl
+
+    assert set(config.SASL_MECHANISMS) == set(sasl.MECHANISMS)  # $sasl_mechanisms names what exists
+
     for secret, want in (("secret", [LOGGED_IN]), ("wrong", err("[AUTH] Authentication failed."))):
-        c = site.start()
+        c = site.start(sasl_mechanisms="CRAM-MD5")
         reply = c.cmd("AUTH CRAM-MD5")
         assert reply.startswith(b"+ ")
         challenge = base64.b64decode(reply[2:])

@@ -4,7 +4,9 @@
 bare ``AUTH``): PLAIN and LOGIN only where a password may cross the connection
 (``$disable_plaintext_auth`` off, TLS, or loopback), CRAM-MD5 only when the backend
 has clear-text secrets, SCRAM-SHA-256 when it has those or stored SCRAM credentials,
-SCRAM-SHA-256-PLUS only on TLS with channel-binding data (:func:`tpops.sasl.mechanisms_for`).
+SCRAM-SHA-256-PLUS only on TLS with channel-binding data (:func:`tpops.sasl.mechanisms_for`);
+and of those only the ones ``$sasl_mechanisms`` names (by default all but CRAM-MD5:
+clients that see CRAM-MD5 choose it, and it fails for every user with a hashed password).
 
 :func:`begin` answers ``AUTH mechanism [initial-response]``; a challenge is a
 continuation (``+ base64``) whose reply carries a :class:`SaslExchange`, so the session
@@ -45,12 +47,15 @@ def plaintext_allowed(config: Config, connection: Connection) -> bool:
 
 
 def offered(config: Config, authenticator: Authenticator, connection: Connection) -> tuple[str, ...]:
-    """The mechanisms this connection offers, strongest first (CAPA ``SASL`` and bare ``AUTH``)."""
-    return sasl.mechanisms_for(
+    """The mechanisms this connection offers, strongest first (CAPA ``SASL`` and bare ``AUTH``):
+    those that can work here and that ``$sasl_mechanisms`` allows."""
+    allowed = config.sasl_mechanism_names()
+    possible = sasl.mechanisms_for(
         authenticator.sasl_caps,
         plaintext_allowed=plaintext_allowed(config, connection),
         channel_binding=connection.tls and connection.end_point is not None,
     )
+    return tuple(m for m in possible if m in allowed)
 
 
 def listing(config: Config, authenticator: Authenticator, connection: Connection) -> Reply:
