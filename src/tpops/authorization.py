@@ -9,22 +9,24 @@ credentials check -> mailbox lock -> ``serve_as`` (the switch to the mailbox own
 :class:`~tpops.transaction.Transaction` as the loop's next state. Every failure on the
 way releases what was taken and answers with a precise ``-ERR``.
 
-Next states fit here the same way: a SASL AUTH handler answers with
-:func:`tpops.reply.more` and an exchange object whose final reply carries the
-Transaction from :meth:`Authorization.log_in`. STLS (RFC 2595) answers
+Next states fit here the same way. SASL AUTH (RFC 5034) runs in
+:mod:`tpops.sasl_exchange`: the handler here starts it with
+:meth:`Authorization.log_in` as the way out, so a mechanism's success or failure is
+handled exactly as PASS's; a challenge is a :func:`tpops.reply.more` reply whose
+exchange gets the client's next line. STLS (RFC 2595) answers
 ``ok(..., upgrade=...)``: the loop writes ``+OK``, discards the client's buffered
 input and hands its transport to the owner's ``start_tls``, which runs the handshake;
 the state then continues on the upgraded :class:`~tpops.connection.Connection`.
-``$disable_plaintext_auth`` refuses USER/PASS/APOP on a connection that is not
-:attr:`~tpops.connection.Connection.secure`. Log lines go to the ``tpops.session``
-logger, like the loop's.
+``$disable_plaintext_auth`` refuses USER/PASS/APOP (and AUTH PLAIN/LOGIN) on a
+connection that is not :attr:`~tpops.connection.Connection.secure`. Log lines go to
+the ``tpops.session`` logger, like the loop's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from tpops import logs
+from tpops import logs, sasl_exchange
 from tpops.auth.base import Authenticator, AuthUnavailable, MailboxInUse, MailUser
 from tpops.commands import Arg, Command, capabilities, dispatch
 from tpops.config import Config
@@ -117,6 +119,8 @@ class Authorization:
         return transport
 
     def execute(self, verb: str, rest: str) -> Reply | None:
+        if verb == "AUTH" and not rest:  # the table's AUTH needs an argument; bare AUTH lists
+            return sasl_exchange.listing(self.config, self.authenticator, self.connection)
         return dispatch(AUTHORIZATION_COMMANDS, self, verb, rest)
 
     def accounting(self) -> Accounting:
@@ -234,14 +238,27 @@ def cmd_apop(auth: Authorization, words: str) -> Reply:
     return auth.log_in(login, lambda backend: backend.authenticate_apop(login, stamp, digest))
 
 
+def cmd_auth(auth: Authorization, words: str) -> Reply:
+    """AUTH mechanism [initial-response] (RFC 5034); a bare AUTH is answered by :meth:`Authorization.execute`."""
+    auth.pending_user = None
+    return sasl_exchange.begin(
+        words, config=auth.config, authenticator=auth.authenticator, connection=auth.connection,
+        log_in=auth.log_in,
+    )
+
+
 def cmd_capa(auth: Authorization) -> Reply:
     """CAPA (RFC 2449): exactly what works before login on this connection: USER only
-    where plain-text passwords are allowed, STLS only while it is not TLS yet."""
+    where plain-text passwords are allowed, STLS only while it is not TLS yet, and the
+    SASL mechanisms this connection may use."""
     caps = capabilities(logged_in=False)
     if not auth.plaintext_allowed():
         caps.remove("USER")
     if auth.stls_offered():
         caps.append("STLS")
+    mechanisms = sasl_exchange.offered(auth.config, auth.authenticator, auth.connection)
+    if mechanisms:
+        caps.append("SASL " + " ".join(mechanisms))
     return ok("Capability list follows", lines=caps)
 
 
@@ -263,6 +280,7 @@ AUTHORIZATION_COMMANDS: dict[str, Command] = {
     "USER": Command(cmd_user, (Arg.REST,)),
     "PASS": Command(cmd_pass, (Arg.REST,)),
     "APOP": Command(cmd_apop, (Arg.REST,)),
+    "AUTH": Command(cmd_auth, (Arg.REST,)),
     "CAPA": Command(cmd_capa),
     "STLS": Command(cmd_stls),
     "QUIT": Command(cmd_quit),
