@@ -20,6 +20,7 @@ from tests.support.server import MailEnv, Server, free_port, make_message
 from tests.support.tlscerts import issue
 from tests.test_proxy import wait_for_proxied_port
 from tpops.arbiter import warn_plaintext
+from tpops.auth.credentials import BackendCaps
 from tpops.authorization import Authorization
 from tpops.config import Config
 from tpops.connection import IMPLICIT_TLS, STARTTLS, Connection
@@ -32,12 +33,19 @@ class NoBackend:
 
     name = "none"
     supports_apop = True
+    sasl_caps = BackendCaps(clear_secrets=True, scram=True)  # so CAPA's SASL line shows what is refused
 
     def authenticate(self, login: str, password: bytes) -> None:
         raise AssertionError("a refused password reached the backend")
 
     def authenticate_apop(self, login: str, timestamp: str, digest: str) -> None:
         raise AssertionError("a refused APOP reached the backend")
+
+    def clear_secret(self, login: str) -> None:
+        raise AssertionError("a refused AUTH reached the backend")
+
+    def scram_credentials(self, login: str) -> None:
+        raise AssertionError("a refused AUTH reached the backend")
 
 
 def authorization(connection: Connection, **config: object) -> Authorization:
@@ -61,6 +69,9 @@ def test_refused_on_a_remote_plain_connection(peer: str) -> None:
         assert not reply.bad and not reply.auth_failed
     assert auth.pending_user is None and auth.attempted_login is None
     assert "USER" not in capa(auth)
+    assert "SASL SCRAM-SHA-256" in capa(auth)  # the mechanisms that send the secret are gone
+    reply = auth.execute("AUTH", "PLAIN")
+    assert reply is not None and reply.status_line() == REFUSED
 
 
 @pytest.mark.parametrize("connection", [
@@ -72,6 +83,7 @@ def test_allowed_on_loopback_and_tls(connection: Connection) -> None:
     reply = auth.execute("USER", "alice")
     assert reply is not None and reply.status_line() == "+OK Send your password."
     assert "USER" in capa(auth)
+    assert "SASL SCRAM-SHA-256 PLAIN LOGIN" in capa(auth)
 
 
 def test_off_allows_everything_and_the_default_follows_the_certificate() -> None:

@@ -101,7 +101,7 @@ class Authorization:
     def plaintext_allowed(self) -> bool:
         """Whether a password may be sent in clear here: ``$disable_plaintext_auth`` is off,
         or the connection is TLS or from this host."""
-        return not self.config.plaintext_auth_disabled() or self.connection.secure
+        return sasl_exchange.plaintext_allowed(self.config, self.connection)
 
     def stls_offered(self) -> bool:
         """STLS is advertised: TLS is configured and this connection is not TLS yet."""
