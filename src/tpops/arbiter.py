@@ -660,7 +660,7 @@ def make_listeners(config: Config, port: int | None = None) -> list[socket.socke
             except OSError as exc:
                 if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
                     raise _listen_error(socket.AF_INET6, ("::", port), exc) from None
-                sockets.append(_listen(socket.AF_INET, ("0.0.0.0", port)))
+                sockets.append(_listen(socket.AF_INET, ("0.0.0.0", port)))  # noqa: S104  ($bind_address nil: all)
             return sockets
         for address in addresses:
             try:

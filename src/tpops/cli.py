@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from tpops import __version__, logs, systemd
 from tpops.config import (
@@ -78,7 +79,7 @@ def effective_config(options: argparse.Namespace, *, check_system: bool = False)
     groups, the directories of log and pid files.
     """
     source = read_config_file(options.config_file)
-    overrides: dict[str, object] = {}
+    overrides: dict[str, Any] = {}
     if options.domain is not None:
         overrides["default_domain"] = options.domain
     if options.port is not None:
@@ -107,7 +108,7 @@ def effective_config(options: argparse.Namespace, *, check_system: bool = False)
 
 
 def _blamed(source: ConfigFile, problems: list[tuple[tuple[str, ...], str]],
-            overrides: dict[str, object]) -> list[str]:
+            overrides: dict[str, Any]) -> list[str]:
     return [source.blame(names, message, overridden=overrides) for names, message in problems]
 
 

@@ -114,10 +114,10 @@ def _parse(declared: tuple[Arg, ...], verb: str, rest: str, messages: Sequence[M
     if len(words) > len(declared):
         raise _Refused(bad(f"Too many arguments for {verb}."))
     values: list[object] = [None] * len(declared)
-    for i, (kind, word) in enumerate(zip(declared, words)):  # plain arguments first
+    for i, (kind, word) in enumerate(zip(declared, words, strict=False)):  # plain arguments first
         if kind is Arg.LINES:
             values[i] = parse_count(word)
-    for i, (kind, word) in enumerate(zip(declared, words)):  # then message numbers
+    for i, (kind, word) in enumerate(zip(declared, words, strict=False)):  # then message numbers
         if kind in (Arg.MESSAGE, Arg.OPTIONAL_MESSAGE):
             values[i] = get_msgnum(word, messages)
     return values

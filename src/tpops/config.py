@@ -40,10 +40,9 @@ from tpops.config_syntax import (
     quote,
     read_statements,
 )
-from tpops.mailbox.lock import default_lock_dir
-from tpops.tls import TLSConfigError, parse_min_version
 from tpops.mailbox.lock import MAILBOX_LOCKS, default_lock_dir
 from tpops.proxy import TrustedNetworks
+from tpops.tls import TLSConfigError, parse_min_version
 
 __all__ = [
     "AUTH_TYPES",
@@ -78,7 +77,7 @@ _FACILITY_BY_VALUE: dict[int, str] = {v: k for k, v in SYSLOG_FACILITIES.items()
 
 #: The query TPOPS used when ``$mysql_auth_query`` is not set.
 DEFAULT_MYSQL_AUTH_QUERY = 'select login,passwd,uid,maildir from user where login="%s"'
-_SECRET = "********"
+_SECRET = "********"  # noqa: S105  (the mask --check-config prints, not a password)
 _SECRETS = frozenset({"mysql_pass"})
 
 
@@ -156,7 +155,8 @@ class Config:
     max_bad_commands: int = _p(10, "unknown/invalid commands before the connection is closed")
     max_auth_failures: int = _p(3, "failed logins before the connection is closed")
     max_connections_per_ip: int = _p(10, "simultaneous connections from one address, loopback too (0 = no limit)")
-    max_auth_penalty: int = _p(15, "cap in seconds of the growing delay after failed logins from one address (0 = none)")
+    max_auth_penalty: int = _p(
+        15, "cap in seconds of the growing delay after failed logins from one address (0 = none)")
     login_timeout: int = _p(60, "maximum seconds a connection may stay unauthenticated")
     # --- mailbox
     maildir_extended: bool = _p(
@@ -427,7 +427,8 @@ def _checks(config: Config, *, complete: bool = True) -> list[tuple[tuple[str, .
     if ok("sasl_mechanisms") and config.sasl_mechanisms is not None:
         unknown = [m for m in config.sasl_mechanism_names() if m not in SASL_MECHANISMS]
         if unknown or not config.sasl_mechanism_names():
-            bad("sasl_mechanisms", f"$sasl_mechanisms: {'unknown mechanism ' + quote(unknown[0]) if unknown else 'empty'}; "
+            what = "unknown mechanism " + quote(unknown[0]) if unknown else "empty"
+            bad("sasl_mechanisms", f"$sasl_mechanisms: {what}; "
                                    f"name some of {' '.join(SASL_MECHANISMS)} (or nil for the default)")
     if ok("bind_address") and config.bind_address and not config.bind_addresses():
         bad("bind_address", "$bind_address: no address given (use nil for all addresses)")

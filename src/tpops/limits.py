@@ -156,7 +156,7 @@ class SharedLimits:
         victim_age = -1.0
         for probe in range(PENALTY_PROBES):
             offset = self._penalty_base + ((start + probe) % self.penalty_entries) * _ENTRY.size
-            entry_key, failures, last = _ENTRY.unpack_from(self.map, offset)
+            entry_key, _failures, last = _ENTRY.unpack_from(self.map, offset)
             expired = entry_key == 0 or now - last >= PENALTY_EXPIRY
             if entry_key == key and not expired:
                 return offset
@@ -190,7 +190,7 @@ class SharedLimits:
             _, failures, _ = _ENTRY.unpack_from(self.map, offset)
             failures = min(failures + 1, 0xFFFFFFFF)
             _ENTRY.pack_into(self.map, offset, key, failures, now)
-            return failures
+            return int(failures)
 
     def record_success(self, address: str) -> None:
         """A successful login from ``address`` forgives its failures."""

@@ -88,7 +88,7 @@ class SyslogHandler(logging.Handler):
             if record.exc_info:  # tracebacks go to the error log; syslog gets one line
                 message += f" ({record.exc_info[1]!r})"
             syslog.syslog(priority, one_line(message))
-        except Exception as exc:  # noqa: BLE001 - logging must never kill a session
+        except Exception as exc:
             self.failures.failed("syslog", exc)
 
     def handleError(self, record: logging.LogRecord) -> None:  # logging's name
@@ -184,14 +184,14 @@ class LogFailures:
         for sink in self.sinks:
             try:
                 sink(message)
-            except Exception:  # noqa: BLE001, S112 - the next sink may still work
+            except Exception:  # noqa: S112 - the next sink may still work
                 continue
 
 
 class _OneLineFormatter(logging.Formatter):
     """The message on one line; a traceback (error log only) follows on its own lines."""
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+    def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = one_line(record.message)
         return super().formatMessage(record)
 
@@ -242,7 +242,7 @@ class _FdHandler(logging.Handler):
                 data = text.encode("utf-8", "surrogateescape")
                 if os.write(self.target, data) != len(data):
                     raise OSError("short write")
-        except Exception as exc:  # noqa: BLE001 - a full disk, a closed stderr: counted, never raised
+        except Exception as exc:
             self.failures.failed(self._where(), exc)
         else:
             self.failures.tick()

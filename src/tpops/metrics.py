@@ -62,7 +62,7 @@ def metrics_dir(port: int) -> str:
     """The private multiprocess directory of a master serving POP3 on ``port``."""
     if os.geteuid() == 0:
         return os.path.join(DEFAULT_LOCK_PARENT, f"metrics-{port}")
-    return f"/var/tmp/tpops-{os.geteuid()}.metrics-{port}"
+    return f"/var/tmp/tpops-{os.geteuid()}.metrics-{port}"  # noqa: S108  (created private, checked)
 
 
 def exporter_identity(config: Config) -> tuple[int, int] | None:

@@ -77,7 +77,7 @@ class Failure(Exception):
 
 
 def _sha512_crypt(secret: str, rounds: int | None) -> str:
-    return str(passlib_hash.sha512_crypt.using(rounds=rounds or SHA512_DEFAULT_ROUNDS).hash(secret))
+    return str(passlib_hash.sha512_crypt.using(rounds=rounds or SHA512_DEFAULT_ROUNDS).hash(secret))  # type: ignore[no-untyped-call]  # passlib/MySQLdb stubs leave it untyped
 
 
 def _bcrypt(secret: str, rounds: int | None) -> str:
@@ -88,7 +88,7 @@ def _bcrypt(secret: str, rounds: int | None) -> str:
 
 
 def _argon2id(secret: str, rounds: int | None) -> str:
-    handler = passlib_hash.argon2.using(type="ID", **({"rounds": rounds} if rounds else {}))
+    handler = passlib_hash.argon2.using(type="ID", **({"rounds": rounds} if rounds else {}))  # type: ignore[no-untyped-call]  # passlib/MySQLdb stubs leave it untyped
     return str(handler.hash(secret))
 
 
@@ -323,7 +323,8 @@ def update_mysql(config: Config, login: str, stored: str, table: str = MYSQL_TAB
         import MySQLdb
     except ImportError as e:
         raise Failure("--mysql needs the mysqlclient package (pip install 'tpops[mysql]')") from e
-    sql = (f"UPDATE {_identifier(table, 'table')} SET {_identifier(password_column, 'column')} = %s "
+    # Identifiers cannot be bound parameters: _identifier allows [A-Za-z0-9_] only.
+    sql = (f"UPDATE {_identifier(table, 'table')} SET {_identifier(password_column, 'column')} = %s "  # noqa: S608
            f"WHERE {_identifier(login_column, 'column')} = %s")
     params: dict[str, Any] = {"charset": "utf8mb4", "connect_timeout": 10}
     if config.mysql_socket:
@@ -342,7 +343,7 @@ def update_mysql(config: Config, login: str, stored: str, table: str = MYSQL_TAB
             cursor = conn.cursor()
             # The WHERE compares with the column's collation; rowcount counts matched rows
             # only with CLIENT.FOUND_ROWS, so ask whether the row exists first.
-            cursor.execute(f"SELECT COUNT(*) FROM {_identifier(table, 'table')} "
+            cursor.execute(f"SELECT COUNT(*) FROM {_identifier(table, 'table')} "  # noqa: S608  (checked names)
                            f"WHERE {_identifier(login_column, 'column')} = %s", (login,))
             (count,) = cursor.fetchone()
             if count == 0:
@@ -350,9 +351,9 @@ def update_mysql(config: Config, login: str, stored: str, table: str = MYSQL_TAB
             if count > 1:
                 raise Failure(f"{count} rows for {login!r} in {config.mysql_db}.{table}; nothing changed")
             cursor.execute(sql, (stored, login))
-            conn.commit()
+            conn.commit()  # type: ignore[no-untyped-call]  # passlib/MySQLdb stubs leave it untyped
         finally:
-            conn.close()
+            conn.close()  # type: ignore[no-untyped-call]  # passlib/MySQLdb stubs leave it untyped
     except MySQLdb.Error as e:
         raise Failure(f"MySQL: {e}") from e
     return f"changed the password of {login!r} in {config.mysql_db}.{table}"

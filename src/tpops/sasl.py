@@ -49,7 +49,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-import scramp  # type: ignore[import-untyped]
+import scramp
 
 from tpops.auth.base import MailUser
 from tpops.auth.credentials import (

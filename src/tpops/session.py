@@ -386,7 +386,7 @@ def _mask(text: str, verb: str, rest: str) -> str:
     if position is not None:
         words = rest.split(" ")
         if position < len(words):
-            words = words[:position] + ["****"]
+            words = [*words[:position], "****"]
         return f"{verb} {' '.join(words)}".rstrip()
     head = text.lstrip()[:4].upper()
     if head in _SECRET_ARGS:

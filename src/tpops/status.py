@@ -74,7 +74,7 @@ def default_control_socket() -> str:
     """``/run/tpops/control`` as root (beside the lock directory), else ``/var/tmp/tpops-UID.control``."""
     if os.geteuid() == 0:
         return os.path.join(DEFAULT_LOCK_PARENT, "control")
-    return f"/var/tmp/tpops-{os.geteuid()}.control"
+    return f"/var/tmp/tpops-{os.geteuid()}.control"  # noqa: S108  (a 0600 socket of ours)
 
 
 def _text(raw: bytes) -> str:
@@ -204,7 +204,7 @@ class SessionObserver:
 
     def replied(self, verb: str, reply: Reply) -> None:
         """After the state answered ``verb``: logins, messages sent."""
-        if self._state == "AUTHORIZATION" and verb in ("PASS", "APOP") or reply.state is not None:
+        if (self._state == "AUTHORIZATION" and verb in ("PASS", "APOP")) or reply.state is not None:
             result = login_result(reply)
             if result is not None:
                 if result == "ok" and self.board is not None:

@@ -335,7 +335,7 @@ _HANDSHAKE_REASONS: dict[str, str] = {
 def describe_handshake_error(error: BaseException) -> str:
     """A failed server handshake (``SSLError``, ``TimeoutError``, ``OSError``) in plain words."""
     if isinstance(error, (TimeoutError, ssl.SSLZeroReturnError)) or \
-            isinstance(error, OSError) and "timed out" in str(error):
+            (isinstance(error, OSError) and "timed out" in str(error)):
         if isinstance(error, ssl.SSLZeroReturnError):
             return "the client closed the connection during the handshake"
         return "the client did not complete the handshake within $command_timeout"

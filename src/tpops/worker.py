@@ -458,7 +458,7 @@ def preflight(config: Config) -> str | None:
         except BaseException as exc:
             try:
                 os.write(write_fd, str(exc).encode("utf-8", "replace")[:4000] or b"unknown error")
-            except BaseException:
+            except BaseException:  # noqa: S110  (the throw-away child exits either way)
                 pass
         finally:
             os._exit(status)

@@ -21,7 +21,7 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import scramp  # type: ignore[import-untyped]
+import scramp
 
 __all__ = [
     "DOVECOT_SCRAM_PREFIX",

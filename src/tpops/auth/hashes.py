@@ -103,7 +103,7 @@ _BCRYPT_MAX = 72  # bcrypt ignores what follows; the bcrypt package (5.x) refuse
 #: A sha512-crypt hash of a random throwaway secret with crypt(3)'s default 5000 rounds
 #: (what ``doveadm pw -s SHA512-CRYPT`` and ``chpasswd -c SHA512`` write): the
 #: timing twin of a typical stored hash. Made once at import; nobody knows its secret.
-_DUMMY_SHA512 = passlib_hash.sha512_crypt.using(rounds=5000).hash(secrets.token_hex(16))
+_DUMMY_SHA512 = passlib_hash.sha512_crypt.using(rounds=5000).hash(secrets.token_hex(16))  # type: ignore[no-untyped-call]  # passlib/MySQLdb stubs leave it untyped
 #: A yescrypt hash (Debian 12's default cost ``j9T``) of a random throwaway secret:
 #: the timing twin for system accounts. Not a secret.
 _DUMMY_YESCRYPT = "$y$j9T$Fbc1N4UNRZPb1ma.Wp7jz1Qa$JCxRDAqi8ta5kLgx8hrf1L4eRDbkxRH6aqB4b1AX1J8"
@@ -144,9 +144,8 @@ def _parses(handler_name: str, value: str) -> bool:
         if not handler.identify(value):  # type: ignore[attr-defined]
             return False
         from_string = getattr(handler, "from_string", None)
-        if from_string is not None and getattr(from_string(value), "checksum", "") is None:
-            return False  # a bare setting ("$1$salt"), not a hash
-        return True
+        # A bare setting ("$1$salt") parses but has no checksum: not a hash.
+        return from_string is None or getattr(from_string(value), "checksum", "") is not None
     except (ValueError, TypeError):
         return False
 
@@ -424,7 +423,7 @@ def dummy_verify(secret: bytes, template: str | None = None, *, plain_ok: bool =
         try:
             verify_password(secret, template, plain_ok=plain_ok)
             return
-        except Exception:  # noqa: BLE001 - a dummy must never fail a login differently
+        except Exception:  # noqa: S110  (never raises: the default below does the work)
             pass
     try:
         passlib_hash.sha512_crypt.verify(secret, _DUMMY_SHA512)

@@ -125,7 +125,7 @@ def is_bdb(head: bytes) -> bool:
 def _read_bdb(path: str) -> dict[str, str]:
     """All login -> secret pairs of a Berkeley DB file (postmap's NUL-terminated form or bare)."""
     try:
-        from berkeleydb import db  # type: ignore[import-not-found]
+        from berkeleydb import db
     except ImportError as e:
         raise AuthUnavailable(
             f"Passwd: {path} is a Berkeley DB file but the berkeleydb module is not installed "

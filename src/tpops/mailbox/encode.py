@@ -204,7 +204,7 @@ def _top(raw: Iterator[bytes], body_lines: int) -> Iterator[bytes]:
     else:
         return  # no empty line: the whole message was header
     remaining = body_lines
-    data = rest
+    data: bytes | None = rest
     while remaining > 0:
         if data:
             line_ends = data.count(b"\n")

@@ -114,7 +114,7 @@ _THREAD_BATCH = 256
 #: Threads that size messages read from the disk on a first login: open, fstat, pread
 #: and close release the GIL, so the disk waits of several files overlap.
 SIZING_THREADS = 8
-_PLAIN_UIDL = re.compile(r"[\x21-\x7e]{1,%d}" % 70)
+_PLAIN_UIDL = re.compile(r"[\x21-\x7e]{1,70}")
 _SIZE_FIELD = re.compile(r",([SW])=([0-9]+)")
 #: Files in the Maildir: never through a symlink, and a FIFO must not block the open.
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -176,7 +176,7 @@ def uidl_for(unique: str) -> str:
     """The UIDL for a unique name: itself when RFC 1939 allows it, else its hex SHA-1."""
     if _PLAIN_UIDL.fullmatch(unique):
         return unique
-    return hashlib.sha1(os.fsencode(unique)).hexdigest()
+    return hashlib.sha1(os.fsencode(unique), usedforsecurity=False).hexdigest()  # a stable name, not a secret
 
 
 def delivery_order_key(name: str) -> tuple[int, str, str]:
@@ -200,7 +200,7 @@ def size_fields(unique: str) -> dict[str, int]:
 # ---------------------------------------------------------------- descriptors
 
 
-def _closer(owner: object, fd: int) -> weakref.finalize:
+def _closer(owner: object, fd: int) -> weakref.finalize[[int], object]:
     """Close ``fd`` when ``owner`` is collected, or earlier when the result is called."""
     return weakref.finalize(owner, os.close, fd)
 
@@ -215,7 +215,7 @@ class MaildirRoot:
     when the object is collected.
     """
 
-    __slots__ = ("path", "fd", "stat", "_close", "__weakref__")
+    __slots__ = ("__weakref__", "_close", "fd", "path", "stat")
 
     def __init__(self, path: str, fd: int | None, st: os.stat_result) -> None:
         self.path = path
@@ -380,7 +380,7 @@ class _SizeCache:
     and renamed over the old one, so readers never see half a cache.
     """
 
-    __slots__ = ("root_fd", "label", "entries", "verbatim", "valid")
+    __slots__ = ("entries", "label", "root_fd", "valid", "verbatim")
 
     def __init__(self, root_fd: int, label: str) -> None:
         self.root_fd = root_fd
@@ -498,7 +498,7 @@ class _Sizer:
     may have to be exact.
     """
 
-    __slots__ = ("cur_fd", "extended", "use_filesize", "cache", "known", "exact", "verbatim")
+    __slots__ = ("cache", "cur_fd", "exact", "extended", "known", "use_filesize", "verbatim")
 
     def __init__(self, cache: _SizeCache | None, cur_fd: int, extended: bool, use_filesize: bool) -> None:
         self.cur_fd = cur_fd
@@ -668,7 +668,7 @@ class Maildir:
     open for the session; their descriptors close with the object.
     """
 
-    __slots__ = ("path", "messages", "root", "_cur_fd", "_close_cur", "__weakref__")
+    __slots__ = ("__weakref__", "_close_cur", "_cur_fd", "messages", "path", "root")
 
     def __init__(self, root: MaildirRoot, cur_fd: int | None, messages: list[Message]) -> None:
         self.path = root.path
@@ -865,7 +865,7 @@ def _unlink_exact(cur_fd: int, name: str, ino: int) -> int | str | None:
         if not stat.S_ISREG(st.st_mode) or (ino and st.st_ino != ino):
             return None  # another file now has this name: not the one DELE marked
         fields = size_fields(unique_name(name))
-        octets = fields["S"] if "S" in fields else st.st_size
+        octets = fields.get("S", st.st_size)
         os.unlink(name, dir_fd=cur_fd)
     except FileNotFoundError:
         return None
@@ -887,7 +887,7 @@ class _QuotaLog:
     recalculates, so it is logged and never fails a deletion.
     """
 
-    __slots__ = ("root", "fd", "failed")
+    __slots__ = ("failed", "fd", "root")
 
     def __init__(self, root: MaildirRoot) -> None:
         self.root = root
