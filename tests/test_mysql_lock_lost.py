@@ -82,3 +82,46 @@ def test_file_lock_is_held_until_released(tmp_path: Path) -> None:
     assert held.still_held()
     held.release()
     assert not held.still_held()
+
+
+def test_quit_after_the_lock_was_lost_deletes_nothing(db: tuple[mariadb.Server, str], tmp_path: Path) -> None:
+    """Over the wire: the worker's MySQL connection is killed mid-session, so its GET_LOCK is
+    gone; QUIT must not enter UPDATE (another session may hold the mailbox by now)."""
+    from tests.support.client import RawClient
+    from tests.support.server import MailEnv, Server, make_message
+
+    srv, name = db
+    (tmp_path / "site").mkdir()
+    env = MailEnv(tmp_path / "site")
+    maildir = env.add_user("lost", messages=[make_message("one"), make_message("two")])
+    conn = srv.connect(name)
+    try:
+        conn.cursor().execute("insert into user (login, passwd, mail, maildir, quota) values (%s, %s, %s, %s, 0)",
+                              ("lost", "{PLAIN}pw", "lost@example.org", str(maildir)))
+    finally:
+        conn.close()
+    env.write_conf(auth_type="'MySQL'", mysql_server=repr(srv.host), mysql_port=str(srv.port),
+                   mysql_user=repr(srv.user), mysql_pass=repr(srv.password) if srv.password else "nil",
+                   mysql_db=repr(name), min_servers="1", max_servers="2")
+    tpops = Server(env).start()
+    admin = srv.connect()
+    try:
+        c = RawClient(tpops.port)
+        assert c.login("lost", "pw").startswith(b"+OK Logged in, 2 messages")
+        assert c.cmd("DELE 1").startswith(b"+OK")
+        cursor = admin.cursor()
+        cursor.execute("select id from information_schema.processlist where db = %s and id <> connection_id()",
+                       (name,))
+        for (thread,) in cursor.fetchall():
+            cursor.execute(f"KILL {int(thread)}")
+        assert c.cmd("QUIT") == b"-ERR [SYS/TEMP] Mailbox lock lost, nothing deleted; try again."
+        c.close()
+        assert len(env.messages("lost")) == 2
+        c = RawClient(tpops.port)  # the worker reconnects for the next login; the mail is all there
+        assert c.login("lost", "pw").startswith(b"+OK Logged in, 2 messages")
+        assert c.cmd("QUIT").startswith(b"+OK Bye")
+        c.close()
+    finally:
+        admin.close()
+        tpops.stop()
+    assert "the mailbox lock was lost during the session" in env.error_log.read_text()

@@ -52,8 +52,19 @@ class Transaction:
         return dispatch(TRANSACTION_COMMANDS, self, verb, rest, self.mailbox.messages)
 
     def update(self) -> Reply:
-        """QUIT: the UPDATE state removes what DELE marked, then the lock goes."""
+        """QUIT: the UPDATE state removes what DELE marked, then the lock goes.
+
+        Only while the lock is still ours: a MySQL ``GET_LOCK`` vanishes with its
+        connection (server restart, ``wait_timeout``), and another session may hold the
+        mailbox by now. Then nothing is deleted and the client is told to try again.
+        """
         self.updating = True
+        if not self.lock.still_held():
+            self.lock.release()
+            log.error("UPDATE for %s refused: the mailbox lock was lost during the session "
+                      "(the lock's database connection dropped); nothing deleted", self.log_name)
+            self.end_totals = self.start_totals
+            return err("Mailbox lock lost, nothing deleted; try again.", "SYS/TEMP", close=True)
         result = self.mailbox.commit()
         self.lock.release()  # before the reply: a client may reconnect the moment it reads it
         count, octets = self.end_totals = self.totals()
