@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.marks import root_only
 from tests.support.server import TPOPS, MailEnv
 
 NO_USER = "no-such-user-tpops"
@@ -117,3 +118,23 @@ def test_relative_f_is_resolved_once(mail_env: MailEnv) -> None:
     out = check(Path("tpops.conf"), cwd=mail_env.base)
     assert out.returncode == 2
     assert out.stderr.startswith(f"{mail_env.conf}:")  # the absolute path of the same file
+
+
+def test_a_certificate_that_does_not_load(mail_env: MailEnv, tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    (tmp_path / "key.pem").write_text("not a key\n")
+    conf, line = conf_with(mail_env, tls_cert_file=repr(str(tmp_path / "cert.pem")),
+                           tls_key_file=repr(str(tmp_path / "key.pem")))
+    out = check(conf)
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr.startswith(f"{conf}:{line}: {tmp_path / 'cert.pem'}: "), out.stderr
+
+
+@root_only("--user")
+def test_workers_that_could_not_read_the_passwd_file(mail_env: MailEnv) -> None:
+    """The pre-flight worker runs as --user would: a root-only passwd-file is found now, not
+    at the first login after the file changes."""
+    mail_env.passwd_file.chmod(0o600)
+    out = check(mail_env.conf, "--user", "nobody")
+    assert (out.returncode, out.stdout) == (2, "")
+    assert f"workers cannot start: $auth_file {mail_env.passwd_file} cannot be read as uid 65534" in out.stderr

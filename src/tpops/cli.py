@@ -76,7 +76,8 @@ def effective_config(options: argparse.Namespace, *, check_system: bool = False)
     A problem is reported as ``command line: ...`` when an option set one of the
     parameters involved, else as ``FILE:LINE: ...``. ``check_system`` (for
     ``--check-config``) also checks the configuration against this host: users,
-    groups, the directories of log and pid files.
+    groups, the directories of log and pid files, the TLS certificate, and a pre-flight
+    worker booted as start-up would boot it.
     """
     source = read_config_file(options.config_file)
     overrides: dict[str, Any] = {}
@@ -104,7 +105,31 @@ def effective_config(options: argparse.Namespace, *, check_system: bool = False)
         problems = system_problems(config)
     if problems:
         raise ConfigError(_blamed(source, problems, overrides))
+    if check_system:
+        messages = _runtime_problems(config, source, overrides)
+        if messages:
+            raise ConfigError(messages)
     return config
+
+
+def _runtime_problems(config: Config, source: ConfigFile, overrides: dict[str, Any]) -> list[str]:
+    """What start-up itself would refuse, for ``--check-config``: the certificate and key
+    loaded, then a throw-away worker booted as the workers will be (``--user``, the lock
+    directory, the backend's own check: reading the passwd-file or ``/etc/shadow`` as the
+    workers' identity, one MySQL round trip)."""
+    from tpops.tls import TLSConfigError, tls_from_config
+    from tpops.worker import preflight
+
+    try:
+        tls_from_config(config)
+    except TLSConfigError as exc:
+        return [source.blame(("tls_cert_file", "tls_key_file"), str(exc), overridden=overrides)]
+    if config.with_inetd:
+        return []  # inetd starts one session per connection: nothing boots ahead of it
+    reason = preflight(config)
+    if reason is not None:
+        return [source.blame((), f"workers cannot start: {reason}", overridden=overrides)]
+    return []
 
 
 def _blamed(source: ConfigFile, problems: list[tuple[tuple[str, ...], str]],
