@@ -213,7 +213,7 @@ def login_rate(port: int, creds: list[tuple[str, str]], concurrency: int, warmup
     return _rate(_login_proc, (port,), {"host": host, "source": source}, creds, concurrency, warmup, secs)
 
 
-def _rate(target, head: tuple, tail: dict, creds: list[tuple[str, str]], concurrency: int,  # noqa: ANN001
+def _rate(target, head: tuple, tail: dict, creds: list[tuple[str, str]], concurrency: int,
           warmup: float, secs: float) -> dict:
     """Run ``target(*head, creds_slice, t_begin, t_measure, t_end, q, **tail)`` in 1-2 client processes."""
     nprocs = 1 if concurrency == 1 else min(2, concurrency)

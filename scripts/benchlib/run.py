@@ -16,7 +16,14 @@ from benchlib.certs import KEY_TYPE, TlsFiles, bench_certificate
 from benchlib.clients import huge_rss, listing_run, login_rate, retr_run, tls_login_rate
 from benchlib.common import FULL, IS_ROOT, MIB, QUICK, REPO, TPOPS, log
 from benchlib.scale import MILLION, curve, million
-from benchlib.servers import DovecotServer, HAProxyFront, Server, TpopsServer, ensure_dovecot, ensure_haproxy
+from benchlib.servers import (
+    DovecotServer,
+    HAProxyFront,
+    Server,
+    TpopsServer,
+    ensure_dovecot,
+    ensure_haproxy,
+)
 from benchlib.world import World
 from tests.support.procs import proc_pss_kib, proc_status_kib
 
@@ -48,6 +55,8 @@ class Bench:
         #: section -> why its rows are missing from this run
         self.skipped: dict[str, str] = {}
         self.extra: dict[str, dict] = {}
+        #: servers the opt-in sections started (nodes, HAProxy, TLS tpops); teardown stops them
+        self.extra_servers: list[TpopsServer | HAProxyFront] = []
 
     @property
     def dovecot(self) -> DovecotServer | None:
@@ -128,7 +137,7 @@ class Bench:
     def teardown(self) -> None:
         for s in self.tpops:
             s.stop()
-        for s in getattr(self, "extra_servers", []):
+        for s in self.extra_servers:
             s.stop()
         for d in self.dovecots.values():
             d.stop()
@@ -335,9 +344,8 @@ class Bench:
         self.skipped[section] = reason
         log(f"{section}: skipped: {reason}")
 
-    def started(self, srv):  # noqa: ANN001, ANN201 - any server with start()/stop()
+    def started(self, srv):  # any server with start() and stop()
         """Start ``srv`` and have teardown stop it."""
-        self.extra_servers = getattr(self, "extra_servers", [])
         self.extra_servers.append(srv)
         return srv.start()
 
@@ -473,7 +481,7 @@ class Bench:
 
     def health(self) -> dict:
         out = {}
-        for srv in [*self.tpops, *(s for s in getattr(self, "extra_servers", []) if isinstance(s, TpopsServer))]:
+        for srv in [*self.tpops, *(s for s in self.extra_servers if isinstance(s, TpopsServer))]:
             text = srv.problems()
             lines = [line for line in text.splitlines() if "Traceback" in line or "ERROR" in line.upper()]
             try:

@@ -411,7 +411,7 @@ backend tpops
 
     def version(self) -> str:
         try:
-            out = subprocess.run([HAPROXY, "-v"], capture_output=True, text=True, timeout=10).stdout
+            out = subprocess.run([HAPROXY, "-v"], check=False, capture_output=True, text=True, timeout=10).stdout
             return out.splitlines()[0] if out else "?"
         except (OSError, subprocess.SubprocessError):
             return "?"
@@ -431,7 +431,7 @@ def ensure_haproxy() -> str | None:
         return "haproxy is not installed (and the bench is not root with apt-get)"
     log("installing haproxy with apt-get")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    r = subprocess.run(["apt-get", "install", "-y", "-q", "haproxy"], capture_output=True, text=True, env=env,
+    r = subprocess.run(["apt-get", "install", "-y", "-q", "haproxy"], check=False, capture_output=True, text=True, env=env,
                        timeout=600)
     if r.returncode != 0:
         return f"apt-get install haproxy failed: {r.stderr.strip()[-500:]}"
