@@ -40,19 +40,23 @@ def test_default_offers_apop_and_false_stops_it(mail_env: MailEnv) -> None:
 
 
 def test_curl_logs_in_with_user_pass_for_a_hashed_password(mail_env: MailEnv) -> None:
-    """curl uses APOP whenever the greeting has a timestamp: a hashed user then fails. Not with $apop = false."""
+    """curl picks a mechanism that needs the clear secret when one is offered (CRAM-MD5 in
+    CAPA's SASL line, else APOP in the greeting): a hashed user then fails. With the default
+    $sasl_mechanisms (no CRAM-MD5) curl uses AUTH PLAIN and succeeds, APOP offered or not
+    (also tests/test_sasl_wire.py)."""
     mail_env.add_user("apopfan", "x")  # one {PLAIN} user makes the File backend offer APOP
     hashed = make_hash("h4shed", "SHA512-CRYPT")
     mail_env.add_user("hashed", hashed, [make_message("curl", BODY)], scheme="")
     url = "pop3://hashed:h4shed@127.0.0.1:{port}/1"
+    mail_env.write_conf(sasl_mechanisms="'CRAM-MD5'")  # CAPA's SASL line: CRAM-MD5 only, which fails too
     srv = Server(mail_env).start()
     try:
         r = subprocess.run(["curl", "-sS", "--max-time", "20", url.format(port=srv.port)],
                            capture_output=True, check=False, timeout=30)
-        assert r.returncode != 0  # APOP with a hashed password cannot work
+        assert r.returncode != 0  # CRAM-MD5 (or APOP) with a hashed password cannot work
     finally:
         srv.stop()
-    mail_env.write_conf(apop="false")
+    mail_env.write_conf(apop="false", sasl_mechanisms="nil")
     srv = Server(mail_env).start()
     try:
         r = subprocess.run(["curl", "-sS", "--max-time", "20", url.format(port=srv.port)],

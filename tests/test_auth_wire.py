@@ -705,10 +705,10 @@ def fetchmail(port: int, login: str, password: str, tmp_path: Path) -> list[byte
 def test_fetchmail_and_curl_whole_flow(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> None:
     """curl lists and reads everything, fetchmail fetches and deletes everything, the Maildir ends empty.
 
-    curl uses APOP whenever the greeting offers a timestamp and never falls back to
-    USER/PASS (curl/curl#10073). So the Passwd server here has no $apop_passwd_file
-    (no timestamp: curl sends USER/PASS), and the MySQL user has a {PLAIN} row (MySQL
-    always offers APOP: curl sends APOP). fetchmail ('auth password') sends USER/PASS.
+    curl prefers SASL (CAPA's SASL line) to APOP and APOP to USER/PASS, and never falls
+    back (curl/curl#10073). tpops offers SASL PLAIN on loopback, so curl sends AUTH PLAIN
+    whether or not the greeting has an APOP timestamp (Passwd here has no
+    $apop_passwd_file; MySQL always offers APOP). fetchmail ('auth password') sends USER/PASS.
     """
     assert shutil.which("curl") and shutil.which("fetchmail"), "scripts/test installs curl and fetchmail"
     srv: Server | None = None
@@ -721,11 +721,11 @@ def test_fetchmail_and_curl_whole_flow(request: pytest.FixtureRequest, backend: 
             probe = RawClient(port)
             assert b"<" not in probe.greeting  # no $apop_passwd_file: no APOP timestamp
             probe.close()
-            method = f"> USER {login}"
+            method = "> AUTH PLAIN"
         else:
             new: MySQLSite = request.getfixturevalue("new_site")
             port, login, password, maildir = new.port, "flow", "flowpw", new.env.maildir("u6")
-            method = "> APOP flow "
+            method = "> AUTH PLAIN"
         assert count_messages(maildir) == len(FLOW_MSGS)
         listing, trace = curl(port, login, password)
         assert method in trace

@@ -148,7 +148,7 @@ def _rebuild(md: str, rounds: int) -> None:
             cache = maildir_module._SizeCache(fd, md)
             assert cache.valid  # never a half-written cache, whoever renamed last
             cache.valid = False  # rewrite it anyway: both processes race on every round
-            cache.save({f"{1700000000 + i}.M{i}P1.host": 100 + i for i in range(50)})
+            cache.save({f"{1700000000 + i}.M{i}P1.host": 100 + i for i in range(50)}, {"1700000000.M0P1.host"})
         finally:
             os.close(fd)
 
@@ -165,7 +165,9 @@ def test_size_cache_rebuilt_by_two_processes_at_once_stays_whole(tmp_path: Path)
         w.join(60)
         assert w.exitcode == 0
     data = (Path(md) / SIZE_CACHE_NAME).read_bytes()
-    assert maildir_module._SizeCache._parse(data) == {f"{1700000000 + i}.M{i}P1.host": 100 + i for i in range(50)}
+    entries, verbatim = maildir_module._SizeCache._parse(data)
+    assert entries == {f"{1700000000 + i}.M{i}P1.host": 100 + i for i in range(50)}
+    assert verbatim == {"1700000000.M0P1.host"}
     assert sorted(os.listdir(md)) == sorted(["cur", "new", "tmp", SIZE_CACHE_NAME])
     assert maildir_module._HOST and "/" not in maildir_module._HOST
 

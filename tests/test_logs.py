@@ -81,7 +81,7 @@ def test_syslog_lines(mail_env: MailEnv) -> None:
     expected = [
         (MAIL_INFO, "connect from 127.0.0.1"),
         (MAIL_WARNING, "authentication failed: mallory from 127.0.0.1"),  # fail2ban: ^authentication failed: \S+ from <HOST>$
-        (MAIL_INFO, f"login: alice has 2 messages ({2 * size} octets) from 127.0.0.1"),
+        (MAIL_INFO, f"login: alice has 2 messages ({2 * size} octets) from 127.0.0.1 (plain)"),
         (MAIL_WARNING, "cannot lock for alice from 127.0.0.1: mailbox in use"),
         (MAIL_INFO, f"logout: alice deleted 1 messages ({size} octets), 1 messages ({size} octets) left"),
         (MAIL_INFO, "disconnect from 127.0.0.1 (quit)"),

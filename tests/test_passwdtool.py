@@ -58,11 +58,27 @@ def test_default_is_sha512_crypt_with_doveadm_rounds() -> None:
     assert "rounds=20000$" in make_hash("x", "SHA512-CRYPT", 20000)
 
 
-def test_bad_scheme_scram_and_empty_password_are_refused() -> None:
+def test_scram_sha256_in_dovecots_format() -> None:
+    """``{SCRAM-SHA-256}iterations,salt,StoredKey,ServerKey``, checked with PASS too."""
+    import base64
+
+    import scramp
+
+    out = passwd("hash", "-s", "SCRAM-SHA-256", "--stdin", stdin="pencil\n").stdout.strip()
+    rounds, salt, stored, server = out.removeprefix("{SCRAM-SHA-256}").split(",")
+    assert out.startswith("{SCRAM-SHA-256}4096,") and len(base64.b64decode(salt)) == 16
+    _, want_stored, want_server, _ = scramp.ScramMechanism("SCRAM-SHA-256").make_auth_info(
+        "pencil", iteration_count=4096, salt=base64.b64decode(salt))
+    assert (base64.b64decode(stored), base64.b64decode(server)) == (want_stored, want_server)
+    assert hashes.verify_password(b"pencil", out) and not hashes.verify_password(b"pencil2", out)
+    assert make_hash("x", "SCRAM-SHA-256", 5000).startswith("{SCRAM-SHA-256}5000,")
+    r = passwd("hash", "-s", "SCRAM-SHA-256", "-r", "1000", "--stdin", stdin="x\n", check=False)
+    assert r.returncode == 1 and "at least 4096 iterations" in r.stderr
+
+
+def test_bad_scheme_and_empty_password_are_refused() -> None:
     r = passwd("hash", "-s", "MD4", "--stdin", stdin="x\n", check=False)
     assert r.returncode == 1 and "unknown scheme 'MD4'" in r.stderr
-    r = passwd("hash", "-s", "SCRAM-SHA-256", "--stdin", stdin="x\n", check=False)
-    assert r.returncode == 1 and "SCRAM" in r.stderr
     r = passwd("hash", "--stdin", stdin="\n", check=False)
     assert r.returncode == 1 and "empty password" in r.stderr
     r = passwd("hash", check=False)  # no terminal and no --stdin

@@ -79,10 +79,12 @@ def test_capa_before_and_after_login(alice: MailEnv, server: Server) -> None:
     status, body = c.multi("CAPA")
     assert status.startswith(b"+OK")
     caps = body.decode().split("\r\n")[:-1]
-    assert caps == ["TOP", "UIDL", "USER", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
+    assert caps == ["TOP", "UIDL", "USER", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING",
+                    "SASL SCRAM-SHA-256 PLAIN LOGIN"]  # alice is {PLAIN}: SCRAM can work
     c.login("alice")
     _, body = c.multi("CAPA")
     assert f"IMPLEMENTATION tpops-{__version__}" in body.decode().split("\r\n")
+    assert not any(line.startswith("SASL") for line in body.decode().split("\r\n"))  # AUTH is over
     c.cmd("QUIT")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import scramp
 
-from tests.tlscerts import issue
+from tests.support.tlscerts import issue
 from tpops import sasl, tls
 from tpops.auth.base import AuthUnavailable, MailUser
 from tpops.sasl import (

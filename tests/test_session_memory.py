@@ -26,7 +26,9 @@ from typing import Any
 import pytest
 
 from tpops.auth.base import AuthUnavailable, MailboxInUse, MailboxLock, MailUser
+from tpops.auth.credentials import BackendCaps, ScramCredentials
 from tpops.config import Config
+from tpops.connection import Connection
 from tpops.mailbox.maildir import Maildir, MaildirRoot
 from tpops.privileges import Refused
 from tpops.protocol import LineTooLong, Transport
@@ -44,6 +46,8 @@ SIZES = [len(body) + body.count(b"\n") for _, body in MESSAGES]
 UIDS = [name.partition(":")[0] for name, _ in MESSAGES]
 TOTAL = sum(SIZES)
 LOGGED_IN = f"+OK Logged in, 3 messages ({TOTAL} octets).".encode()
+#: CAPA's SASL line for the fake backend (clear secrets) where plain text is allowed.
+SASL_ALL = b"SASL SCRAM-SHA-256 PLAIN LOGIN"  # CRAM-MD5 is opt-in ($sasl_mechanisms)
 CLOSED = object()  #: marks the end of the connection in an expected reply list
 #: A conversation: (client line, the exact server lines it gets, CLOSED for EOF).
 Steps = Sequence[tuple[str | bytes, Sequence[object]]]
@@ -99,6 +103,19 @@ class FakeAuthenticator:
         secret = self.users.get(login, ("\0 no such user", Path()))[0]
         expected = hashlib.md5((timestamp + secret).encode()).hexdigest()
         return self._user(login) if login in self.users and hmac.compare_digest(digest, expected) else None
+
+    @property
+    def sasl_caps(self) -> BackendCaps:
+        return BackendCaps(clear_secrets=True)
+
+    def clear_secret(self, login: str) -> tuple[MailUser, bytes] | None:
+        self.calls.append(f"clear_secret {login}")
+        if login == "outage":
+            raise AuthUnavailable("simulated backend outage")
+        return (self._user(login), self.users[login][0].encode()) if login in self.users else None
+
+    def scram_credentials(self, login: str) -> tuple[MailUser, ScramCredentials] | None:
+        return None
 
     def lock(self, user: MailUser) -> MailboxLock:
         if user.login == "lockless":
@@ -186,6 +203,7 @@ class Site:
         prepare: Callable[[Session], None] | None = None,
         progress: Callable[[], None] | None = None,
         penalty: FailurePenalty | None = None,
+        connection: Connection | None = None,
         **overrides: Any,
     ) -> Client:
         """A Session in a thread; ``overrides`` replace Config defaults (error_interval=0 always)."""
@@ -210,7 +228,7 @@ class Site:
         server, client = socket.socketpair()
         session = Session(
             Transport(server.fileno(), server.fileno(), progress=progress), "memory", config, authenticator,
-            serve_as=serve_as, timestamp=TIMESTAMP, penalty=penalty,
+            serve_as=serve_as, timestamp=TIMESTAMP, penalty=penalty, connection=connection,
         )
         if prepare is not None:
             prepare(session)
@@ -301,7 +319,7 @@ AUTHORIZATION_CASES: dict[str, Steps] = {
     "empty mailbox": [("USER empty", okl("Send your password.")), ("PASS secret", okl("Logged in, 0 messages (0 octets).")),
                       ("STAT", okl("0 0")), ("LIST", [b"+OK 0 messages (0 octets)", b"."]), ("RETR 1", err("There's no message 1."))],
     "capa": [("CAPA", [b"+OK Capability list follows", b"TOP", b"UIDL", b"USER", b"RESP-CODES",
-                       b"AUTH-RESP-CODE", b"PIPELINING", b"."])],
+                       b"AUTH-RESP-CODE", b"PIPELINING", SASL_ALL, b"."])],
     "capa takes no argument": [("CAPA x", err("Too many arguments for CAPA."))],
     "quit": [("QUIT", okl("Bye.") + [CLOSED])],
     "quit takes no argument": [("QUIT now", err("Too many arguments for QUIT."))],
@@ -816,3 +834,102 @@ def test_progress_is_called_for_every_chunk_of_a_slow_write() -> None:
         reader.join(10)
         assert sum(received) == len(data)
         assert len(beats) > 1  # one heartbeat per chunk the kernel took, not one per send
+
+
+# ---------------------------------------------------------------------------
+# SASL AUTH (RFC 5034) in the AUTHORIZATION state; over the wire in tests/test_sasl_wire.py
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+def test_capa_sasl_line_follows_plaintext_policy(site: Site) -> None:
+    """PLAIN and LOGIN only where a password may cross; SCRAM (and CRAM-MD5 when allowed) always."""
+    remote = Connection("192.0.2.1")
+    base = [b"+OK Capability list follows", b"TOP", b"UIDL", b"USER", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
+    converse(site.start(connection=remote), [("CAPA", [*base, SASL_ALL, b"."])])
+    converse(site.start(connection=remote, disable_plaintext_auth=True),
+             [("CAPA", [*base, b"SASL SCRAM-SHA-256", b"."]),
+              ("AUTH", [b"+OK Supported mechanisms follow", b"SCRAM-SHA-256", b"."]),
+              ("AUTH PLAIN " + _b64(b"\0alice\0secret"),
+               err("[AUTH] Plaintext authentication disallowed on non-secure connections.")),
+              ("AUTH LOGIN", err("[AUTH] Plaintext authentication disallowed on non-secure connections."))])
+    converse(site.start(connection=remote, disable_plaintext_auth=True, sasl_mechanisms="cram-md5, PLAIN"),
+             [("CAPA", [*base, b"SASL CRAM-MD5", b"."])])
+    loopback = Connection("127.0.0.1")
+    converse(site.start(connection=loopback, disable_plaintext_auth=True),
+             [("CAPA", [*base, SASL_ALL, b"."]),
+              ("AUTH PLAIN " + _b64(b"\0alice\0secret"), [LOGGED_IN])])
+
+
+AUTH_CASES: dict[str, Steps] = {
+    "bare auth lists": [("AUTH", [b"+OK Supported mechanisms follow", b"SCRAM-SHA-256", b"PLAIN", b"LOGIN", b"."])],
+    "plain initial response": [("AUTH PLAIN " + _b64(b"\0alice\0secret"), [LOGGED_IN])],
+    "plain lower-case mechanism": [("auth plain " + _b64(b"alice\0alice\0secret"), [LOGGED_IN])],
+    "plain continuation": [("AUTH PLAIN", [b"+ "]), (_b64(b"\0alice\0secret"), [LOGGED_IN])],
+    "plain wrong": [("AUTH PLAIN " + _b64(b"\0alice\0nope"), err("[AUTH] Authentication failed."))],
+    "plain other authzid": [("AUTH PLAIN " + _b64(b"bob\0alice\0secret"), err("[AUTH] Authentication failed."))],
+    "empty initial response": [("AUTH PLAIN =", err("[AUTH] Authentication failed."))],
+    "login": [("AUTH LOGIN", [b"+ " + _b64(b"Username:").encode()]),
+              (_b64(b"alice"), [b"+ " + _b64(b"Password:").encode()]), (_b64(b"secret"), [LOGGED_IN])],
+    "cancel": [("AUTH LOGIN", [b"+ " + _b64(b"Username:").encode()]), ("*", err("Authentication cancelled.")),
+               ("USER alice", okl("Send your password."))],
+    "bad base64 continued": [("AUTH LOGIN", [b"+ " + _b64(b"Username:").encode()]),
+                             ("!!!!", err("Invalid base64 data in continued response.")), ("NOOP", err(
+                                 "NOOP is not valid in the AUTHORIZATION state."))],
+    "bad base64 initial": [("AUTH PLAIN @@@@", err("Invalid base64 data in initial response."))],
+    "unknown mechanism": [("AUTH GSSAPI", err("Unsupported authentication mechanism.")),
+                          ("AUTH CRAM-MD5", err("Unsupported authentication mechanism.")),  # not in the default
+                          ("AUTH SCRAM-SHA-256-PLUS", err("Unsupported authentication mechanism."))],
+    "too many arguments": [("AUTH PLAIN a b", err("Too many arguments for AUTH."))],
+    "three sasl failures close": [("AUTH PLAIN " + _b64(b"\0alice\0x"), err("[AUTH] Authentication failed."))] * 2
+    + [("AUTH PLAIN " + _b64(b"\0alice\0x"), err("[AUTH] Authentication failed.") + [CLOSED])],
+    "sasl and pass failures add up": [("AUTH PLAIN " + _b64(b"\0alice\0x"), err("[AUTH] Authentication failed.")),
+                                      ("USER alice", okl("Send your password.")),
+                                      ("PASS x", err("[AUTH] Authentication failed.")),
+                                      ("AUTH LOGIN", [b"+ " + _b64(b"Username:").encode()]),
+                                      (_b64(b"alice"), [b"+ " + _b64(b"Password:").encode()]),
+                                      (_b64(b"x"), err("[AUTH] Authentication failed.") + [CLOSED])],
+    "backend outage": [("AUTH PLAIN " + _b64(b"\0outage\0x"),
+                        err("[SYS/TEMP] Temporary authentication failure, try again later."))],
+    "auth in transaction": [("USER alice", okl("Send your password.")), ("PASS secret", [LOGGED_IN]),
+                            ("AUTH PLAIN", err("AUTH is not valid in the TRANSACTION state."))],
+}
+
+
+@pytest.mark.parametrize("steps", AUTH_CASES.values(), ids=AUTH_CASES.keys())
+def test_auth(site: Site, steps: Steps) -> None:
+    converse(site.start(), steps)
+
+
+def test_cram_md5(site: Site) -> None:
+    import base64
+
+    from tpops import config, sasl
+
+    assert set(config.SASL_MECHANISMS) == set(sasl.MECHANISMS)  # $sasl_mechanisms names what exists
+
+    for secret, want in (("secret", [LOGGED_IN]), ("wrong", err("[AUTH] Authentication failed."))):
+        c = site.start(sasl_mechanisms="CRAM-MD5")
+        reply = c.cmd("AUTH CRAM-MD5")
+        assert reply.startswith(b"+ ")
+        challenge = base64.b64decode(reply[2:])
+        assert challenge.startswith(b"<") and challenge.endswith(b"@test.example.org>")
+        digest = hmac.new(secret.encode(), challenge, hashlib.md5).hexdigest()
+        converse(c, [(_b64(f"alice {digest}".encode()), want)])
+
+
+def test_debug_trace_masks_auth_lines(site: Site, caplog: pytest.LogCaptureFixture) -> None:
+    """The initial response and every continuation line are secrets in the --debug trace."""
+    caplog.set_level(logging.DEBUG, logger="tpops")
+    c = site.start(debug=True)
+    converse(c, [("AUTH PLAIN " + _b64(b"\0alice\0nope"), err("[AUTH] Authentication failed.")),
+                 ("AUTH LOGIN", [b"+ " + _b64(b"Username:").encode()]),
+                 (_b64(b"alice"), [b"+ " + _b64(b"Password:").encode()]), (_b64(b"secret"), [LOGGED_IN])])
+    trace = [r.getMessage() for r in caplog.records if r.getMessage().startswith("C: ")]
+    assert trace == ["C: AUTH PLAIN ****", "C: AUTH LOGIN", "C: ****", "C: ****"]
+    for secret in (_b64(b"\0alice\0nope"), _b64(b"secret"), _b64(b"alice"), "nope"):
+        assert secret not in caplog.text

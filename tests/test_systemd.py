@@ -282,6 +282,35 @@ def test_an_implicit_tls_socket_is_refused_without_tls(mail_env: MailEnv) -> Non
 
 
 @needs_socket_activate
+def test_an_implicit_tls_socket_is_served_with_tls(mail_env: MailEnv) -> None:
+    """With a certificate, systemd's pop3s socket speaks implicit TLS (tpops binds nothing itself)."""
+    import poplib
+
+    from tests.support.tlscerts import issue
+
+    mail_env.add_user("alice", messages=[make_message("over TLS")])
+    certs = issue(mail_env.base)
+    mail_env.write_conf(port=str(free_port()), tls_port="nil", tls_cert_file=repr(str(certs.cert_file)),
+                        tls_key_file=repr(str(certs.key_file)))
+    port = free_port()
+    proc = socket_activated(mail_env, port, fdname="pop3s")
+    try:
+        def connect() -> poplib.POP3_SSL | None:
+            try:
+                return poplib.POP3_SSL("127.0.0.1", port, context=certs.client_context(), timeout=10)
+            except OSError:
+                return None
+        client = wait_for(connect, what="a TLS greeting from the activated tpops")
+        client.user("alice")
+        client.pass_("secret")
+        assert client.stat()[0] == 1
+        client.quit()
+    finally:
+        stop_process(proc)
+    assert "(TLS: TLSv1.3" in activation_log(mail_env, port)
+
+
+@needs_socket_activate
 def test_inetd_style_activation_one_process_per_connection(mail_env: MailEnv) -> None:
     """tpops-inetd.socket's semantics: Accept=yes, the connection on stdin/stdout, tpops --inetd."""
     mail_env.add_user("alice", messages=[make_message("first"), make_message("second")])

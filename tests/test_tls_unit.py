@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from tests.tlscerts import CertFiles, ecdsa_certs, issue, rsa_certs  # noqa: F401  (fixtures)
+from tests.support.tlscerts import CertFiles, ecdsa_certs, issue, rsa_certs  # noqa: F401  (fixtures)
 from tpops import tls
 from tpops.config import Config, ConfigError, check_config, parse_config
 

@@ -14,6 +14,12 @@ booted (a start-up that never worked); once the server has served, a failing boo
 is retried with a growing delay (1, 2, 4 ... 60 s, one worker at a time) until the
 cause is removed. Workers whose master died exit by themselves.
 
+TLS: the master loads the certificate (:func:`tpops.tls.tls_from_config`) before it
+forks, so every worker inherits one context, one set of session-ticket keys (a client
+resumes on any worker) and a key file that may be readable by root only. A reload
+loads it again: new workers use the new certificate; a reload whose certificate does
+not load is refused like a configuration that does not load (logged, nothing changes).
+
 The watchdog (gunicorn's ``murder_workers``): a busy worker marks its progress in the
 pool's shared table (:mod:`tpops.limits`) on every read and write; one silent for
 longer than ``$command_timeout`` plus a grace period (hung in a backend call, an NFS
@@ -41,11 +47,21 @@ from setproctitle import setproctitle
 from tpops import logs
 from tpops.auth.base import Authenticator
 from tpops.config import Config, ConfigError
+from tpops.connection import Connection
 from tpops.limits import SharedLimits
 from tpops.protocol import drain
 from tpops.status import Monitor
 from tpops.systemd import Notifier
-from tpops.worker import BUSY, EXIT_BOOT_FAILED, IDLE, MASTER_SIGNALS, REPORT, Worker, warm_up
+from tpops.tls import ServerTLS, TLSConfigError, tls_from_config
+from tpops.worker import (
+    BUSY,
+    EXIT_BOOT_FAILED,
+    IDLE,
+    MASTER_SIGNALS,
+    REPORT,
+    Worker,
+    warm_up,
+)
 
 log = logs.get("arbiter")
 
@@ -131,6 +147,12 @@ class Arbiter:
     inherited: bool = False
     last_status: str = ""
     status_at: float = 0.0
+    #: The loaded certificate (None: TLS off) and the fds of the implicit-TLS listeners
+    #: (``$tls_port``, systemd's ``pop3s``), among :attr:`listeners`.
+    server_tls: ServerTLS | None = None
+    tls_listeners: frozenset[int] = frozenset()
+    #: Loads the certificate of a reloaded configuration (raises TLSConfigError).
+    load_tls: Callable[[Config], ServerTLS | None] = tls_from_config
 
     # -- signal plumbing ---------------------------------------------------
 
@@ -157,6 +179,9 @@ class Arbiter:
         gc.freeze()  # workers share the master's objects: no collection copies their pages
         addresses = ", ".join(address_of(s) for s in self.listeners)
         log.info("tpops master %d listening on %s", os.getpid(), addresses)
+        if self.server_tls is not None:
+            log.info("TLS certificate %s (%s)", self.server_tls.cert_file, self.server_tls.subject)
+        warn_plaintext(self.config, self.listeners)
         try:
             while not self.stopping:
                 self.scale()
@@ -287,7 +312,8 @@ class Arbiter:
         signal.set_wakeup_fd(-1)
         self.signals.clear()
         worker = Worker(self.config, self.listeners, self.report_w, self.log_files, self.authenticator,
-                        limits=self.limits, slot=slot, monitor=self.monitor)
+                        limits=self.limits, slot=slot, monitor=self.monitor, server_tls=self.server_tls,
+                        tls_listeners=self.tls_listeners)
         return worker.run()
 
     def read_reports(self) -> None:
@@ -452,6 +478,15 @@ class Arbiter:
     def _reload(self, name: str, force: bool) -> None:
         try:
             config = self.reload_config()
+            server_tls = self._reload_tls(name, config)
+        except TLSConfigError as exc:
+            log.error("%s: certificate not reloaded, keeping the running configuration, certificate "
+                      "and workers: %s", name, _one_line(exc))
+            try:
+                self.log_files.reopen()
+            except OSError as reopen_error:
+                log.error("%s: cannot reopen the logs, keeping the open ones: %s", name, reopen_error)
+            return
         except (ConfigError, OSError, ValueError) as exc:
             log.error("%s: configuration not reloaded, keeping the running one and its workers: %s",
                       name, _one_line(exc))
@@ -460,12 +495,14 @@ class Arbiter:
             except OSError as reopen_error:
                 log.error("%s: cannot reopen the logs, keeping the open ones: %s", name, reopen_error)
             return
-        if self.inherited:
-            config = dataclasses.replace(config, port=self.config.port, bind_address=self.config.bind_address)
-        elif (config.port, config.bind_address) != (self.config.port, self.config.bind_address):
-            log.warning("%s: a new $port or $bind_address needs a restart; still listening on %s", name,
-                        ", ".join(address_of(s) for s in self.listeners))
-            config = dataclasses.replace(config, port=self.config.port, bind_address=self.config.bind_address)
+        if not self.inherited and (config.port, config.bind_address) != (self.config.port, self.config.bind_address):
+            log.warning("%s: a new $port or $bind_address needs a restart; still listening on %s",
+                        name, ", ".join(address_of(s) for s in self.listeners))
+        elif not self.inherited and config.tls_port != self.config.tls_port:
+            log.warning("%s: a new $tls_port needs a restart; still listening on %s",
+                        name, ", ".join(address_of(s) for s in self.listeners))
+        config = dataclasses.replace(config, port=self.config.port, bind_address=self.config.bind_address,
+                                     tls_port=self.config.tls_port)
         try:
             new_logs = self.reopen_logs(config)
         except OSError as exc:
@@ -474,6 +511,7 @@ class Arbiter:
             old_logs, self.log_files = self.log_files, new_logs
             old_logs.close()  # the workers being replaced keep their own copies until they exit
         self.config = config
+        self.server_tls = server_tls
         self.authenticator = warm_up(config)
         gc.freeze()
         log.info("%s: configuration reloaded, replacing workers", name)
@@ -481,6 +519,23 @@ class Arbiter:
             if not info.retiring or force:
                 self._signal(info, signal.SIGTERM if force else signal.SIGUSR1)
             info.retiring = True
+
+    def _reload_tls(self, name: str, config: Config) -> ServerTLS | None:
+        """The certificate of the reloaded configuration, loaded anew (a renewed one takes
+        effect for new connections). Raises TLSConfigError. TLS cannot be switched off
+        while an implicit-TLS listener is open: that needs a restart (the running
+        certificate stays)."""
+        server_tls = self.load_tls(config)
+        if server_tls is None and self.tls_listeners:
+            log.warning("%s: removing $tls_cert_file needs a restart (the TLS port is open); "
+                        "keeping the running certificate", name)
+            return self.server_tls
+        if server_tls is not None:
+            if self.server_tls is None and config.tls_port is not None and not self.inherited:
+                log.warning("%s: TLS is now on for STLS; the TLS port %d opens at the next restart",
+                            name, config.tls_port)
+            log.info("%s: TLS certificate %s (%s)", name, server_tls.cert_file, server_tls.subject)
+        return server_tls
 
     def shutdown(self) -> None:
         """Stop accepting, end every worker (SIGKILL after STOP_GRACE), reap them all."""
@@ -565,28 +620,52 @@ def _listen_error(family: int, sockaddr: tuple, exc: OSError) -> ListenError:  #
     return ListenError(f"cannot listen on {where}: {reason}")
 
 
-def make_listeners(config: Config) -> list[socket.socket]:
-    """Bind every ``$bind_address`` (default: all addresses, IPv6 and IPv4) on ``$port``.
+def warn_plaintext(config: Config, listeners: list[socket.socket]) -> bool:
+    """Log one warning when passwords may cross the network in clear: a listener on a
+    non-loopback address and ``$disable_plaintext_auth`` off. True when it warned."""
+    if config.plaintext_auth_disabled():
+        return False
+    exposed = [address_of(s) for s in listeners if not _loopback_listener(s)]
+    if not exposed:
+        return False
+    log.warning("passwords travel in clear: listening on %s with $disable_plaintext_auth = false "
+                "(USER/PASS and APOP allowed without TLS); configure $tls_cert_file and set "
+                "$disable_plaintext_auth = true", ", ".join(exposed))
+    return True
+
+
+def _loopback_listener(sock: socket.socket) -> bool:
+    try:
+        host = str(sock.getsockname()[0])
+    except OSError:
+        return False
+    return Connection(host).loopback  # the wildcard addresses are not loopback
+
+
+def make_listeners(config: Config, port: int | None = None) -> list[socket.socket]:
+    """Bind every ``$bind_address`` (default: all addresses, IPv6 and IPv4) on ``$port``
+    (or ``port``: the implicit-TLS listeners are made on ``$tls_port`` the same way).
 
     Raises :class:`ListenError` naming the address and the likely fix
     (``cannot listen on 0.0.0.0:110: permission denied (run as root, or pick --port
     above 1023)``).
     """
     addresses = config.bind_addresses()
+    port = config.port if port is None else port
     sockets: list[socket.socket] = []
     try:
         if not addresses:
             try:
-                sockets.append(_listen(socket.AF_INET6, ("::", config.port), dual_stack=True))
+                sockets.append(_listen(socket.AF_INET6, ("::", port), dual_stack=True))
             except OSError as exc:
                 if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
-                    raise _listen_error(socket.AF_INET6, ("::", config.port), exc) from None
-                sockets.append(_listen(socket.AF_INET, ("0.0.0.0", config.port)))
+                    raise _listen_error(socket.AF_INET6, ("::", port), exc) from None
+                sockets.append(_listen(socket.AF_INET, ("0.0.0.0", port)))
             return sockets
         for address in addresses:
             try:
                 infos = socket.getaddrinfo(
-                    address, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                    address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
                 )
             except socket.gaierror as exc:
                 raise ListenError(f"cannot listen on {address}: {exc.strerror} (check --bind/$bind_address)") from None

@@ -9,27 +9,43 @@ credentials check -> mailbox lock -> ``serve_as`` (the switch to the mailbox own
 :class:`~tpops.transaction.Transaction` as the loop's next state. Every failure on the
 way releases what was taken and answers with a precise ``-ERR``.
 
-Next states fit here the same way: a SASL AUTH handler answers with
-:func:`tpops.reply.more` and an exchange object whose final reply carries the
-Transaction from :meth:`Authorization.log_in`; an STLS handler answers with
-``ok(..., upgrade=...)``. Log lines go to the ``tpops.session`` logger, like the loop's.
+Next states fit here the same way. SASL AUTH (RFC 5034) runs in
+:mod:`tpops.sasl_exchange`: the handler here starts it with
+:meth:`Authorization.log_in` as the way out, so a mechanism's success or failure is
+handled exactly as PASS's; a challenge is a :func:`tpops.reply.more` reply whose
+exchange gets the client's next line. STLS (RFC 2595) answers
+``ok(..., upgrade=...)``: the loop writes ``+OK``, discards the client's buffered
+input and hands its transport to the owner's ``start_tls``, which runs the handshake;
+the state then continues on the upgraded :class:`~tpops.connection.Connection`.
+``$disable_plaintext_auth`` refuses USER/PASS/APOP (and AUTH PLAIN/LOGIN) on a
+connection that is not :attr:`~tpops.connection.Connection.secure`. Log lines go to
+the ``tpops.session`` logger, like the loop's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from tpops import logs
+from tpops import logs, sasl_exchange
 from tpops.auth.base import Authenticator, AuthUnavailable, MailboxInUse, MailUser
 from tpops.commands import Arg, Command, capabilities, dispatch
 from tpops.config import Config
-from tpops.connection import Connection
+from tpops.connection import PLAIN, Connection
 from tpops.mailbox.maildir import Maildir
 from tpops.privileges import Refused, maildir_root
+from tpops.protocol import Transport
 from tpops.reply import Accounting, Reply, bad, err, ok
 from tpops.transaction import Transaction
 
 log = logs.get("session")
+
+#: The owner's STLS handshake: the plain transport in, the TLS transport and the upgraded
+#: connection out. Raises :class:`tpops.protocol.HandshakeFailed` (logged by it).
+StartTLS = Callable[[Transport, Connection], tuple[Transport, Connection]]
+
+#: Dovecot's wording, also for APOP (its digest is as good as a password to an eavesdropper
+#: who can brute-force it offline).
+PLAINTEXT_DISALLOWED = "Plaintext authentication disallowed on non-secure connections."
 
 
 class Authorization:
@@ -39,7 +55,8 @@ class Authorization:
     opened: it switches to the mailbox owner and says whether it did (or refuses with
     :class:`tpops.privileges.Refused`). ``on_login(text)`` lets the worker update its
     process title. ``timestamp`` is the APOP timestamp, used only when ``$apop`` is
-    true and the backend supports APOP.
+    true and the backend supports APOP. ``start_tls`` (None: TLS not configured, or an
+    inetd session) upgrades the connection after STLS.
     """
 
     name = "AUTHORIZATION"
@@ -54,8 +71,10 @@ class Authorization:
         on_login: Callable[[str], None] | None = None,
         timestamp: str | None = None,
         connection: Connection | None = None,
+        start_tls: StartTLS | None = None,
     ) -> None:
         self.config = config
+        self.start_tls = start_tls
         #: The client's address and protection (CAPA and $disable_plaintext_auth ask it).
         self.connection = connection if connection is not None else Connection(peer)
         self.authenticator = authenticator
@@ -79,7 +98,29 @@ class Authorization:
             text += " " + self.apop_timestamp
         return ok(text)
 
+    def plaintext_allowed(self) -> bool:
+        """Whether a password may be sent in clear here: ``$disable_plaintext_auth`` is off,
+        or the connection is TLS or from this host."""
+        return sasl_exchange.plaintext_allowed(self.config, self.connection)
+
+    def stls_offered(self) -> bool:
+        """STLS is advertised: TLS is configured and this connection is not TLS yet."""
+        return self.start_tls is not None and not self.connection.tls
+
+    def upgrade(self, transport: Transport) -> Transport:
+        """After ``+OK`` to STLS: the handshake, then this state goes on over TLS.
+
+        Anything learnt in the clear is forgotten (RFC 2595 section 4: a USER name
+        given before is not carried into the TLS session).
+        """
+        assert self.start_tls is not None
+        transport, self.connection = self.start_tls(transport, self.connection)
+        self.pending_user = None
+        return transport
+
     def execute(self, verb: str, rest: str) -> Reply | None:
+        if verb == "AUTH" and not rest:  # the table's AUTH needs an argument; bare AUTH lists
+            return sasl_exchange.listing(self.config, self.authenticator, self.connection)
         return dispatch(AUTHORIZATION_COMMANDS, self, verb, rest)
 
     def accounting(self) -> Accounting:
@@ -143,10 +184,18 @@ class Authorization:
             raise
         transaction = Transaction(user, mailbox, lock, dropped_privileges=self.dropped_privileges)
         count, octets = transaction.start_totals
-        log.info("login: %s has %d messages (%d octets) from %s", name, count, octets, self.peer)
+        log.info("login: %s has %d messages (%d octets) from %s (%s)", name, count, octets, self.peer,
+                 _protection(self.connection))
         if self.on_login:
             self.on_login(f"{user.login}@{self.peer}")
         return ok(f"Logged in, {count} messages ({octets} octets).", state=transaction)
+
+
+def _protection(connection: Connection) -> str:
+    """``TLS: TLSv1.3 TLS_AES_256_GCM_SHA384``, ``STLS: ...``, ``PROXY-TLS`` or ``plain``."""
+    if connection.security == PLAIN or connection.tls_description is None:
+        return connection.security
+    return f"{connection.security}: {connection.tls_description}"
 
 
 # ---------------------------------------------------------------------------
@@ -158,12 +207,16 @@ def cmd_user(auth: Authorization, name: str) -> Reply:
 
     The name is the rest of the line, as Dovecot takes it: a login is data, spaces included.
     """
+    if not auth.plaintext_allowed():
+        return err(PLAINTEXT_DISALLOWED, "AUTH")
     auth.pending_user = auth.attempted_login = name
     return ok("Send your password.")
 
 
 def cmd_pass(auth: Authorization, password: str) -> Reply:
     """PASS secret: the whole rest of the line is the password (spaces allowed)."""
+    if not auth.plaintext_allowed():
+        return err(PLAINTEXT_DISALLOWED, "AUTH")
     if auth.pending_user is None:
         return bad("USER first.")
     login = auth.pending_user
@@ -177,15 +230,45 @@ def cmd_apop(auth: Authorization, words: str) -> Reply:
     stamp = auth.apop_timestamp
     if stamp is None:
         return bad("APOP is not available.")
+    if not auth.plaintext_allowed():
+        return err(PLAINTEXT_DISALLOWED, "AUTH")
     login, _, digest = words.rpartition(" ")
     if not login or not digest:
         return bad("Missing argument for APOP.")
     return auth.log_in(login, lambda backend: backend.authenticate_apop(login, stamp, digest))
 
 
+def cmd_auth(auth: Authorization, words: str) -> Reply:
+    """AUTH mechanism [initial-response] (RFC 5034); a bare AUTH is answered by :meth:`Authorization.execute`."""
+    auth.pending_user = None
+    return sasl_exchange.begin(
+        words, config=auth.config, authenticator=auth.authenticator, connection=auth.connection,
+        log_in=auth.log_in,
+    )
+
+
 def cmd_capa(auth: Authorization) -> Reply:
-    """CAPA (RFC 2449): exactly what works before login."""
-    return ok("Capability list follows", lines=capabilities(logged_in=False))
+    """CAPA (RFC 2449): exactly what works before login on this connection: USER only
+    where plain-text passwords are allowed, STLS only while it is not TLS yet, and the
+    SASL mechanisms this connection may use."""
+    caps = capabilities(logged_in=False)
+    if not auth.plaintext_allowed():
+        caps.remove("USER")
+    if auth.stls_offered():
+        caps.append("STLS")
+    mechanisms = sasl_exchange.offered(auth.config, auth.authenticator, auth.connection)
+    if mechanisms:
+        caps.append("SASL " + " ".join(mechanisms))
+    return ok("Capability list follows", lines=caps)
+
+
+def cmd_stls(auth: Authorization) -> Reply:
+    """STLS (RFC 2595): ``+OK``, then the loop discards buffered input and upgrades."""
+    if auth.connection.tls:
+        return err("Command not permitted when TLS active")  # Dovecot's wording
+    if auth.start_tls is None:
+        return bad("TLS is not available on this server.")
+    return ok("Begin TLS negotiation.", upgrade=auth.upgrade)
 
 
 def cmd_quit(auth: Authorization) -> Reply:
@@ -197,6 +280,8 @@ AUTHORIZATION_COMMANDS: dict[str, Command] = {
     "USER": Command(cmd_user, (Arg.REST,)),
     "PASS": Command(cmd_pass, (Arg.REST,)),
     "APOP": Command(cmd_apop, (Arg.REST,)),
+    "AUTH": Command(cmd_auth, (Arg.REST,)),
     "CAPA": Command(cmd_capa),
+    "STLS": Command(cmd_stls),
     "QUIT": Command(cmd_quit),
 }

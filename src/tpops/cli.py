@@ -25,6 +25,7 @@ from tpops.config import (
     format_effective,
     read_config_file,
 )
+from tpops.tls import TLSConfigError, tls_from_config
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 1
@@ -185,16 +186,27 @@ def run_standalone(config: Config, options: argparse.Namespace) -> int:
             pid_file.check()
         # The address first: its error is the one an admin most often has to fix, and
         # it must not hide behind the pre-flight worker's output.
-        inherited = take_inherited_listeners()
+        # The certificate before the listeners: the TLS port is opened only when it loads.
+        server_tls = tls_from_config(config)
+        inherited, tls_listeners = take_inherited_listeners(config, server_tls is not None)
         listeners = inherited or make_listeners(config)
+        if not inherited and server_tls is not None and config.tls_port is not None:
+            try:
+                tls_socks = make_listeners(config, config.tls_port)
+            except BaseException:
+                for sock in listeners:
+                    sock.close()
+                raise
+            listeners += tls_socks
+            tls_listeners = [sock.fileno() for sock in tls_socks]
         try:
             prepare_workers(config)
         except BaseException:
             for sock in listeners:
                 sock.close()
             raise
-    except ListenError as exc:
-        print(f"tpops: {exc}", file=sys.stderr)
+    except (ListenError, TLSConfigError) as exc:
+        print(f"tpops: {exc}", file=sys.stderr)  # TLSConfigError reads "FILE: what is wrong"
         return EXIT_STARTUP
     except (OSError, PidFileError, ValueError, systemd.ActivationError) as exc:
         print(f"tpops: cannot start: {exc}", file=sys.stderr)
@@ -221,7 +233,8 @@ def run_standalone(config: Config, options: argparse.Namespace) -> int:
         pid_file.write()
     try:
         arbiter = Arbiter(config, listeners, log_files, reload_config, reopen_logs,
-                          notifier=notifier, inherited=bool(inherited))
+                          notifier=notifier, inherited=bool(inherited), server_tls=server_tls,
+                          tls_listeners=frozenset(tls_listeners))
         return arbiter.run()
     finally:
         if pid_file is not None:
@@ -229,24 +242,27 @@ def run_standalone(config: Config, options: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def take_inherited_listeners() -> list[socket.socket]:
-    """The listening sockets systemd passed (socket activation), [] when none.
+def take_inherited_listeners(config: Config, tls: bool) -> tuple[list[socket.socket], list[int]]:
+    """The listening sockets systemd passed (socket activation) and the fds of those that
+    speak implicit TLS; ([], []) when none.
 
-    Each carries its kind (``FileDescriptorName=pop3``/``pop3s``, else the port: 995 is
-    implicit TLS). Plain POP3 is all this tpops serves: a TLS listener is refused with a
-    clear error rather than served in the clear.
+    Each carries its kind (``FileDescriptorName=pop3``/``pop3s``, else the port:
+    ``$tls_port``, 995 by default, is implicit TLS). Without a certificate (``tls``
+    false) a TLS listener is refused with a clear error rather than served in the clear.
     """
     from tpops.arbiter import address_of
 
-    inherited = systemd.inherited_listeners()
-    tls = [i for i in inherited if i.kind == systemd.TLS]
-    if tls:
-        names = ", ".join(f"{i.name} ({address_of(i.sock)})" for i in tls)
+    tls_port = config.tls_port if config.tls_port is not None else systemd.DEFAULT_TLS_PORT
+    inherited = systemd.inherited_listeners(tls_port)
+    tls_kind = [i for i in inherited if i.kind == systemd.TLS]
+    if tls_kind and not tls:
+        names = ", ".join(f"{i.name} ({address_of(i.sock)})" for i in tls_kind)
         for listener in inherited:
             listener.sock.close()
-        raise ValueError(f"systemd passed an implicit-TLS listener ({names}), but TLS is not configured; "
-                         "remove it from the socket unit (or name it FileDescriptorName=pop3)")
-    return [i.sock for i in inherited]
+        raise ValueError(f"systemd passed an implicit-TLS listener ({names}), but TLS is not configured "
+                         "($tls_cert_file); configure it, or remove the listener from the socket unit "
+                         "(or name it FileDescriptorName=pop3)")
+    return [i.sock for i in inherited], [i.sock.fileno() for i in tls_kind]
 
 
 def prepare_workers(config: Config) -> None:

@@ -68,6 +68,12 @@ DEFAULT_PATH = "/etc/tpops/tpops.conf"
 #: The accepted values of ``$auth_type`` (case-sensitive, as in TPOPS).
 AUTH_TYPES: tuple[str, ...] = ("Passwd", "MySQL", "File")
 
+#: The SASL mechanisms tpops implements (:data:`tpops.sasl.MECHANISMS`), strongest first.
+SASL_MECHANISMS: tuple[str, ...] = ("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "CRAM-MD5", "PLAIN", "LOGIN")
+#: Offered unless ``$sasl_mechanisms`` says otherwise: CRAM-MD5 is opt-in, because clients
+#: that see it prefer it (curl, Thunderbird) and it works only for clear-text secrets.
+DEFAULT_SASL_MECHANISMS: tuple[str, ...] = ("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "PLAIN", "LOGIN")
+
 _FACILITY_BY_VALUE: dict[int, str] = {v: k for k, v in SYSLOG_FACILITIES.items()}
 
 #: The query TPOPS used when ``$mysql_auth_query`` is not set.
@@ -127,6 +133,8 @@ class Config:
         None, "OpenSSL cipher list for TLS 1.2 (nil = OpenSSL's secure default)")
     disable_plaintext_auth: bool | None = _p(
         None, "refuse passwords in clear off TLS and loopback (nil = true when TLS is on)")
+    sasl_mechanisms: str | None = _p(
+        None, "AUTH mechanisms offered where they can work (nil = all but CRAM-MD5)")
     haproxy_trusted_networks: str | None = _p(
         None, "load balancers (addresses/CIDRs, by spaces or commas) whose connections start "
               "with a PROXY v1/v2 header naming the client (nil = none)")
@@ -185,6 +193,12 @@ class Config:
         if self.bind_address is None:
             return []
         return [a for a in re.split(r"[\s,]+", self.bind_address) if a]
+
+    def sasl_mechanism_names(self) -> tuple[str, ...]:
+        """The mechanisms :attr:`sasl_mechanisms` allows, upper-cased; nil: :data:`DEFAULT_SASL_MECHANISMS`."""
+        if self.sasl_mechanisms is None:
+            return DEFAULT_SASL_MECHANISMS
+        return tuple(m.upper() for m in re.split(r"[\s,]+", self.sasl_mechanisms) if m)
 
     def plaintext_auth_disabled(self) -> bool:
         """The effective :attr:`disable_plaintext_auth`: when unset (``nil``), true exactly
@@ -410,6 +424,11 @@ def _checks(config: Config, *, complete: bool = True) -> list[tuple[tuple[str, .
                 bad("haproxy_trusted_networks", "$haproxy_trusted_networks: no network given (use nil for none)")
         except ValueError as exc:
             bad("haproxy_trusted_networks", str(exc))
+    if ok("sasl_mechanisms") and config.sasl_mechanisms is not None:
+        unknown = [m for m in config.sasl_mechanism_names() if m not in SASL_MECHANISMS]
+        if unknown or not config.sasl_mechanism_names():
+            bad("sasl_mechanisms", f"$sasl_mechanisms: {'unknown mechanism ' + quote(unknown[0]) if unknown else 'empty'}; "
+                                   f"name some of {' '.join(SASL_MECHANISMS)} (or nil for the default)")
     if ok("bind_address") and config.bind_address and not config.bind_addresses():
         bad("bind_address", "$bind_address: no address given (use nil for all addresses)")
     if ok("auth_type", "mysql_auth_query") and config.auth_type == "MySQL" \

@@ -9,12 +9,13 @@ Dovecot's ``doveadm pw`` for tpops, plus the editing ``doveadm`` leaves to the a
     tpops-passwd delete USER [-f FILE | -c CONFIG]
 
 ``hash`` prints ``{SCHEME}hash``. Schemes (:data:`HASHERS`): ``SHA512-CRYPT`` (the
-default, as ``doveadm pw``), ``BLF-CRYPT``, ``ARGON2ID``, ``SSHA512``, ``PLAIN`` (the
-only one APOP can use). They are made with the passlib API (the ``libpass``
+default, as ``doveadm pw``), ``BLF-CRYPT``, ``ARGON2ID``, ``SSHA512``,
+``SCRAM-SHA-256`` (Dovecot's format: works with USER/PASS, AUTH PLAIN/LOGIN and AUTH
+SCRAM-SHA-256 without storing the password), ``PLAIN`` (the only one APOP and
+CRAM-MD5 can use). They are made with the passlib API (the ``libpass``
 distribution), the library :mod:`tpops.auth.hashes` verifies them with, and every new
 hash is verified by that module before it is printed or written: the tool never
-stores a value tpops would refuse. ``SCRAM-SHA-256`` joins :data:`HASHERS` once tpops
-has a SCRAM mechanism (``tpops.sasl``): its stored form belongs to that module.
+stores a value tpops would refuse.
 
 The password is asked twice on the terminal (``getpass``), or read as one line from
 standard input with ``--stdin`` (scripts); never from the command line, where
@@ -57,7 +58,7 @@ from typing import Any, TextIO
 from passlib import exc as passlib_exc
 from passlib import hash as passlib_hash
 
-from tpops.auth import hashes
+from tpops.auth import credentials, hashes
 from tpops.auth.file import BadLine, parse_line
 from tpops.config import DEFAULT_PATH, Config, ConfigError, load_config
 
@@ -100,14 +101,21 @@ def _plain(secret: str, rounds: int | None) -> str:
     return secret
 
 
+def _scram_sha256(secret: str, rounds: int | None) -> str:
+    iterations = rounds or credentials.SCRAM_ITERATIONS
+    if iterations < credentials.SCRAM_ITERATIONS:
+        raise Failure(f"SCRAM-SHA-256 needs at least {credentials.SCRAM_ITERATIONS} iterations (RFC 7677)")
+    value = credentials.format_dovecot_scram(credentials.make_scram_credentials(secret, iterations=iterations))
+    return value.removeprefix(credentials.DOVECOT_SCRAM_PREFIX)
+
+
 #: Dovecot scheme name -> maker of the value after ``{SCHEME}`` (secret, rounds or None).
-#: Extension point: ``"SCRAM-SHA-256"`` goes here with the SCRAM mechanism (tpops.sasl),
-#: whose stored-key format and verifier must come from that one module.
 HASHERS: dict[str, Callable[[str, int | None], str]] = {
     "SHA512-CRYPT": _sha512_crypt,
     "BLF-CRYPT": _bcrypt,
     "ARGON2ID": _argon2id,
     "SSHA512": _ssha512,
+    "SCRAM-SHA-256": _scram_sha256,
     "PLAIN": _plain,
 }
 DEFAULT_SCHEME = "SHA512-CRYPT"
@@ -118,8 +126,6 @@ def make_hash(secret: str, scheme: str = DEFAULT_SCHEME, rounds: int | None = No
     scheme = scheme.upper()
     maker = HASHERS.get(scheme)
     if maker is None:
-        if scheme == "SCRAM-SHA-256":
-            raise Failure("SCRAM-SHA-256 needs tpops' SCRAM mechanism, which this version does not have")
         raise Failure(f"unknown scheme {scheme!r}; known: {', '.join(HASHERS)}")
     try:
         stored = f"{{{scheme}}}{maker(secret, rounds)}"
@@ -369,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{', '.join(HASHERS)} (default {DEFAULT_SCHEME})")
         p.add_argument("-r", "--rounds", type=int,
                        help=f"cost: SHA512-CRYPT rounds (default {SHA512_DEFAULT_ROUNDS}, as doveadm), "
-                            "BLF-CRYPT log2 rounds, ARGON2ID time cost")
+                            "BLF-CRYPT log2 rounds, ARGON2ID time cost, SCRAM-SHA-256 iterations (default 4096)")
         p.add_argument("--stdin", action="store_true", help="read the password as one line of standard input")
 
     def target(p: argparse.ArgumentParser) -> None:

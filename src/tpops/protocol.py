@@ -13,6 +13,7 @@ import math
 import os
 import select
 import socket
+import ssl
 import stat
 import time
 from collections.abc import Callable, Iterable
@@ -49,6 +50,10 @@ class Timeout(Exception):
 
 class Interrupted(Exception):
     """The worker was told to stop while we waited for the client."""
+
+
+class HandshakeFailed(ConnectionLost):
+    """A TLS handshake failed; the message says why in an admin's words (already logged)."""
 
 
 class LineTooLong:
@@ -300,6 +305,113 @@ class Transport:
             ready, _, _ = select.select([self.wake_fd], [], [], min(remaining, 1.0))
             if ready:
                 drain(self.wake_fd)
+
+
+class TLSTransport(Transport):
+    """A :class:`Transport` over a server-side :class:`ssl.SSLSocket` (implicit TLS or STLS).
+
+    Same deadlines, stop requests and ``progress()`` hook as :class:`Transport`; the
+    socket is non-blocking and OpenSSL's "want read"/"want write" mean: poll for that
+    direction, then retry. A read tries ``recv`` before polling, so bytes OpenSSL has
+    already decrypted (``pending()``: a whole pipelined batch may sit there while the
+    socket is quiet) are returned at once.
+    """
+
+    def __init__(
+        self,
+        sock: ssl.SSLSocket,
+        wake_fd: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        progress: Callable[[], None] | None = None,
+    ) -> None:
+        sock.setblocking(False)
+        super().__init__(sock.fileno(), sock.fileno(), wake_fd, should_stop, progress)
+        self.sock = sock
+
+    def handshake(self, deadline: float) -> None:
+        """Run the server handshake, all of it bounded by ``deadline`` (not per read: a
+        client trickling one byte at a time must not hold the worker). Raises the
+        ``ssl.SSLError``/``OSError`` of a failed handshake, :class:`Timeout` or
+        :class:`Interrupted`."""
+        while True:
+            try:
+                self.sock.do_handshake()
+                self.progress()
+                return
+            except ssl.SSLWantReadError:
+                self._wait(self.rfd, select.POLLIN, deadline)
+            except ssl.SSLWantWriteError:
+                self._wait(self.wfd, select.POLLOUT, deadline)
+
+    def recv(self, deadline: float) -> bytes:
+        """Up to READ_BLOCK decrypted octets; raises ConnectionLost at EOF or on a TLS error."""
+        while True:
+            try:
+                data = self.sock.recv(READ_BLOCK)
+            except ssl.SSLWantReadError:
+                self._wait(self.rfd, select.POLLIN, deadline)
+                continue
+            except ssl.SSLWantWriteError:
+                self._wait(self.wfd, select.POLLOUT, deadline)
+                continue
+            except (ssl.SSLError, OSError, ValueError) as exc:  # close_notify, reset, a bad record
+                raise ConnectionLost(str(exc)) from None
+            if not data:
+                raise ConnectionLost("end of input")
+            self.progress()
+            return data
+
+    def send(
+        self,
+        data: bytes | bytearray | memoryview,
+        timeout: float,
+        deadline: float = math.inf,
+    ) -> None:
+        """Send everything or raise Timeout/ConnectionLost; bounded as :meth:`Transport.send`."""
+        view = memoryview(data).cast("B")
+        stall = time.monotonic() + timeout
+        while view:
+            if time.monotonic() >= deadline:
+                raise Timeout
+            try:
+                sent = self.sock.send(view)
+            except ssl.SSLWantWriteError:
+                self._wait(self.wfd, select.POLLOUT, min(stall, deadline))
+                continue
+            except ssl.SSLWantReadError:  # a key update or renegotiation wants the peer first
+                self._wait(self.rfd, select.POLLIN, min(stall, deadline))
+                continue
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                raise ConnectionLost(str(exc)) from None
+            self.sent(sent)
+            view = view[sent:]
+            stall = time.monotonic() + timeout
+            self.progress()
+
+    def send_chunks(
+        self,
+        chunks: list[bytes | bytearray | memoryview],
+        timeout: float,
+        deadline: float = math.inf,
+    ) -> None:
+        """As :meth:`Transport.send_chunks`, through TLS: ``writev`` on the socket would
+        bypass the encryption, so the buffers are joined and sent as records."""
+        self.send(b"".join(chunks), timeout, deadline)
+
+    def sendfile(self, fd: int, count: int, timeout: float, deadline: float = math.inf) -> None:
+        """As :meth:`Transport.sendfile`, through TLS: the kernel's ``sendfile`` would put
+        the file on the wire unencrypted, so it is read and sent (pread + :meth:`send`)."""
+        self._copy_file(fd, 0, count, timeout, deadline)
+
+    def shut_down(self, linger: float = LINGER_SECONDS, limit: int = LINGER_OCTETS) -> None:
+        """Send TLS close_notify (best effort, never waiting for the client's), then as
+        :meth:`Transport.shut_down`: shut down the sending side of the socket and drain
+        (the still-encrypted) client input briefly. Never raises."""
+        try:
+            self.sock.unwrap()
+        except (ssl.SSLError, OSError, ValueError):
+            pass  # the client's close_notify has not come yet (non-blocking), or it is gone
+        super().shut_down(linger, limit)
 
 
 def drain(fd: int) -> None:

@@ -46,14 +46,24 @@ import hmac
 import secrets
 import stringprep
 import time
-import unicodedata
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import scramp
+import scramp  # type: ignore[import-untyped]
 
 from tpops.auth.base import MailUser
+from tpops.auth.credentials import (
+    _SCRAM_SALT_BYTES,
+    DOVECOT_SCRAM_PREFIX,
+    SCRAM_ITERATIONS,
+    BackendCaps,
+    SaslPrepError,
+    ScramCredentials,
+    format_dovecot_scram,
+    make_scram_credentials,
+    parse_dovecot_scram,
+    saslprep,
+)
 from tpops.logs import escape
 
 __all__ = [
@@ -85,11 +95,6 @@ __all__ = [
 #: Longest client line during AUTH (RFC 5034 4: SASL lines may exceed RFC 2449's 255).
 MAX_RESPONSE_LINE = 8192
 
-#: PBKDF2 rounds for SCRAM credentials made here (RFC 7677 4: at least 4096; Dovecot's default).
-SCRAM_ITERATIONS = 4096
-_SCRAM_SALT_BYTES = 16  # as Dovecot
-_SHA256_BYTES = 32
-
 #: Every mechanism this module implements, strongest first (the order CAPA lists them).
 MECHANISMS: tuple[str, ...] = ("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "CRAM-MD5", "PLAIN", "LOGIN")
 
@@ -98,6 +103,8 @@ MECHANISMS: tuple[str, ...] = ("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "CRAM-MD5"
 #: is the same on every worker and an unknown user cannot be told from a known one by a
 #: salt that changes between attempts.
 _SALT_KEY = secrets.token_bytes(32)
+#: What the timing twin of a SCRAM derivation derives from (the result is thrown away).
+_DUMMY_SECRET = secrets.token_hex(16)
 
 
 # ---------------------------------------------------------------- outcomes of a step
@@ -144,16 +151,6 @@ class Mechanism(Protocol):
 
 # ---------------------------------------------------------------- what the backend provides
 
-@dataclass(frozen=True)
-class ScramCredentials:
-    """SCRAM-SHA-256 server credentials (RFC 5802 3): what is stored instead of a password."""
-
-    salt: bytes
-    iterations: int
-    stored_key: bytes
-    server_key: bytes
-
-
 class SaslBackend(Protocol):
     """What the mechanisms need from an authenticator.
 
@@ -176,18 +173,6 @@ class SaslBackend(Protocol):
     def clear_secret(self, login: str) -> tuple[MailUser, bytes] | None: ...
 
     def scram_credentials(self, login: str) -> tuple[MailUser, ScramCredentials] | None: ...
-
-
-@dataclass(frozen=True)
-class BackendCaps:
-    """Which secrets a backend, as configured, can produce for at least some users.
-
-    ``clear_secrets``: ``clear_secret()`` can answer (CRAM-MD5; SCRAM from the secret).
-    ``scram``: ``scram_credentials()`` can answer (stored ``{SCRAM-SHA-256}`` values).
-    """
-
-    clear_secrets: bool = False
-    scram: bool = False
 
 
 def mechanisms_for(caps: BackendCaps, *, plaintext_allowed: bool,
@@ -246,52 +231,6 @@ def encode_challenge(data: bytes) -> str:
 
 
 # ---------------------------------------------------------------- SASLprep (RFC 4013)
-
-class SaslPrepError(ValueError):
-    """The string is prohibited by SASLprep; the message says why (no client data in it)."""
-
-
-_PROHIBITED: tuple[tuple[Callable[[str], bool], str], ...] = (
-    (stringprep.in_table_c12, "non-ASCII space"),
-    (stringprep.in_table_c21, "ASCII control character"),
-    (stringprep.in_table_c22, "non-ASCII control character"),
-    (stringprep.in_table_c3, "private use character"),
-    (stringprep.in_table_c4, "non-character code point"),
-    (stringprep.in_table_c5, "surrogate code point"),
-    (stringprep.in_table_c6, "character inappropriate for plain text"),
-    (stringprep.in_table_c7, "character inappropriate for canonical representation"),
-    (stringprep.in_table_c8, "change-of-direction or deprecated character"),
-    (stringprep.in_table_c9, "tagging character"),
-)
-
-
-def saslprep(text: str, *, allow_unassigned: bool = True) -> str:
-    """``text`` prepared with the SASLprep profile of stringprep (RFC 4013, RFC 3454).
-
-    Maps non-ASCII spaces to SPACE and removes characters "commonly mapped to nothing"
-    (the soft hyphen, zero-width joiners), normalises with NFKC (Unicode 3.2, the
-    stdlib :mod:`stringprep` tables), then refuses prohibited characters and bad
-    bidirectional strings with :class:`SaslPrepError`. ``allow_unassigned`` is true for
-    "query" strings (what a client presents) and false for "stored" ones (RFC 3454 7).
-    An empty result is returned as is; callers refuse it.
-    """
-    mapped = "".join(" " if stringprep.in_table_c12(c) else c
-                     for c in text if not stringprep.in_table_b1(c))
-    prepared = unicodedata.ucd_3_2_0.normalize("NFKC", mapped)
-    for c in prepared:
-        for in_table, what in _PROHIBITED:
-            if in_table(c):
-                raise SaslPrepError(f"prohibited {what} U+{ord(c):04X}")
-        if not allow_unassigned and stringprep.in_table_a1(c):
-            raise SaslPrepError(f"unassigned code point U+{ord(c):04X}")
-    if any(stringprep.in_table_d1(c) for c in prepared):  # RFC 3454 6: bidi rules
-        if any(stringprep.in_table_d2(c) for c in prepared):
-            raise SaslPrepError("mixes right-to-left and left-to-right characters")
-        if not (stringprep.in_table_d1(prepared[0]) and stringprep.in_table_d1(prepared[-1])):
-            raise SaslPrepError("a right-to-left string must start and end with "
-                                "right-to-left characters")
-    return prepared
-
 
 def _text(data: bytes, what: str) -> str:
     """UTF-8 text from the client, or :class:`_Refused` naming what was wrong."""
@@ -434,61 +373,6 @@ class CramMD5:
 
 # ---------------------------------------------------------------- SCRAM-SHA-256(-PLUS)
 
-DOVECOT_SCRAM_PREFIX = "{SCRAM-SHA-256}"
-
-
-def make_scram_credentials(secret: str | bytes, *, iterations: int = SCRAM_ITERATIONS,
-                           salt: bytes | None = None) -> ScramCredentials:
-    """SCRAM-SHA-256 credentials for a clear secret (SASLprep'd as RFC 5802 asks).
-
-    Raises :class:`SaslPrepError` (or ``UnicodeDecodeError`` for non-UTF-8 bytes) when
-    the secret cannot be used with SCRAM.
-    """
-    text = secret.decode("utf-8") if isinstance(secret, bytes) else secret
-    saslprep(text, allow_unassigned=False)  # our message rather than scramp's
-    salt = salt if salt is not None else secrets.token_bytes(_SCRAM_SALT_BYTES)
-    try:
-        salt, stored_key, server_key, rounds = scramp.ScramMechanism("SCRAM-SHA-256") \
-            .make_auth_info(text, iteration_count=iterations, salt=salt)
-    except scramp.ScramException as e:
-        raise ValueError(f"cannot make SCRAM credentials: {e}") from None
-    return ScramCredentials(salt, rounds, stored_key, server_key)
-
-
-def format_dovecot_scram(credentials: ScramCredentials) -> str:
-    """Dovecot's stored form: ``{SCRAM-SHA-256}iterations,salt,StoredKey,ServerKey`` (base64)."""
-    b64 = lambda b: base64.b64encode(b).decode("ascii")  # noqa: E731
-    return (f"{DOVECOT_SCRAM_PREFIX}{credentials.iterations},{b64(credentials.salt)},"
-            f"{b64(credentials.stored_key)},{b64(credentials.server_key)}")
-
-
-def parse_dovecot_scram(value: str) -> ScramCredentials:
-    """Credentials from Dovecot's ``{SCRAM-SHA-256}`` format (the prefix is optional).
-
-    Raises ``ValueError`` saying what is wrong (never echoing the value: it is a secret).
-    """
-    body = value[len(DOVECOT_SCRAM_PREFIX):] if value.upper().startswith(DOVECOT_SCRAM_PREFIX) \
-        else value
-    fields = body.split(",")
-    if len(fields) != 4:
-        raise ValueError("SCRAM-SHA-256 value must be iterations,salt,StoredKey,ServerKey")
-    rounds, salt, stored, server = fields
-    if not rounds.isascii() or not rounds.isdigit() or rounds.startswith("0"):
-        raise ValueError("SCRAM-SHA-256 iteration count is not a number")
-    if not 4096 <= int(rounds) <= 10_000_000:
-        raise ValueError("SCRAM-SHA-256 iteration count must be between 4096 and 10000000")
-    try:
-        salt_b, stored_b, server_b = (base64.b64decode(f, validate=True)
-                                      for f in (salt, stored, server))
-    except binascii.Error:
-        raise ValueError("SCRAM-SHA-256 value has invalid base64") from None
-    if len(salt_b) < 12:  # scramp's (and common) minimum
-        raise ValueError("SCRAM-SHA-256 salt is shorter than 12 octets")
-    if len(stored_b) != _SHA256_BYTES or len(server_b) != _SHA256_BYTES:
-        raise ValueError("SCRAM-SHA-256 StoredKey and ServerKey must be 32 octets")
-    return ScramCredentials(salt_b, int(rounds), stored_b, server_b)
-
-
 def _keyed_salt(purpose: bytes, login: str) -> bytes:
     return hmac.new(_SALT_KEY, purpose + b"\0" + login.encode("utf-8", "surrogatepass"),
                     hashlib.sha256).digest()[:_SCRAM_SALT_BYTES]
@@ -526,6 +410,7 @@ class Scram:
     def _credentials(self, login: str) -> tuple[bytes, bytes, bytes, int]:
         """scramp's auth_fn: (salt, StoredKey, ServerKey, iterations) for ``login``."""
         self._login = login
+        creds: ScramCredentials | None = None
         try:
             stored = self._backend.scram_credentials(login)
             if stored is not None:
@@ -535,6 +420,10 @@ class Scram:
         except BaseException as e:  # scramp would hide AuthUnavailable as NO_RESOURCES
             self._backend_error = e
             raise
+        if self._user is None or stored is not None:
+            # Deriving from a clear secret costs one PBKDF2; stored credentials and
+            # unknown users pay the same, so the timing tells no kind of user apart.
+            make_scram_credentials(_DUMMY_SECRET, salt=_keyed_salt(b"dummy", login))
         if creds is None:  # unknown user: mock credentials that no proof matches
             creds = ScramCredentials(_keyed_salt(b"mock", login), SCRAM_ITERATIONS,
                                      secrets.token_bytes(32), secrets.token_bytes(32))

@@ -44,13 +44,14 @@ from typing import Protocol
 
 from tpops import logs
 from tpops.auth.base import Authenticator, MailUser
-from tpops.authorization import AUTHORIZATION_COMMANDS, Authorization
+from tpops.authorization import AUTHORIZATION_COMMANDS, Authorization, StartTLS
 from tpops.config import Config
 from tpops.connection import Connection
 from tpops.protocol import (
     LINE_TOO_LONG,
     MAX_COMMAND_OCTETS,
     ConnectionLost,
+    HandshakeFailed,
     Interrupted,
     LineReader,
     LineTooLong,
@@ -145,7 +146,8 @@ class Session:
     command and its reply. ``penalty``, when given, lengthens the pause after a failed
     login by the client address's shared penalty (:class:`FailurePenalty`). The
     transport's ``progress()`` heartbeat is also called after each command is handled
-    (a slow backend check or UPDATE moves no data).
+    (a slow backend check or UPDATE moves no data). ``connection`` describes the client
+    and its protection; ``start_tls`` (TLS configured) makes STLS available.
     """
 
     def __init__(
@@ -161,6 +163,7 @@ class Session:
         observer: SessionObserver | None = None,
         penalty: FailurePenalty | None = None,
         connection: Connection | None = None,
+        start_tls: StartTLS | None = None,
     ) -> None:
         self.observer = observer
         self.transport = transport
@@ -174,10 +177,9 @@ class Session:
         self.logged_in = False
         self.reader = LineReader(transport)
         self.writer = ReplyWriter(transport, float(config.command_timeout), self._hard_deadline())
-        self.connection = connection if connection is not None else Connection(peer)
         self.authorization = Authorization(
             config, authenticator, peer, serve_as=serve_as, on_login=on_login, timestamp=timestamp,
-            connection=self.connection,
+            connection=connection if connection is not None else Connection(peer), start_tls=start_tls,
         )
         self.state: State = self.authorization
         self.exchange: Exchange | None = None
@@ -187,6 +189,11 @@ class Session:
         #: Why the session ended, as logged; set when :meth:`run` returns.
         self.reason = ""
         self.record = SessionRecord(peer, time.time(), 0.0, None, False)
+
+    @property
+    def connection(self) -> Connection:
+        """The client and its protection now (STLS upgrades it)."""
+        return self.authorization.connection
 
     def run(self) -> SessionRecord:
         """Serve the connection until QUIT, a limit, a stop request or the client leaves."""
@@ -225,6 +232,8 @@ class Session:
         except Interrupted:
             reason = "server shutdown"
             self._farewell(err("Server shutting down.", "SYS/TEMP"))
+        except HandshakeFailed:  # after STLS; the owner's start_tls logged why
+            reason = "TLS handshake failed"
         except ConnectionLost:
             reason = "client disconnected"
         except Exception:

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from tpops import logs
 from tpops.mailbox.lock import DEFAULT_LOCK_PARENT
-from tpops.protocol import Transport
+from tpops.protocol import TLSTransport, Transport
 from tpops.reply import Reply
 
 if TYPE_CHECKING:
@@ -164,6 +164,10 @@ class CountingTransport(Transport):
 
     def sent(self, octets: int) -> None:
         self.on_sent(octets)
+
+
+class CountingTLSTransport(CountingTransport, TLSTransport):
+    """A :class:`~tpops.protocol.TLSTransport` that reports the (clear-text) octets it sends."""
 
 
 class SessionObserver:

@@ -283,10 +283,14 @@ def load_server_tls(cert_file: str, key_file: str, *, min_version: str = "TLSv1.
 class TLSSettings(Protocol):
     """The configuration values :func:`tls_from_config` reads (a :class:`tpops.config.Config`)."""
 
-    tls_cert_file: str | None
-    tls_key_file: str | None
-    tls_min_version: str
-    tls_ciphers: str | None
+    @property
+    def tls_cert_file(self) -> str | None: ...
+    @property
+    def tls_key_file(self) -> str | None: ...
+    @property
+    def tls_min_version(self) -> str: ...
+    @property
+    def tls_ciphers(self) -> str | None: ...
 
 
 def tls_from_config(config: TLSSettings) -> ServerTLS | None:

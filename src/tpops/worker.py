@@ -15,6 +15,13 @@ limit is answered ``-ERR [SYS/TEMP]`` and closed at once. While serving, the wor
 marks its progress in its slot of that table: each read and write on the client's
 connection, each second of a pause. The master's watchdog reads it.
 
+TLS: a connection accepted on an implicit-TLS listener (``$tls_port``, or systemd's
+``pop3s``) is wrapped with the master's :class:`~tpops.tls.ServerTLS` context (inherited
+across fork: one set of session-ticket keys for the whole pool) and handshaken within
+``$command_timeout`` before the greeting, after any PROXY header; on the plain port STLS
+does the same later (:meth:`Worker.start_tls`). A failed handshake is logged with the
+peer and the reason and ends only that connection.
+
 Before its first accept a worker boots (:func:`boot`): backend built and modules
 imported while still root, the lock directory prepared (created, handed to
 ``--user``) by :func:`tpops.mailbox.lock.prepare_lock_dir`, then ``--user`` applied for
@@ -29,9 +36,11 @@ import os
 import select
 import signal
 import socket
+import ssl
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from setproctitle import setproctitle
@@ -40,13 +49,22 @@ from tpops import logs
 from tpops.auth import make_authenticator
 from tpops.auth.base import Authenticator
 from tpops.config import Config
+from tpops.connection import BALANCER_TLS, IMPLICIT_TLS, PLAIN, STARTTLS, Connection
 from tpops.limits import ClientLimits, SharedLimits
 from tpops.mailbox.lock import check_lock_dir, lock_kind, prepare_lock_dir
 from tpops.privileges import SessionPrivileges, become, lookup_identity
-from tpops.protocol import Transport, drain
+from tpops.protocol import (
+    HandshakeFailed,
+    Interrupted,
+    Timeout,
+    TLSTransport,
+    Transport,
+    drain,
+)
 from tpops.proxy import ProxyError, ProxyInfo, TrustedNetworks, read_header
 from tpops.session import Session, make_timestamp
-from tpops.status import CountingTransport, Monitor
+from tpops.status import CountingTLSTransport, CountingTransport, Monitor
+from tpops.tls import ServerTLS, describe_handshake_error, describe_session
 from tpops.transaction import Transaction
 
 log = logs.get("worker")
@@ -90,6 +108,14 @@ class StopRequest:
 
 
 @dataclass
+class Accepted:
+    """One accepted connection's socket: the plain one, then the :class:`ssl.SSLSocket`
+    that took it over (wrapping detaches the plain one), so the worker closes the right one."""
+
+    sock: socket.socket
+
+
+@dataclass
 class Worker:
     """One worker process's life; :meth:`run` returns the process exit status."""
 
@@ -108,6 +134,10 @@ class Worker:
     refused_logged: float = float("-inf")
     #: Status board and metrics (:mod:`tpops.status`), inherited from the master; None without one.
     monitor: Monitor | None = None
+    #: The master's TLS context (None: TLS not configured) and the fds of the listeners that
+    #: speak implicit TLS.
+    server_tls: ServerTLS | None = None
+    tls_listeners: frozenset[int] = frozenset()
 
     def progress(self) -> None:
         """A sign of life for the master's watchdog (cheap: one store into shared memory)."""
@@ -118,9 +148,10 @@ class Worker:
         """The failed-login penalty API for a session with ``peer`` (shared across the pool)."""
         return ClientLimits(self.limits, peer, self.config.max_auth_penalty)
 
-    def admit(self, conn: socket.socket, peer: str) -> bool:
+    def admit(self, conn: socket.socket, peer: str, tls: bool = False) -> bool:
         """Count the connection from ``peer`` across the pool; over ``$max_connections_per_ip``
-        it is answered ``-ERR [SYS/TEMP]`` and closed here (False), before any session starts."""
+        it is answered ``-ERR [SYS/TEMP]`` (not on a TLS listener: the client expects a
+        handshake) and closed here (False), before any session starts."""
         if self.limits is None:
             return True
         limit = self.config.max_connections_per_ip
@@ -128,7 +159,8 @@ class Worker:
         if not limit or count <= limit:
             return True
         try:
-            conn.send(TOO_MANY_CONNECTIONS, socket.MSG_DONTWAIT)
+            if not tls:
+                conn.send(TOO_MANY_CONNECTIONS, socket.MSG_DONTWAIT)
             conn.shutdown(socket.SHUT_WR)
         except OSError:
             pass
@@ -226,10 +258,11 @@ class Worker:
                         if proxy is None:
                             continue
                         peer = proxy.client(peer)
-                    if not self.admit(conn, peer):
+                    implicit_tls = fd in self.tls_listeners and self.server_tls is not None
+                    if not self.admit(conn, peer, implicit_tls):
                         continue
                     try:
-                        self.serve(conn, peer, authenticator, privileges, wake_r, proxy)
+                        self.serve(conn, peer, authenticator, privileges, wake_r, proxy, implicit_tls)
                     finally:
                         if self.limits is not None:
                             self.limits.leave(self.slot)
@@ -248,12 +281,14 @@ class Worker:
         privileges: SessionPrivileges,
         wake_r: int,
         proxy: ProxyInfo | None = None,
+        implicit_tls: bool = False,
     ) -> None:
         """Serve one accepted connection to its end.
 
         ``peer`` is the client's address (a trusted balancer's PROXY header already
         applied); ``proxy`` what that header said (``proxy.ssl``: the balancer terminated
-        TLS), None for a direct connection.
+        TLS), None for a direct connection. ``implicit_tls``: it came from a TLS
+        listener; the handshake runs first.
         """
         self.progress()
         self.report(BUSY)
@@ -264,14 +299,26 @@ class Worker:
         except OSError:
             pass
         observer = self.monitor.session(self.slot) if self.monitor is not None else None
+        accepted = Accepted(conn)
+        on_sent = observer.sent if observer is not None else None
         try:
             if observer is not None:
                 observer.begin(peer)
-                transport: Transport = CountingTransport(conn.fileno(), conn.fileno(), wake_r,
-                                                         lambda: self.stop.force, self.progress,
-                                                         on_sent=observer.sent)
+            connection = Connection(peer, BALANCER_TLS if proxy is not None and proxy.ssl else PLAIN)
+            transport: Transport
+            if implicit_tls:
+                transport = self.handshake(accepted, peer, wake_r, on_sent)  # before the greeting
+                connection = self.tls_connection(connection, IMPLICIT_TLS, transport)
+            elif on_sent is not None:
+                transport = CountingTransport(conn.fileno(), conn.fileno(), wake_r,
+                                              lambda: self.stop.force, self.progress, on_sent=on_sent)
             else:
                 transport = Transport(conn.fileno(), conn.fileno(), wake_r, lambda: self.stop.force, self.progress)
+
+            def start_tls(plain: Transport, before: Connection) -> tuple[Transport, Connection]:
+                upgraded = self.handshake(accepted, peer, wake_r, on_sent)
+                return upgraded, self.tls_connection(before, STARTTLS, upgraded)
+
             session = Session(
                 transport,
                 peer,
@@ -282,6 +329,8 @@ class Worker:
                 timestamp=make_timestamp(self.config.hostname, self.sessions),
                 observer=observer,
                 penalty=self.client_limits(peer),
+                connection=connection,
+                start_tls=start_tls if self.server_tls is not None else None,
             )
             record = session.run()
             if observer is not None:
@@ -290,22 +339,63 @@ class Worker:
                 observer = None
             write_access_log(self.log_files, record.access_log_line())
             session.finish()  # after the access log: a client that sees EOF sees the session accounted
+        except (HandshakeFailed, Interrupted):
+            pass  # implicit TLS that did not start (logged by handshake()) or SIGTERM during it
         except Exception:
             # A bug outside the session loop (it catches its own): this client gets a
             # short error, the worker lives on. Dying here would turn one bad input
             # into a crash, and a fork, per connection.
             log.exception("internal error serving %s", peer)
-            try:
-                conn.send(b"-ERR [SYS/TEMP] Internal server error.\r\n", socket.MSG_DONTWAIT)
-            except OSError:
-                pass
+            if not isinstance(accepted.sock, ssl.SSLSocket):  # on TLS, clear text would be noise
+                try:
+                    conn.send(b"-ERR [SYS/TEMP] Internal server error.\r\n", socket.MSG_DONTWAIT)
+                except OSError:
+                    pass
         finally:
             if observer is not None:  # an internal error: the record must not outlive the session
                 observer.finished(False, 0, 0, quit=False)
-            conn.close()
+            accepted.sock.close()
         if not privileges.changed:
             setproctitle("tpops: worker idle")
             self.report(IDLE)
+
+
+    def handshake(self, accepted: Accepted, peer: str, wake_r: int,
+                  on_sent: Callable[[int], None] | None) -> TLSTransport:
+        """Wrap the accepted socket with the master's context and run the server
+        handshake within ``$command_timeout`` (for the whole handshake); the TLS
+        transport (counting octets for the status board when ``on_sent`` is given).
+
+        A failed handshake is logged (peer and reason) and raised as
+        :class:`~tpops.protocol.HandshakeFailed`; :class:`~tpops.protocol.Interrupted`
+        (SIGTERM) passes through.
+        """
+        assert self.server_tls is not None
+        setproctitle(f"tpops: worker {peer} (TLS handshake)")
+        tls_sock = self.server_tls.context.wrap_socket(accepted.sock, server_side=True,
+                                                      do_handshake_on_connect=False)
+        accepted.sock = tls_sock
+        transport: TLSTransport
+        if on_sent is not None:
+            transport = CountingTLSTransport(tls_sock, wake_r, lambda: self.stop.force, self.progress,
+                                             on_sent=on_sent)
+        else:
+            transport = TLSTransport(tls_sock, wake_r, lambda: self.stop.force, self.progress)
+        try:
+            transport.handshake(time.monotonic() + self.config.command_timeout)
+        except (ssl.SSLError, OSError, Timeout) as exc:
+            reason = describe_handshake_error(TimeoutError() if isinstance(exc, Timeout) else exc)
+            log.warning("TLS handshake failed from %s: %s", logs.escape(peer), reason)
+            raise HandshakeFailed(reason) from None
+        finally:
+            setproctitle(f"tpops: worker {peer}")
+        return transport
+
+    def tls_connection(self, before: Connection, security: str, transport: TLSTransport) -> Connection:
+        """``before`` after a successful handshake: protection, channel binding, description."""
+        assert self.server_tls is not None
+        return before.upgraded(security, end_point=self.server_tls.end_point,
+                               tls_description=describe_session(transport.sock))
 
 
 def boot(config: Config, authenticator: Authenticator | None = None) -> tuple[SessionPrivileges, Authenticator]:

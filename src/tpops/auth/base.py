@@ -16,6 +16,13 @@ Methods the session calls
 ``supports_apop``
     True when APOP can work for this backend as configured; the greeting carries an
     APOP timestamp only then.
+``clear_secret(login)`` / ``scram_credentials(login)``
+    For SASL AUTH (:class:`tpops.sasl.SaslBackend`): the user and the clear-text secret
+    (CRAM-MD5, SCRAM), or stored SCRAM-SHA-256 credentials; None for an unknown user or
+    one without that kind of secret. ``$default_domain`` applies as for ``authenticate``.
+``sasl_caps``
+    A :class:`~tpops.auth.credentials.BackendCaps`: which of those two can answer for
+    some users, so CAPA and AUTH offer only mechanisms that can work.
 ``lock(user)``
     Take the one-session-per-mailbox lock; return a :class:`MailboxLock` or raise
     :class:`MailboxInUse` (both live in :mod:`tpops.mailbox.lock`, re-exported here).
@@ -64,6 +71,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from tpops.auth import hashes
+from tpops.auth.credentials import BackendCaps, ScramCredentials
 from tpops.mailbox.lock import (
     MailboxInUse,
     MailboxLock,
@@ -120,6 +128,13 @@ class Authenticator(Protocol):
     def authenticate(self, login: str, password: bytes) -> MailUser | None: ...
 
     def authenticate_apop(self, login: str, timestamp: str, digest: str) -> MailUser | None: ...
+
+    @property
+    def sasl_caps(self) -> BackendCaps: ...
+
+    def clear_secret(self, login: str) -> tuple[MailUser, bytes] | None: ...
+
+    def scram_credentials(self, login: str) -> tuple[MailUser, ScramCredentials] | None: ...
 
     def lock(self, user: MailUser) -> MailboxLock: ...
 

@@ -13,8 +13,9 @@ The file is re-read whenever it changes (a cheap ``stat`` on every call), so use
 are added without a restart. A bad line refuses only that user and is logged with
 its line number, once per load and process, when that user is first looked up (a
 line without any ":" and a duplicate login are logged at load); a missing or
-unreadable file makes the backend unavailable. APOP works for
-``{PLAIN}``/``{CLEARTEXT}`` entries only.
+unreadable file makes the backend unavailable. APOP and AUTH CRAM-MD5 work for
+``{PLAIN}``/``{CLEARTEXT}`` entries only; AUTH SCRAM-SHA-256 for those and
+``{SCRAM-SHA-256}`` entries (Dovecot's format).
 
 Scale: a load does not parse every line. It keeps the file's octets and an index
 ``login -> offset of its line`` (one pass of ``bytes`` operations: about 0.7 s and
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING
 
 from tpops.auth import hashes
 from tpops.auth.base import AuthUnavailable, LockingAuthenticator, file_key
+from tpops.auth.credentials import BackendCaps
 from tpops.auth.stored import StoredEntry, StoredPasswordAuthenticator
 from tpops.logs import escape, get
 
@@ -60,6 +62,8 @@ class _Bad:
 
 #: Lines whose password may be clear text: the APOP candidates checked at load.
 _PLAIN_CANDIDATE = re.compile(rb"(?mi)^[^:\n]*:\{(?:plain|cleartext)")
+#: Lines whose password may be a stored SCRAM-SHA-256 value: checked at load for CAPA's SASL line.
+_SCRAM_CANDIDATE = re.compile(rb"(?mi)^[^:\n]*:\{scram-sha-256\}")
 #: Stored values sampled (evenly over the file) for the majority scheme of the dummy check.
 _TALLY_SAMPLE = 2000
 #: A worker that sees the file changed re-indexes it itself only up to this many logins
@@ -80,6 +84,7 @@ class _Table:
     data: bytes
     index: dict[bytes, int]  # login -> offset of its (first) line in data
     apop: bool
+    scram: bool  # some entry is {SCRAM-SHA-256}
     dummy: str | None  # a stored value of the majority scheme and cost (hashes.SchemeTally)
 
     def line(self, offset: int) -> str:
@@ -313,6 +318,17 @@ def _apop_possible(data: bytes) -> bool:
     return False
 
 
+def _scram_possible(data: bytes) -> bool:
+    """True when some line has a usable ``{SCRAM-SHA-256}`` password (Dovecot's format)."""
+    for match in _SCRAM_CANDIDATE.finditer(data):
+        end = data.find(b"\n", match.start())
+        line = data[match.start() : end if end >= 0 else len(data)].decode("utf-8", "surrogateescape")
+        stored = line.rstrip("\r").split(":", 2)[1]
+        if hashes.scram_secret(stored) is not None:
+            return True
+    return False
+
+
 def _dummy_template(data: bytes, offsets: list[int]) -> str | None:
     """The majority scheme and cost among up to :data:`_TALLY_SAMPLE` entries spread over the file."""
     tally = hashes.SchemeTally()
@@ -368,7 +384,8 @@ class FileAuthenticator(StoredPasswordAuthenticator, LockingAuthenticator):
         except OSError as e:
             raise AuthUnavailable(f"File: cannot read {self._path}: {e.strerror or e}") from e
         found = index(data, self._path)
-        table = _Table(key, data, found, _apop_possible(data), _dummy_template(data, list(found.values())))
+        table = _Table(key, data, found, _apop_possible(data), _scram_possible(data),
+                       _dummy_template(data, list(found.values())))
         log.info("indexed %d logins from %s", len(found), escape(self._path))
         self._table = table
         self._bad_logged = set()
@@ -428,6 +445,17 @@ class FileAuthenticator(StoredPasswordAuthenticator, LockingAuthenticator):
         except Exception as e:  # a greeting must never fail
             log.error("%s", e)
             return False
+
+    @property
+    def sasl_caps(self) -> BackendCaps:
+        """CRAM-MD5 and SCRAM when some entry is ``{PLAIN}``; SCRAM also when some entry is
+        ``{SCRAM-SHA-256}``; neither when the file cannot be read (a login reports why)."""
+        try:
+            table = self._users()
+        except AuthUnavailable as e:  # CAPA still answers; a login reports it again
+            log.error("%s", e)
+            return BackendCaps()
+        return BackendCaps(clear_secrets=table.apop, scram=table.scram)
 
     def dummy_template(self) -> str | None:
         """The majority scheme and cost of the file's users, as of its last load."""

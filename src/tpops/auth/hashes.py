@@ -37,6 +37,7 @@ from types import ModuleType
 from passlib import exc as passlib_exc
 from passlib import hash as passlib_hash
 
+from tpops.auth import credentials
 from tpops.logs import escape, get
 
 log = get("auth.hashes")
@@ -49,7 +50,9 @@ class _Scheme:
     ``kind``: ``plain`` (clear text), ``plain-trunc``, ``crypt`` (a crypt(3)-style
     string checked by a passlib handler with crypt(3) as fallback), ``argon2``,
     ``ldap`` (base64 of digest[+salt], checked by a passlib ``ldap_*`` handler with a
-    hashlib fallback for salt lengths passlib refuses), ``hex`` (hex digest).
+    hashlib fallback for salt lengths passlib refuses), ``hex`` (hex digest), ``scram``
+    (Dovecot's ``{SCRAM-SHA-256}iterations,salt,StoredKey,ServerKey``: the password is
+    run through PBKDF2 as a SCRAM client would and both keys compared).
     """
 
     kind: str
@@ -83,6 +86,7 @@ SCHEMES: dict[str, _Scheme] = {
     "SHA512": _Scheme("ldap", None, None, "sha512"),
     "LDAP-MD5": _Scheme("ldap", "ldap_md5", "{MD5}", "md5"),
     "PLAIN-MD5": _Scheme("hex", "hex_md5"),
+    "SCRAM-SHA-256": _Scheme("scram"),
 }
 
 #: passlib handlers tried, in order, on a bare ``$...`` hash.
@@ -173,6 +177,11 @@ def identify(stored: str, *, plain_ok: bool = False) -> str | None:
         scheme = resolved[0]
         if scheme.kind in ("crypt", "argon2") and scheme.handler and not _parses(scheme.handler, split[1]):
             return None
+        if scheme.kind == "scram":
+            try:
+                credentials.parse_dovecot_scram(split[1])
+            except ValueError:
+                return None
         return split[0]
     name = _bare_handler(stored, strict=True)
     if name is not None:
@@ -380,6 +389,13 @@ def verify_password(secret: bytes, stored: str, *, plain_ok: bool = False) -> bo
         return _verify_crypt(scheme_name, scheme.handler, secret, body)
     if scheme.kind == "ldap":
         return _verify_ldap(scheme_name, scheme, encoding, secret, body)
+    if scheme.kind == "scram":
+        try:
+            stored_credentials = credentials.parse_dovecot_scram(body)
+        except ValueError as e:  # the message names what is wrong, never the value
+            log.warning("malformed SCRAM-SHA-256 value in a stored password: %s", e)
+            return False
+        return credentials.scram_verify(secret, stored_credentials)
     assert scheme.handler is not None
     try:
         return _passlib_verify(scheme.handler, secret, body.lower() if scheme.kind == "hex" else body)
@@ -498,3 +514,15 @@ def apop_digest_ok(timestamp: str, secret: str, digest: str) -> bool:
     ).hexdigest()
     given = digest.strip().lower().encode("utf-8", "surrogateescape")
     return hmac.compare_digest(expected.encode("ascii"), given)
+
+
+def scram_secret(stored: str) -> credentials.ScramCredentials | None:
+    """The SCRAM-SHA-256 credentials of a stored ``{SCRAM-SHA-256}`` value (Dovecot's
+    format), for AUTH SCRAM-SHA-256; None for any other scheme or a malformed value."""
+    split = _split_scheme(stored)
+    if split is None or split[0] != "SCRAM-SHA-256":
+        return None
+    try:
+        return credentials.parse_dovecot_scram(split[1])
+    except ValueError:
+        return None

@@ -45,6 +45,7 @@ from tpops.auth.base import (
     lock_key,
     lock_on_host,
 )
+from tpops.auth.credentials import BackendCaps
 from tpops.auth.stored import StoredEntry, StoredPasswordAuthenticator
 from tpops.logs import escape, get
 from tpops.mailbox.lock import lock_kind
@@ -456,6 +457,12 @@ class MySQLAuthenticator(StoredPasswordAuthenticator, MySQLConnection):
     def supports_apop(self) -> bool:
         """Always: APOP works for rows with clear-text passwords."""
         return True
+
+    @property
+    def sasl_caps(self) -> BackendCaps:
+        """Always both: rows may hold clear text (CRAM-MD5, SCRAM) or ``{SCRAM-SHA-256}``
+        values (SCRAM); a table cannot be listed through ``$mysql_auth_query`` to know."""
+        return BackendCaps(clear_secrets=True, scram=True)
 
     def dummy_template(self) -> str | None:
         """The majority scheme and cost of the rows this worker has looked up (a table cannot

@@ -13,7 +13,8 @@ APOP secrets live in ``$apop_passwd_file``: either the 2003 server's Berkeley DB
 the NUL are accepted too), read with the optional ``berkeleydb`` binding, or a text
 file of ``login:secret`` lines (``#`` comments), as ``tpops-apoppasswd`` writes it.
 The format is told by the Berkeley DB magic number. The file is re-read when it
-changes. An APOP user must also be a usable system account.
+changes. An APOP user must also be a usable system account. The same secrets serve AUTH
+CRAM-MD5 and SCRAM-SHA-256 (:meth:`PasswdAuthenticator.clear_secret`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tpops.auth.base import (
     apply_default_domain,
     file_key,
 )
+from tpops.auth.credentials import BackendCaps, ScramCredentials
 from tpops.logs import escape, get
 
 if TYPE_CHECKING:
@@ -313,3 +315,31 @@ class PasswdAuthenticator(LockingAuthenticator):
             log.warning("APOP login %s refused: %s", escape(login), account.refusal)
             return None
         return self._user(account)
+
+    @property
+    def sasl_caps(self) -> BackendCaps:
+        """CRAM-MD5 and SCRAM (from the APOP secrets) when ``$apop_passwd_file`` is set."""
+        return BackendCaps(clear_secrets=self._apop_path is not None)
+
+    def clear_secret(self, login: str) -> tuple[MailUser, bytes] | None:
+        """SASL CRAM-MD5/SCRAM: the account and its ``$apop_passwd_file`` secret; None when
+        there is no such file, account or secret, or the account may not log in."""
+        if self._apop_path is None:
+            return None
+        login = apply_default_domain(login, self._domain)
+        account = self._account(login)
+        if account is None:
+            log.info("SASL login %s refused: no such user", escape(login))
+            return None
+        secret = self._apop_secrets().get(login)
+        if secret is None:
+            log.info("SASL login %s refused: no secret for it in $apop_passwd_file", escape(login))
+            return None
+        if account.refusal is not None:
+            log.warning("SASL login %s refused: %s", escape(login), account.refusal)
+            return None
+        return self._user(account), secret.encode("utf-8", "surrogateescape")
+
+    def scram_credentials(self, login: str) -> tuple[MailUser, ScramCredentials] | None:
+        """Never stored here: SCRAM derives them from :meth:`clear_secret`."""
+        return None

@@ -11,7 +11,11 @@ lives here once, so the timing defence cannot drift between them:
   "no such user" and "wrong password" take the same time;
 * a failed clear-text comparison (microseconds) pays the same dummy check, so a
   ``{PLAIN}`` user's wrong password cannot be told from an unknown user either;
-* APOP compares MD5 digests in constant time and works only for clear-text entries.
+* APOP compares MD5 digests in constant time and works only for clear-text entries;
+* SASL (:mod:`tpops.sasl`): :meth:`~StoredPasswordAuthenticator.clear_secret` gives
+  CRAM-MD5 and SCRAM the clear text of ``{PLAIN}`` entries (and MySQL's clear rows),
+  :meth:`~StoredPasswordAuthenticator.scram_credentials` the credentials of
+  ``{SCRAM-SHA-256}`` entries; the mechanisms do the unknown user's dummy work.
 
 A backend supplies :meth:`StoredPasswordAuthenticator.lookup` (and its own
 ``lock``/``prepare``/``close``); it logs why a login has no usable entry.
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 
 from tpops.auth import hashes
 from tpops.auth.base import MailUser, apply_default_domain
+from tpops.auth.credentials import ScramCredentials
 from tpops.logs import escape
 
 
@@ -101,3 +106,27 @@ class StoredPasswordAuthenticator:
             self._log.info("APOP login %s refused: wrong digest", escape(login))
             return None
         return entry.user()
+
+    def clear_secret(self, login: str) -> tuple[MailUser, bytes] | None:
+        """SASL CRAM-MD5 (and SCRAM without stored credentials): the clear-text password
+        of a ``{PLAIN}`` entry (or a MySQL clear row); None for hashes and unknown users."""
+        login = apply_default_domain(login, self._domain)
+        entry = self.lookup(login)
+        if entry is None:
+            return None
+        secret = hashes.plain_secret(entry.stored, plain_ok=self.plain_ok)
+        if secret is None:
+            self._log.info("SASL login %s: the stored password is a hash, CRAM-MD5 needs clear text ({PLAIN})",
+                           escape(login))
+            return None
+        return entry.user(), secret.encode("utf-8", "surrogateescape")
+
+    def scram_credentials(self, login: str) -> tuple[MailUser, ScramCredentials] | None:
+        """SASL SCRAM-SHA-256: the credentials of a ``{SCRAM-SHA-256}`` entry; None for any
+        other entry (SCRAM then asks :meth:`clear_secret`) and for unknown users."""
+        login = apply_default_domain(login, self._domain)
+        entry = self.lookup(login)
+        if entry is None:
+            return None
+        found = hashes.scram_secret(entry.stored)
+        return None if found is None else (entry.user(), found)

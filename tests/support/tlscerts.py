@@ -45,7 +45,8 @@ def issue(directory: Path, key_type: str = "rsa", *, ca: trustme.CA | None = Non
     """Write ``<name>.crt`` (leaf + CA), ``<name>.key`` and ``<name>-ca.crt`` into ``directory``."""
     kind = KEY_TYPES[key_type]
     ca = ca or trustme.CA(key_type=kind)
-    leaf = ca.issue_cert("localhost", "127.0.0.1", key_type=kind)
+    # A common name too: fetchmail insists on one (it says "Server name not specified").
+    leaf = ca.issue_cert("localhost", "127.0.0.1", common_name="localhost", key_type=kind)
     cert_file = directory / f"{name}.crt"
     key_file = directory / f"{name}.key"
     ca_file = directory / f"{name}-ca.crt"
