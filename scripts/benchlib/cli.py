@@ -8,7 +8,7 @@ import sys
 
 from benchlib.common import TPOPS, log
 from benchlib.report import markdown
-from benchlib.run import SECTIONS, Bench
+from benchlib.run import OPT_IN, SECTIONS, Bench
 
 
 def main(doc: str) -> int:
@@ -22,11 +22,17 @@ def main(doc: str) -> int:
     parser.add_argument("--tmpdir", default=None, help="where to make the temp dir (default: system temp dir)")
     parser.add_argument("--only", default=None,
                         help="comma-separated sections to run: " + ",".join(SECTIONS) + " (default: all but "
-                             "million; --large and --million add theirs)")
+                             + ", ".join(OPT_IN) + "; --large, --million, --cluster and --tls add theirs)")
     parser.add_argument("--large", action="store_true",
                         help="also the growth curve: first and later logins at 1k, 20k and 100k messages")
     parser.add_argument("--million", action="store_true",
                         help="also the user-base rows: a 1,000,000-user passwd-file against a 100-user one")
+    parser.add_argument("--cluster", action="store_true",
+                        help="also logins/s through a private HAProxy over two tpops nodes (127.0.0.2, "
+                             "127.0.0.3) against one node directly")
+    parser.add_argument("--tls", action="store_true",
+                        help="also the TLS rows: logins/s over implicit TLS at 1, 8, 32 clients (full and "
+                             "resumed handshakes) and RETR 50 x 1 MiB over TLS, Dovecot with the same certificate")
     args = parser.parse_args()
     if args.only:
         wanted = [x.strip() for x in args.only.split(",") if x.strip()]
@@ -35,11 +41,10 @@ def main(doc: str) -> int:
             parser.error(f"--only: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
         args.sections = wanted
     else:
-        args.sections = [x for x in SECTIONS if x not in ("curve", "million")]
-        if args.large:
-            args.sections.append("curve")
-        if args.million:
-            args.sections.append("million")
+        args.sections = [x for x in SECTIONS if x not in OPT_IN]
+        for flag, section in (("large", "curve"), ("million", "million"), ("cluster", "cluster"), ("tls", "tls")):
+            if getattr(args, flag):
+                args.sections.append(section)
     if not TPOPS.exists():
         print(f"bench: {TPOPS} not found; run scripts/test or scripts/demo first", file=sys.stderr)
         return 1

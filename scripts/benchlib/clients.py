@@ -7,6 +7,8 @@ import multiprocessing
 import os
 import selectors
 import socket
+import ssl
+import threading
 import time
 
 from benchlib.common import CONNECTION_LIMIT, GRACE, TERMINATOR
@@ -17,9 +19,11 @@ from tests.support.procs import proc_cmdline, proc_status_kib
 class Conn:
     """A blocking POP3 client connection with a small read buffer (lockstep use)."""
 
-    def __init__(self, port: int, timeout: float = 60.0) -> None:
+    def __init__(self, port: int, timeout: float = 60.0, tls: ssl.SSLContext | None = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname="127.0.0.1")
         self.buf = bytearray()
         self.deadline = time.monotonic() + CONNECTION_LIMIT
         self.greeting = self.line()
@@ -81,8 +85,8 @@ class Conn:
 # -- login load generator: one process drives many connections with epoll
 
 def _login_proc(port: int, creds: list[tuple[str, str]], t_begin: float, t_measure: float, t_end: float,
-                q: multiprocessing.Queue) -> None:
-    addr = ("127.0.0.1", port)
+                q: multiprocessing.Queue, host: str = "127.0.0.1", source: str | None = None) -> None:
+    addr = (host, port)
     sel = selectors.DefaultSelector()
     done = 0
     errors = 0
@@ -120,6 +124,8 @@ def _login_proc(port: int, creds: list[tuple[str, str]], t_begin: float, t_measu
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if source:
+            sock.bind((source, 0))
         slot.update(sock=sock, buf=b"", step=0, t0=time.monotonic())
         active += 1
         rc = sock.connect_ex(addr)
@@ -201,7 +207,15 @@ def _login_proc(port: int, creds: list[tuple[str, str]], t_begin: float, t_measu
            "cpu_s": cpu.user + cpu.system})
 
 
-def login_rate(port: int, creds: list[tuple[str, str]], concurrency: int, warmup: float, secs: float) -> dict:
+def login_rate(port: int, creds: list[tuple[str, str]], concurrency: int, warmup: float, secs: float, *,
+               host: str = "127.0.0.1", source: str | None = None) -> dict:
+    """Login sessions/s at ``concurrency`` clients to ``host:port`` (clients bound to ``source`` if given)."""
+    return _rate(_login_proc, (port,), {"host": host, "source": source}, creds, concurrency, warmup, secs)
+
+
+def _rate(target, head: tuple, tail: dict, creds: list[tuple[str, str]], concurrency: int,
+          warmup: float, secs: float) -> dict:
+    """Run ``target(*head, creds_slice, t_begin, t_measure, t_end, q, **tail)`` in 1-2 client processes."""
     nprocs = 1 if concurrency == 1 else min(2, concurrency)
     ctx = multiprocessing.get_context("fork")
     q = ctx.Queue()
@@ -211,7 +225,7 @@ def login_rate(port: int, creds: list[tuple[str, str]], concurrency: int, warmup
     procs = []
     for i in range(nprocs):
         mine = creds[i:concurrency:nprocs]
-        p = ctx.Process(target=_login_proc, args=(port, mine, t_begin, t_measure, t_end, q), daemon=True)
+        p = ctx.Process(target=target, args=(*head, mine, t_begin, t_measure, t_end, q), kwargs=tail, daemon=True)
         p.start()
         procs.append(p)
     results = []
@@ -231,7 +245,7 @@ def login_rate(port: int, creds: list[tuple[str, str]], concurrency: int, warmup
     lat = sorted(x for r in results for x in r["latencies"])
     def pct(v: float) -> float | None:
         return round(lat[min(len(lat) - 1, int(v * len(lat)))] * 1000, 2) if lat else None
-    return {
+    out = {
         "value": done / secs,
         "sessions": done,
         "errors": sum(r["errors"] for r in results),
@@ -242,12 +256,103 @@ def login_rate(port: int, creds: list[tuple[str, str]], concurrency: int, warmup
         "client_cpu_s": round(sum(r["cpu_s"] for r in results), 3),
         "client_cpu_share_of_one_core": round(sum(r["cpu_s"] for r in results) / (secs + warmup), 3),
     }
+    if any("resumed" in r for r in results):
+        handshakes = sum(r["handshakes"] for r in results)
+        out["tls_handshakes"] = handshakes
+        out["tls_resumed"] = sum(r["resumed"] for r in results)
+        out["tls_resumed_share"] = round(out["tls_resumed"] / handshakes, 3) if handshakes else None
+        out["tls_versions"] = sorted({v for r in results for v in r["versions"]})
+    return out
+
+
+# -- login load generator over implicit TLS: blocking sockets, a thread per client (OpenSSL
+#    releases the GIL during handshakes, reads and writes)
+
+def _tls_login_proc(port: int, ca_file: str, resume: bool, creds: list[tuple[str, str]], t_begin: float,
+                    t_measure: float, t_end: float, q: multiprocessing.Queue) -> None:
+    ctx = ssl.create_default_context(cafile=ca_file)  # verifies the chain and 127.0.0.1, as a mail client does
+    lock = threading.Lock()
+    stats = {"done": 0, "errors": 0, "handshakes": 0, "resumed": 0}
+    error_samples: list[str] = []
+    latencies: list[float] = []
+    versions: set[str] = set()
+    hard_stop = t_end + GRACE
+
+    def session(user: bytes, pw: bytes, ticket: ssl.SSLSession | None) -> tuple[ssl.SSLSession | None, bool, str]:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=max(1.0, hard_stop - time.monotonic()))
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=ticket)
+            buf = b""
+            for out in (None, b"USER " + user, b"PASS " + pw, b"STAT", b"QUIT"):
+                if out is not None:
+                    sock.sendall(out + b"\r\n")
+                while b"\r\n" not in buf:
+                    data = sock.recv(4096)
+                    if not data:
+                        raise ConnectionError(f"closed before the reply to {out!r}")
+                    buf += data
+                line, buf = buf.split(b"\r\n", 1)
+                if not line.startswith(b"+OK"):
+                    raise RuntimeError(f"{(out or b'greeting').split()[0]!r}: {line[:80]!r}")
+            try:
+                while sock.recv(4096):  # wait for the server's close
+                    pass
+            except (ssl.SSLError, ConnectionError):
+                pass  # a close without close_notify, or a reset after QUIT: the session is over
+            return sock.session, sock.session_reused, sock.version() or "?"
+        finally:
+            raw.close()
+
+    def client(user: str, pw: str) -> None:
+        ticket = None
+        while time.monotonic() < t_end:
+            t0 = time.monotonic()
+            try:
+                new_ticket, reused, version = session(user.encode(), pw.encode(), ticket if resume else None)
+            except Exception as exc:  # noqa: BLE001 - every failure is counted and sampled
+                with lock:
+                    stats["errors"] += 1
+                    if len(error_samples) < 5:
+                        error_samples.append(repr(exc)[:160])
+                time.sleep(0.01)
+                continue
+            now = time.monotonic()
+            if resume and new_ticket is not None:
+                ticket = new_ticket
+            with lock:
+                versions.add(version)
+                if t_measure <= now < t_end:
+                    stats["done"] += 1
+                    stats["handshakes"] += 1
+                    stats["resumed"] += int(reused)
+                    latencies.append(now - t0)
+
+    delay = t_begin - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+    threads = [threading.Thread(target=client, args=c, daemon=True) for c in creds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.1, hard_stop + 5 - time.monotonic()))
+    cpu = os.times()
+    q.put({**stats, "error_samples": error_samples, "latencies": latencies, "versions": sorted(versions),
+           "cpu_s": cpu.user + cpu.system})
+
+
+def tls_login_rate(port: int, ca_file: str, creds: list[tuple[str, str]], concurrency: int, warmup: float,
+                   secs: float, *, resume: bool) -> dict:
+    """Login sessions/s over implicit TLS: full handshakes, or (``resume``) each client offering
+    the session (ticket) its previous connection got."""
+    return _rate(_tls_login_proc, (port, ca_file, resume), {}, creds, concurrency, warmup, secs)
 
 
 # -- RETR throughput
 
-def retr_run(port: int, user: str, password: str, n: int, pipelined: bool) -> dict:
-    c = Conn(port)
+def retr_run(port: int, user: str, password: str, n: int, pipelined: bool,
+             tls: ssl.SSLContext | None = None) -> dict:
+    c = Conn(port, tls=tls)
     c.login(user, password)
     sock = c.sock
     assert not c.buf

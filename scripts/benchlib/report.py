@@ -26,8 +26,11 @@ def markdown(result: dict) -> str:
             goal += " ✅"
         elif entry["goal_met"] is False:
             goal += " ❌"
+        other = fmt(entry["dovecot"], entry["unit"])
+        if entry.get("baseline"):
+            other = f"{fmt(entry['baseline']['value'], entry['unit'])} ({entry['baseline']['what']})"
         rows.append(f"| {entry['title']} | {fmt(entry['value'], entry['unit'])} | "
-                    f"{fmt(entry['dovecot'], entry['unit'])} | {ratio} | {goal} |")
+                    f"{other} | {ratio} | {goal} |")
     m = result["machine"]
     dv = result["dovecot"]["version"] if result["dovecot"] else f"not measured: {result['dovecot_unavailable_reason']}"
     rows.append("")
@@ -39,4 +42,17 @@ def markdown(result: dict) -> str:
                 f"Dovecot reusing pop3 processes (service_count = 1000); both Dovecots keep 8 pop3 processes "
                 f"pre-started. RETR/LIST/RSS rows: tpops {result['tpops']['data_metrics_mode']} vs Dovecot "
                 f"per-session, sizes exact in tpops.")
+    if result.get("cluster"):
+        rows.append("")
+        rows.append(f"Cluster rows: {result['cluster']['haproxy']} (TCP, send-proxy-v2, tcp-check) over two tpops "
+                    f"--{result['cluster']['mode']} nodes on 127.0.0.2/127.0.0.3 sharing the Maildirs "
+                    f"($mailbox_lock = 'maildir'); the 'dovecot' column holds the same clients straight to one "
+                    f"node, ratio = via HAProxy / direct; every process shares the same CPUs.")
+    if result.get("tls"):
+        rows.append("")
+        rows.append(f"TLS rows: {result['tls']['certificate']}; {result['tls']['client']}. tpops --user is "
+                    f"compared with Dovecot reusing processes, root-drop with Dovecot's default.")
+    for section, why in (result.get("skipped") or {}).items():
+        rows.append("")
+        rows.append(f"Section {section} skipped: {why}")
     return "\n".join(rows)

@@ -12,15 +12,32 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib.clients import huge_rss, listing_run, login_rate, retr_run
+from benchlib.certs import KEY_TYPE, TlsFiles, bench_certificate
+from benchlib.clients import huge_rss, listing_run, login_rate, retr_run, tls_login_rate
 from benchlib.common import FULL, IS_ROOT, MIB, QUICK, REPO, TPOPS, log
 from benchlib.scale import MILLION, curve, million
-from benchlib.servers import DovecotServer, Server, TpopsServer, ensure_dovecot
+from benchlib.servers import (
+    DovecotServer,
+    HAProxyFront,
+    Server,
+    TpopsServer,
+    ensure_dovecot,
+    ensure_haproxy,
+)
 from benchlib.world import World
 from tests.support.procs import proc_pss_kib, proc_status_kib
 
-#: The parts of a run, in order; ``--only`` picks some (curve and million are opt-in).
-SECTIONS = ("logins", "retr", "listing", "huge", "curve", "million")
+#: The parts of a run, in order; ``--only`` picks some (curve, million, cluster and tls are opt-in).
+SECTIONS = ("logins", "retr", "listing", "huge", "curve", "million", "cluster", "tls")
+OPT_IN = ("curve", "million", "cluster", "tls")
+
+#: Login concurrency of the TLS rows (issue 9).
+TLS_LEVELS = (1, 8, 32)
+
+#: Where the cluster rows put their two nodes, and the address the direct clients come from
+#: (outside $haproxy_trusted_networks, so no PROXY header is expected of them).
+NODE_HOSTS = ("127.0.0.2", "127.0.0.3")
+DIRECT_SOURCE = "127.0.0.9"
 
 #: tpops mode -> the Dovecot variant with the same process model.
 PAIRING = {"root-drop": "per-session", "user": "reuse", "nonroot": "reuse"}
@@ -34,6 +51,12 @@ class Bench:
         self.tpops: list[TpopsServer] = []
         self.dovecots: dict[str, DovecotServer] = {}
         self.dovecot_reason: str | None = None
+        self.certs: TlsFiles | None = None
+        #: section -> why its rows are missing from this run
+        self.skipped: dict[str, str] = {}
+        self.extra: dict[str, dict] = {}
+        #: servers the opt-in sections started (nodes, HAProxy, TLS tpops); teardown stops them
+        self.extra_servers: list[TpopsServer | HAProxyFront] = []
 
     @property
     def dovecot(self) -> DovecotServer | None:
@@ -46,10 +69,13 @@ class Bench:
 
     def add(self, name: str, title: str, value: float, unit: str, better: str, parameters: dict,
             dovecot: float | None = None, goal: str = "", reference: str | None = None,
-            goal_met: bool | None = None, server: str | None = None) -> None:
+            goal_met: bool | None = None, server: str | None = None,
+            baseline: tuple[str, float] | None = None) -> None:
+        """Record a metric; ``baseline`` = (what, value) compares with something other than Dovecot."""
         ratio = None
-        if dovecot:
-            ratio = round(value / dovecot, 3)
+        against = dovecot if baseline is None else baseline[1]
+        if against:
+            ratio = round(value / against, 3)
             if goal_met is None and goal.startswith(("≥", "≤")):
                 goal_met = ratio >= 1 if better == "higher" else ratio <= 1
         entry = {
@@ -64,11 +90,14 @@ class Bench:
             "goal": goal + (f" (issue: Dovecot {reference})" if reference else ""),
             "goal_met": goal_met,
         }
-        if dovecot is None and self.dovecot_reason:
+        if baseline is not None:
+            entry["baseline"] = {"what": baseline[0], "value": round(baseline[1], 4)}
+        elif dovecot is None and self.dovecot_reason:
             entry["dovecot_reason"] = self.dovecot_reason
         self.metrics[name] = entry
         d = "-" if dovecot is None else f"{dovecot:.4g}"
-        log(f"{name}: {value:.4g} {unit} (dovecot {d})")
+        b = f", {baseline[0]} {baseline[1]:.4g}" if baseline else ""
+        log(f"{name}: {value:.4g} {unit} (dovecot {d}{b})")
 
     def servers_for_data(self) -> list[Server]:
         out: list[Server] = [self.tpops[0]]
@@ -85,6 +114,8 @@ class Bench:
         if "curve" in self.args.sections:
             self.world.curve_sizes = (200, 1000) if self.args.quick else (1000, 20000, 100000)
         self.world.build()
+        if "tls" in self.args.sections:
+            self.certs = bench_certificate(base)
         modes = ["root-drop", "user"] if IS_ROOT else ["nonroot"]
         for mode in modes:
             self.tpops.append(TpopsServer(self.world, mode).start())
@@ -95,7 +126,7 @@ class Bench:
         if self.dovecot_reason is None:
             try:
                 for variant in ("per-session", "reuse"):
-                    self.dovecots[variant] = DovecotServer(self.world, variant).start()
+                    self.dovecots[variant] = DovecotServer(self.world, variant, tls=self.certs).start()
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                 for d in self.dovecots.values():
                     d.stop()
@@ -105,6 +136,8 @@ class Bench:
 
     def teardown(self) -> None:
         for s in self.tpops:
+            s.stop()
+        for s in self.extra_servers:
             s.stop()
         for d in self.dovecots.values():
             d.stop()
@@ -306,9 +339,149 @@ class Bench:
         p = self.profile
         million(self.world, p.warmup_secs, p.login_secs, self.add, count=MILLION if not self.args.quick else 20000)
 
+    # -- 6. two nodes behind HAProxy (opt-in: --cluster)
+    def skip(self, section: str, reason: str) -> None:
+        self.skipped[section] = reason
+        log(f"{section}: skipped: {reason}")
+
+    def started(self, srv):  # any server with start() and stop()
+        """Start ``srv`` and have teardown stop it."""
+        self.extra_servers.append(srv)
+        return srv.start()
+
+    def bench_cluster(self) -> None:
+        """Logins/s through a private HAProxy (TCP, send-proxy-v2) over two tpops nodes on 127.0.0.2 and
+        127.0.0.3 sharing the Maildirs ($mailbox_lock = 'maildir', File auth), against one node directly:
+        the cost of the proxy hop on a machine whose cores every process shares (no speed-up expected)."""
+        reason = ensure_haproxy()
+        if reason:
+            self.skip("cluster", reason)
+            return
+        mode = "user" if IS_ROOT else "nonroot"
+        nodes = [self.started(TpopsServer(self.world, mode, name=f"node{k}", host=host, probe_source=DIRECT_SOURCE,
+                                          overrides={"haproxy_trusted_networks": "'127.0.0.1'",
+                                                     "mailbox_lock": "'maildir'"}))
+                 for k, host in enumerate(NODE_HOSTS, 1)]
+        front = self.started(HAProxyFront(self.base, nodes))
+        self.extra["cluster"] = {"haproxy": front.version(), "haproxy_config": front.conf.read_text(),
+                                 "nodes": [f"{n.host}:{n.port}" for n in nodes], "mode": mode,
+                                 "node_config": nodes[0].settings}
+        p = self.profile
+        creds = self.world.login_users
+        for c in p.login_levels:
+            before = [self.node_sessions(n) for n in nodes]
+            via = login_rate(front.port, creds, c, p.warmup_secs, p.login_secs)
+            spread = [self.node_sessions(n) - b for n, b in zip(nodes, before)]
+            direct = login_rate(nodes[0].port, creds, c, p.warmup_secs, p.login_secs, host=nodes[0].host,
+                                source=DIRECT_SOURCE)
+            params = {k: v for k, v in via.items() if k != "value"}
+            params.update(concurrency=c, duration_s=p.login_secs, warmup_s=p.warmup_secs, mode=mode,
+                          nodes=2, node_addresses=list(NODE_HOSTS), mailbox_lock="maildir", auth="File",
+                          sessions_per_node=spread,
+                          sessions_per_node_note="access-log lines added during the HAProxy run (warm-up and "
+                                                 "HAProxy's tcp-check health checks every 2 s included)",
+                          direct_detail={k: v for k, v in direct.items() if k != "value"},
+                          direct="the same clients bound to 127.0.0.9 (outside $haproxy_trusted_networks) "
+                                 "straight to node 1, no PROXY header",
+                          session="connect, greeting, USER, PASS, STAT, QUIT, wait for the close")
+            self.add(f"cluster_login_sessions_per_s.c{c}", f"logins/s, {c} client{'s' if c > 1 else ''}, "
+                     f"2 nodes via HAProxy ({mode})", via["value"], "sessions/s", "higher", params,
+                     goal="cost of the proxy hop (2 shared cores: no speed-up expected)", server="haproxy + 2 x tpops",
+                     baseline=("one node directly", direct["value"]))
+
+    @staticmethod
+    def node_sessions(node: TpopsServer) -> int:
+        try:
+            return node.access_log.read_bytes().count(b"\n")
+        except OSError:
+            return 0
+
+    # -- 7. implicit TLS against Dovecot with the same certificate (opt-in: --tls)
+    def bench_tls(self) -> None:
+        """Logins/s over implicit TLS at 1, 8 and 32 clients (full handshakes; session resumption)
+        and RETR 50 x 1 MiB over TLS, each tpops mode against the Dovecot with its process model."""
+        assert self.certs is not None
+        servers: list[TpopsServer] = []
+        for base in self.tpops:
+            srv = TpopsServer(self.world, base.mode, name=f"{base.mode}, TLS", tls=self.certs)
+            try:
+                self.started(srv)
+            except RuntimeError as exc:
+                self.skip("tls", "tpops does not serve TLS yet: with $tls_cert_file, $tls_key_file and $tls_port "
+                                 f"set it did not greet over implicit TLS ({str(exc).splitlines()[0]})")
+                return
+            servers.append(srv)
+        self.extra["tls"] = {
+            "certificate": f"trustme {KEY_TYPE.upper()} leaf for 127.0.0.1/localhost + its CA, the same files "
+                           "for tpops ($tls_cert_file/$tls_key_file) and Dovecot (ssl_cert/ssl_key)",
+            "client": "Python ssl, create_default_context(cafile=CA): chain and 127.0.0.1 verified; "
+                      "full = no session offered; resumed = each client offers the session its previous "
+                      "connection got (TLS 1.3 ticket)",
+            "tpops_config": servers[0].settings,
+        }
+        p = self.profile
+        creds = self.world.login_users
+        ca = str(self.certs.ca_file)
+        refs = {"full": "full handshake per session", "resumed": "session resumption"}
+        for c in TLS_LEVELS:
+            for resume in (False, True):
+                kind = "resumed" if resume else "full"
+                order: list[Server] = []
+                for srv in servers:
+                    order.append(srv)
+                    pair = self.paired(srv)
+                    if pair and pair.tls_port and pair not in order:
+                        order.append(pair)
+                results = {s.label: tls_login_rate(s.tls_port, ca, creds, c, p.warmup_secs, p.login_secs,
+                                                   resume=resume) for s in order}
+                for srv in servers:
+                    r = results[srv.label]
+                    pair = self.paired(srv)
+                    dv = results.get(pair.label) if pair else None
+                    params = {k: v for k, v in r.items() if k != "value"}
+                    params.update(concurrency=c, duration_s=p.login_secs, warmup_s=p.warmup_secs, mode=srv.mode,
+                                  handshake=refs[kind], port="implicit TLS ($tls_port / pop3s)",
+                                  session="connect, TLS handshake, greeting, USER, PASS, STAT, QUIT, wait for the close")
+                    if srv.launcher_note:
+                        params["launcher"] = srv.launcher_note
+                    if dv:
+                        params["dovecot_variant"] = pair.variant
+                        params["dovecot_detail"] = {k: v for k, v in dv.items() if k != "value"}
+                    self.add(f"tls_login_sessions_per_s.{kind}.c{c}.{srv.mode}",
+                             f"TLS logins/s, {kind} handshake, {c} client{'s' if c > 1 else ''} ({srv.mode})",
+                             r["value"], "sessions/s", "higher", params, dovecot=dv["value"] if dv else None,
+                             goal="≥ Dovecot" if srv.mode != "root-drop" else "(reported)", server=srv.label)
+        ctx = self.certs.client_context()
+        for srv in servers:
+            pair = self.paired(srv)
+            for pipelined in (False, True):
+                style = "pipelined" if pipelined else "lockstep"
+                runs: dict[str, list[dict]] = {}
+                for _ in range(p.reps):
+                    for s in ([srv, pair] if pair and pair.tls_port else [srv]):
+                        runs.setdefault(s.label, []).append(
+                            retr_run(s.tls_port, "big", "pw-big", p.big_n, pipelined, tls=ctx))
+                rate = {label: statistics.median(r["wire_bytes"] / r["elapsed_s"] / 1e6 for r in rs)
+                        for label, rs in runs.items()}
+                t = runs[srv.label]
+                params = {"messages": p.big_n, "message_file_octets": p.big_size, "mode": style,
+                          "repetitions": p.reps, "aggregate": "median", "tpops_mode": srv.mode,
+                          "runs_mb_per_s": [round(r["wire_bytes"] / r["elapsed_s"] / 1e6, 1) for r in t],
+                          "client_cpu_share": round(sum(r["client_cpu_s"] for r in t) / sum(r["elapsed_s"] for r in t), 3),
+                          "unit_note": "MB = 10^6 octets of POP3 data as decrypted by the client; timed from the "
+                                       "first RETR to the last terminator, login and handshake excluded"}
+                if pair and pair.label in runs:
+                    params["dovecot_variant"] = pair.variant
+                    params["dovecot_runs_mb_per_s"] = [round(r["wire_bytes"] / r["elapsed_s"] / 1e6, 1)
+                                                       for r in runs[pair.label]]
+                self.add(f"tls_retr_mb_per_s.1mib.{style}.{srv.mode}",
+                         f"TLS RETR {p.big_n} x {p.big_size // MIB} MiB, {style} ({srv.mode})", rate[srv.label],
+                         "MB/s", "higher", params, dovecot=rate.get(pair.label) if pair else None,
+                         goal="≥ Dovecot" if srv.mode != "root-drop" else "(reported)", server=srv.label)
+
     def health(self) -> dict:
         out = {}
-        for srv in self.tpops:
+        for srv in [*self.tpops, *(s for s in self.extra_servers if isinstance(s, TpopsServer))]:
             text = srv.problems()
             lines = [line for line in text.splitlines() if "Traceback" in line or "ERROR" in line.upper()]
             try:
@@ -371,5 +544,7 @@ class Bench:
                                   "dovecot* files there deleted before each first-login repetition",
             },
             "dovecot_unavailable_reason": self.dovecot_reason if self.dovecot is None else None,
+            "skipped": self.skipped,
+            **self.extra,
             "metrics": self.metrics,
         }

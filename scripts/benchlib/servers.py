@@ -6,13 +6,52 @@ import grp
 import os
 import pwd
 import shutil
+import socket
+import ssl
 import subprocess
+import time
 from pathlib import Path
 
+from benchlib.certs import TlsFiles
 from benchlib.common import IS_ROOT, TPOPS, VENV, log
 from benchlib.world import World
 from tests.support.procs import proc_children, proc_cmdline, stop_process
-from tests.support.server import free_port, wait_for_port
+from tests.support.server import free_port
+
+
+def wait_greeting(host: str, port: int, proc: subprocess.Popen | None = None, timeout: float = 20.0, *,
+                  source: str | None = None, tls: ssl.SSLContext | None = None) -> None:
+    """Wait until a POP3 server greets on ``host:port`` (then QUIT and wait for the close).
+
+    ``source``: the client's own address (e.g. one outside $haproxy_trusted_networks, so that a
+    node behind a balancer greets without a PROXY header); ``tls``: do an implicit-TLS handshake
+    first. RuntimeError when ``proc`` exits first or no greeting comes within ``timeout`` s.
+    """
+    deadline = time.monotonic() + timeout
+    last = "nothing tried"
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited with status {proc.returncode}")
+        sock = socket.socket()
+        try:
+            sock.settimeout(5)
+            if source:
+                sock.bind((source, 0))
+            sock.connect((host, port))
+            conn: socket.socket = tls.wrap_socket(sock, server_hostname=host) if tls else sock
+            if conn.recv(512).startswith(b"+OK"):
+                conn.sendall(b"QUIT\r\n")
+                while conn.recv(512):  # wait for the close: the probe's access-log line is written
+                    pass
+                conn.close()
+                return
+        except OSError as exc:
+            last = str(exc) or type(exc).__name__
+            time.sleep(0.05)
+        finally:
+            sock.close()
+    raise RuntimeError(f"no POP3 greeting{' over TLS' if tls else ''} on {host}:{port} within {timeout:g} s "
+                       f"(last: {last})")
 
 
 class Server:
@@ -70,13 +109,22 @@ class TpopsServer(Server):
     launcher_note: str | None = None
 
     def __init__(self, world: World, mode: str, *, name: str | None = None,
-                 overrides: dict[str, str] | None = None) -> None:
+                 overrides: dict[str, str] | None = None, host: str = "127.0.0.1",
+                 probe_source: str | None = None, tls: TlsFiles | None = None) -> None:
         self.world = world
         self.mode = mode  # root-drop | user | nonroot
         self.label = f"tpops ({name or mode})"
+        self.host = host
+        self.probe_source = probe_source  # where the start-up probe connects from
         self.port = free_port()
+        self.tls = tls
+        self.tls_port = free_port() if tls else None
+        if tls:
+            overrides = {"tls_cert_file": repr(str(tls.cert_file)), "tls_key_file": repr(str(tls.key_file)),
+                         "tls_port": str(self.tls_port), **(overrides or {})}
         b = world.base
-        tag = (name or mode).replace("-", "_").replace(" ", "_")
+        tag = (name or mode).replace("-", "_").replace(" ", "_").replace(",", "")
+        self.tag = tag
         self.conf = b / f"tpops-{tag}.conf"
         self.access_log = b / f"access-{tag}.log"
         self.error_log = b / f"error-{tag}.log"
@@ -99,7 +147,7 @@ class TpopsServer(Server):
         }
         self.settings = settings
         self.conf.write_text("".join(f"${k} = {v}\n" for k, v in settings.items()))
-        self.args = [str(TPOPS), "--fg", "-f", str(self.conf), "--port", str(self.port), "--bind", "127.0.0.1"]
+        self.args = [str(TPOPS), "--fg", "-f", str(self.conf), "--port", str(self.port), "--bind", host]
         if mode == "user":
             self.args += ["--user", "nobody", "--group", "nogroup"]
 
@@ -124,7 +172,9 @@ class TpopsServer(Server):
         self.out = self.stderr_path.open("wb")
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self.out, stderr=self.out)
         try:
-            wait_for_port(self.port, self.proc, timeout=20.0)
+            wait_greeting(self.host, self.port, self.proc, timeout=20.0, source=self.probe_source)
+            if self.tls and self.tls_port:
+                wait_greeting(self.host, self.tls_port, self.proc, timeout=10.0, tls=self.tls.client_context())
         except RuntimeError as exc:
             self.stop()
             raise RuntimeError(f"{self.label}: {exc}\n{self.stderr_path.read_text(errors='replace')[-2000:]}")
@@ -158,11 +208,13 @@ class DovecotServer(Server):
 
     kind = "dovecot"
 
-    def __init__(self, world: World, variant: str) -> None:
+    def __init__(self, world: World, variant: str, tls: TlsFiles | None = None) -> None:
         self.world = world
         self.variant = variant
         self.label = "dovecot" if variant == "per-session" else f"dovecot ({variant})"
         self.port = free_port()
+        self.tls = tls
+        self.tls_port = free_port() if tls else None
         b = world.base / f"dovecot-{variant}"
         b.mkdir(mode=0o755)
         self.dir = b
@@ -177,7 +229,12 @@ class DovecotServer(Server):
             f"instance_name = tpops-bench-dovecot-{variant}",
             "protocols = pop3",
             "listen = 127.0.0.1",
-            "ssl = no",
+            *([
+                "ssl = yes",  # TLS offered (STARTTLS and pop3s); plain logins still allowed on 127.0.0.1
+                f"ssl_cert = <{tls.cert_file}",
+                f"ssl_key = <{tls.key_file}",
+                "ssl_min_protocol = TLSv1.2",  # as tpops's $tls_min_version default
+            ] if tls else ["ssl = no"]),
             "disable_plaintext_auth = no",
             "auth_mechanisms = plain",
             f"log_path = {self.log_path}",
@@ -205,7 +262,7 @@ class DovecotServer(Server):
             f"    port = {self.port}",
             "  }",
             "  inet_listener pop3s {",
-            "    port = 0",
+            *(["    address = 127.0.0.1", f"    port = {self.tls_port}", "    ssl = yes"] if tls else ["    port = 0"]),
             "  }",
             "  service_count = 0",
             "  process_min_avail = 2",
@@ -244,7 +301,9 @@ class DovecotServer(Server):
             ["dovecot", "-F", "-c", str(self.conf)], stdin=subprocess.DEVNULL, stdout=self.out, stderr=self.out
         )
         try:
-            wait_for_port(self.port, self.proc, timeout=20.0)
+            wait_greeting("127.0.0.1", self.port, self.proc, timeout=20.0)
+            if self.tls_port:
+                wait_greeting("127.0.0.1", self.tls_port, self.proc, timeout=10.0, tls=self.tls.client_context())
         except RuntimeError as exc:
             self.stop()
             tail = ""
@@ -298,3 +357,83 @@ def ensure_dovecot() -> str | None:
     if shutil.which("dovecot") and shutil.which("doveconf"):
         return None
     return "dovecot binary not found after installing dovecot-pop3d"
+
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+
+class HAProxyFront:
+    """A private HAProxy in TCP mode (``send-proxy-v2``, tcp-check health checks expecting ``+OK``)
+    on a free 127.0.0.1 port, balancing round-robin over ``nodes`` (tpops with
+    $haproxy_trusted_networks naming 127.0.0.1, HAProxy's source address on loopback)."""
+
+    label = "haproxy"
+
+    def __init__(self, base: Path, nodes: list[TpopsServer], maxconn: int = 2000) -> None:
+        self.port = free_port()
+        self.conf = base / "haproxy.cfg"
+        self.stderr_path = base / "haproxy.log"
+        servers = "\n".join(
+            f"  server {n.tag} {n.host}:{n.port} send-proxy-v2 check-send-proxy check "
+            f"inter 2s fall 2 rise 1" for n in nodes)
+        self.conf.write_text(f"""global
+  maxconn {maxconn}
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  retries 2
+  option redispatch
+frontend pop3
+  bind 127.0.0.1:{self.port}
+  maxconn {maxconn}
+  default_backend tpops
+backend tpops
+  balance roundrobin
+  option tcp-check
+  tcp-check expect string +OK
+  tcp-check send QUIT\\r\\n
+{servers}
+""")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> HAProxyFront:
+        self.out = self.stderr_path.open("wb")
+        self.proc = subprocess.Popen([HAPROXY, "-f", str(self.conf), "-db"], stdin=subprocess.DEVNULL,
+                                     stdout=self.out, stderr=self.out)
+        try:
+            wait_greeting("127.0.0.1", self.port, self.proc, timeout=20.0)
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError(f"haproxy: {exc}\n{self.stderr_path.read_text(errors='replace')[-1500:]}")
+        return self
+
+    def version(self) -> str:
+        try:
+            out = subprocess.run([HAPROXY, "-v"], check=False, capture_output=True, text=True, timeout=10).stdout
+            return out.splitlines()[0] if out else "?"
+        except (OSError, subprocess.SubprocessError):
+            return "?"
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        if getattr(self, "out", None):
+            self.out.close()
+
+
+def ensure_haproxy() -> str | None:
+    """None when haproxy is usable, else the reason it is not (installed with apt-get when root)."""
+    global HAPROXY
+    if os.path.exists(HAPROXY):
+        return None
+    if not IS_ROOT or not shutil.which("apt-get"):
+        return "haproxy is not installed (and the bench is not root with apt-get)"
+    log("installing haproxy with apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    r = subprocess.run(["apt-get", "install", "-y", "-q", "haproxy"], check=False, capture_output=True, text=True, env=env,
+                       timeout=600)
+    if r.returncode != 0:
+        return f"apt-get install haproxy failed: {r.stderr.strip()[-500:]}"
+    HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    return None if os.path.exists(HAPROXY) else "haproxy binary not found after installing haproxy"
