@@ -488,18 +488,26 @@ def test_database_stopped_mid_run_and_started_again(private_site: tuple[mariadb.
             reply, elapsed = timed_pass(site.port, "tommy", "pw")
             assert reply == b"-ERR [SYS/TEMP] Temporary authentication failure, try again later."
             assert elapsed < 5, f"[SYS/TEMP] took {elapsed:.1f} s"
-        # a session logged in before the outage goes on: the mailbox needs no database
+        # a session logged in before the outage goes on reading (the mailbox needs no
+        # database), but its GET_LOCK died with the server: QUIT must not enter UPDATE,
+        # since another session may hold the mailbox by now (issue 8 item 17)
         assert session.multi("RETR 1")[0].startswith(b"+OK")
         assert session.cmd("DELE 1").startswith(b"+OK")
-        quit_and_wait(session)
-        assert count_messages(maildir) == before - 1
+        assert session.cmd("QUIT") == b"-ERR [SYS/TEMP] Mailbox lock lost, nothing deleted; try again."
+        session.close()
+        assert count_messages(maildir) == before
     finally:
         dbserver.start()
     proc = site.tpops.proc
     assert proc is not None
     master = proc.pid
     for _ in range(3):  # no tpops restart: every worker finds the database again
-        login_works(site.port, "tommy", "pw", messages=before - 1)
+        login_works(site.port, "tommy", "pw", messages=before)
+    session, reply = user_pass(site.port, "tommy", "pw")  # and a new session deletes
+    assert reply.startswith(b"+OK Logged in")
+    assert session.cmd("DELE 1").startswith(b"+OK")
+    quit_and_wait(session)
+    assert count_messages(maildir) == before - 1
     assert proc.poll() is None and site.tpops.proc is proc and proc.pid == master
     log = site.env.error_log.read_text(errors="replace")
     assert re.search(r"authentication backend MySQL failed for tommy from 127\.0\.0\.1: MySQL: .*\S", log), log

@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.client import RawClient
 from tests.support.marks import IN_CI
-from tests.support.procs import wait_for
+from tests.support.procs import gone, idle_workers, wait_for
 from tests.support.server import POOL_ARGS, REPO, MailEnv, Server, make_message
 
 LOGROTATE = shutil.which("logrotate") or next(
@@ -60,11 +60,15 @@ def test_rotation_reopens_the_logs_and_spares_a_session_in_flight(mail_env: Mail
         wait_for(lambda: "authentication failed: mallory" in error.read_text(), what="a line in error.log")
         in_flight = RawClient(srv.port)
         assert in_flight.login("alice").startswith(b"+OK Logged in, 2 messages")
+        assert srv.proc is not None
+        idle_before = idle_workers(srv.proc.pid)
         out = run_logrotate("-f", "-s", str(mail_env.base / "logrotate.state"), str(conf))
         assert out.returncode == 0, out.stderr
         # Renamed (not compressed yet: delaycompress), and tpops reopened the names.
         wait_for(lambda: access.exists() and error.exists(), what="tpops reopening the logs")
         assert (logs / "error.log.1").exists()
+        # The idle workers of before (they hold the old files) end; fresh ones replace them.
+        wait_for(lambda: all(gone(pid) for pid in idle_before), what="the old idle workers to end")
         # New sessions log into the new files ...
         c = RawClient(srv.port)
         c.cmd("USER trudy")

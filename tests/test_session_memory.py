@@ -67,6 +67,9 @@ class FakeLock:
     def release(self) -> None:
         self.held.discard(self.key)
 
+    def still_held(self) -> bool:
+        return self.key in self.held
+
 
 @dataclass
 class FakeAuthenticator:
