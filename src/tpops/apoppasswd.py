@@ -15,16 +15,14 @@ with ``db5.3_dump -p FILE`` first.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import getpass
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from typing import TextIO
 
 from tpops.auth.passwd import is_bdb
 from tpops.config import DEFAULT_PATH, ConfigError, load_config
+from tpops.passwdtool import write_atomically
 
 FILE_MODE = 0o600
 
@@ -89,29 +87,6 @@ def updated_lines(lines: list[str], login: str, secret: str | None) -> tuple[lis
     return out, found
 
 
-def write_atomically(path: str, lines: list[str]) -> None:
-    """Replace ``path`` by ``lines`` via a 0600 temporary file in the same directory and ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        owner = os.stat(path)
-    except FileNotFoundError:
-        owner = None
-    fd, tmp = tempfile.mkstemp(prefix=".tpops-apoppasswd-", dir=directory)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        if owner is not None and os.geteuid() == 0:
-            os.fchown(fd, owner.st_uid, owner.st_gid)
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def run(path: str, login: str, delete: bool, stdin: TextIO | None = None) -> str:
     """Do the change; the message to print on success."""
     check_login(login)
@@ -133,7 +108,8 @@ def run(path: str, login: str, delete: bool, stdin: TextIO | None = None) -> str
     if delete and not found:
         raise Failure(f"{login!r} has no APOP secret in {path}")
     try:
-        write_atomically(path, new_lines)
+        write_atomically(path, [line.encode("utf-8", "surrogateescape") for line in new_lines],
+                         mode=FILE_MODE, prefix=".tpops-apoppasswd-")
     except OSError as e:
         raise Failure(f"cannot write {path}: {e.strerror or e}") from e
     if delete:

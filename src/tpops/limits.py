@@ -70,6 +70,19 @@ def penalty_for(failures: int, cap: float) -> float:
     return float(min(2 ** min(failures - 1, 16), cap))
 
 
+def shared_memory(name: str, size: int) -> tuple[int, mmap.mmap]:
+    """``size`` zeroed octets the master maps before it forks, so every worker shares them:
+    an anonymous ``memfd`` (no path anyone could open) and a ``MAP_SHARED`` mapping. The
+    descriptor stays open for ``lockf`` locks, which die with their holder."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class SharedLimits:
     """The shared table (see the module docstring); every method is safe across processes.
 
@@ -82,13 +95,7 @@ class SharedLimits:
         self.secret = secrets.token_bytes(16)
         self._penalty_base = slots * _SLOT.size
         size = self._penalty_base + penalty_entries * _ENTRY.size
-        self.fd = os.memfd_create("tpops-limits", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(self.fd, size)
-            self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(self.fd)
-            raise
+        self.fd, self.map = shared_memory("tpops-limits", size)
 
     def close(self) -> None:
         """Unmap and close (the master at exit; other processes keep their own mappings)."""

@@ -241,16 +241,23 @@ def _entry(old: str | None, login: str, stored: str, fields: dict[str, str | Non
     return text.encode("utf-8", "surrogateescape")
 
 
-def write_atomically(path: str, lines: list[bytes]) -> None:
-    """Replace ``path`` by ``lines``: temporary file in the same directory, old mode and owner, fsync, rename."""
+def write_atomically(path: str, lines: list[bytes], *, mode: int | None = None,
+                     prefix: str = ".tpops-passwd-") -> None:
+    """Replace ``path`` by ``lines``: temporary file in the same directory, fsync, rename.
+
+    The new file keeps the old owner (when run as root) and the old mode, or gets
+    ``mode`` when given (``tpops-apoppasswd`` keeps its secrets 0600 whatever they were).
+    """
     directory = os.path.dirname(os.path.abspath(path))
     try:
         old = os.stat(path)
     except FileNotFoundError:
         old = None
-    fd, tmp = tempfile.mkstemp(prefix=".tpops-passwd-", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
     try:
-        os.fchmod(fd, NEW_FILE_MODE if old is None else (old.st_mode & 0o7777))
+        if mode is None:
+            mode = NEW_FILE_MODE if old is None else (old.st_mode & 0o7777)
+        os.fchmod(fd, mode)
         if old is not None and os.geteuid() == 0:
             os.fchown(fd, old.st_uid, old.st_gid)
         with os.fdopen(fd, "wb") as f:

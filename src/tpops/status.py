@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import mmap
 import os
 import socket
 import stat
@@ -44,6 +43,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tpops import logs
+from tpops.limits import shared_memory
 from tpops.mailbox.lock import DEFAULT_LOCK_PARENT
 from tpops.protocol import TLSTransport, Transport
 from tpops.reply import Reply
@@ -91,13 +91,7 @@ class SessionBoard:
     def __init__(self, slots: int) -> None:
         self.slots = slots
         size = max(slots, 1) * _RECORD.size
-        self.fd = os.memfd_create("tpops-status", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(self.fd, size)
-            self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(self.fd)
-            raise
+        self.fd, self.map = shared_memory("tpops-status", size)
 
     def close(self) -> None:
         self.map.close()

@@ -34,6 +34,7 @@ import grp
 import os
 import pwd
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -309,22 +310,21 @@ def _lineno(path: str, offset: int) -> int:
 
 def _apop_possible(data: bytes) -> bool:
     """True when some line has a clear-text (``{PLAIN}``/``{CLEARTEXT}``) password."""
-    for match in _PLAIN_CANDIDATE.finditer(data):
-        end = data.find(b"\n", match.start())
-        line = data[match.start() : end if end >= 0 else len(data)].decode("utf-8", "surrogateescape")
-        stored = line.rstrip("\r").split(":", 2)[1]
-        if hashes.plain_secret(stored) is not None:
-            return True
-    return False
+    return _some_stored(data, _PLAIN_CANDIDATE, hashes.plain_secret)
 
 
 def _scram_possible(data: bytes) -> bool:
     """True when some line has a usable ``{SCRAM-SHA-256}`` password (Dovecot's format)."""
-    for match in _SCRAM_CANDIDATE.finditer(data):
+    return _some_stored(data, _SCRAM_CANDIDATE, hashes.scram_secret)
+
+
+def _some_stored(data: bytes, candidate: re.Pattern[bytes], usable: Callable[[str], object | None]) -> bool:
+    """True when a line that ``candidate`` finds has a stored password ``usable`` accepts."""
+    for match in candidate.finditer(data):
         end = data.find(b"\n", match.start())
         line = data[match.start() : end if end >= 0 else len(data)].decode("utf-8", "surrogateescape")
         stored = line.rstrip("\r").split(":", 2)[1]
-        if hashes.scram_secret(stored) is not None:
+        if usable(stored) is not None:
             return True
     return False
 
