@@ -172,7 +172,10 @@ def test_lock_dir_swapped_for_a_symlink_before_hup(mail_env: MailEnv, target_kin
         assert srv.proc is not None
         srv.proc.send_signal(signal.SIGHUP)
         message = f"$passwd_lock_dir {lock_dir}: refused: it is a symbolic link"
-        wait_for(lambda: message in srv.output(), timeout=20, what="the reload refused")
+        try:
+            wait_for(lambda: message in srv.output(), timeout=30, what="the reload refused")
+        except AssertionError as exc:  # say what the server did say
+            raise AssertionError(f"{exc}\n--- tpops said:\n{srv.output()[-4000:]}") from None
         assert "configuration not reloaded" in srv.output()
     finally:
         srv.stop()
