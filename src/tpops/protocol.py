@@ -52,6 +52,15 @@ class Interrupted(Exception):
     """The worker was told to stop while we waited for the client."""
 
 
+class _Blocked(Exception):
+    """A non-blocking read or write would block: wait for ``event`` on ``fd``, then retry.
+    (TLS may need the other direction: a write that must first read, and back.)"""
+
+    def __init__(self, fd: int, event: int) -> None:
+        self.fd = fd
+        self.event = event
+
+
 class HandshakeFailed(ConnectionLost):
     """A TLS handshake failed; the message says why in an admin's words (already logged)."""
 
@@ -111,16 +120,32 @@ class Transport:
             if not ready and time.monotonic() >= deadline:
                 raise Timeout
 
+    def _read(self) -> bytes:
+        """One non-blocking read (the one thing a TLS transport does differently)."""
+        try:
+            return os.read(self.rfd, READ_BLOCK)
+        except BlockingIOError:
+            raise _Blocked(self.rfd, select.POLLIN) from None
+        except OSError as exc:
+            raise ConnectionLost(str(exc)) from None
+
+    def _write(self, view: memoryview) -> int:
+        """One non-blocking write: the octets it took."""
+        try:
+            return os.write(self.wfd, view)
+        except BlockingIOError:
+            raise _Blocked(self.wfd, select.POLLOUT) from None
+        except OSError as exc:
+            raise ConnectionLost(str(exc)) from None
+
     def recv(self, deadline: float) -> bytes:
         """Up to READ_BLOCK octets; raises ConnectionLost at EOF."""
         while True:
             try:
-                data = os.read(self.rfd, READ_BLOCK)
-            except BlockingIOError:
-                self._wait(self.rfd, select.POLLIN, deadline)
+                data = self._read()
+            except _Blocked as blocked:
+                self._wait(blocked.fd, blocked.event, deadline)
                 continue
-            except (ConnectionResetError, OSError) as exc:
-                raise ConnectionLost(str(exc)) from None
             if not data:
                 raise ConnectionLost("end of input")
             self.progress()
@@ -139,18 +164,16 @@ class Transport:
         time limit: a client that reads slowly but steadily must not keep the worker
         past it).
         """
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
         stall = time.monotonic() + timeout
         while view:
             if time.monotonic() >= deadline:
                 raise Timeout
             try:
-                sent = os.write(self.wfd, view)
-            except BlockingIOError:
-                self._wait(self.wfd, select.POLLOUT, min(stall, deadline))
+                sent = self._write(view)
+            except _Blocked as blocked:
+                self._wait(blocked.fd, blocked.event, min(stall, deadline))
                 continue
-            except OSError as exc:
-                raise ConnectionLost(str(exc)) from None
             self.sent(sent)
             view = view[sent:]
             stall = time.monotonic() + timeout
@@ -343,50 +366,28 @@ class TLSTransport(Transport):
             except ssl.SSLWantWriteError:
                 self._wait(self.wfd, select.POLLOUT, deadline)
 
-    def recv(self, deadline: float) -> bytes:
-        """Up to READ_BLOCK decrypted octets; raises ConnectionLost at EOF or on a TLS error."""
-        while True:
-            try:
-                data = self.sock.recv(READ_BLOCK)
-            except ssl.SSLWantReadError:
-                self._wait(self.rfd, select.POLLIN, deadline)
-                continue
-            except ssl.SSLWantWriteError:
-                self._wait(self.wfd, select.POLLOUT, deadline)
-                continue
-            except (ssl.SSLError, OSError, ValueError) as exc:  # close_notify, reset, a bad record
-                raise ConnectionLost(str(exc)) from None
-            if not data:
-                raise ConnectionLost("end of input")
-            self.progress()
-            return data
+    def _read(self) -> bytes:
+        """Up to READ_BLOCK decrypted octets: ``recv`` before any poll, so what OpenSSL
+        already decrypted (``pending()``) comes at once."""
+        try:
+            return self.sock.recv(READ_BLOCK)
+        except ssl.SSLWantReadError:
+            raise _Blocked(self.rfd, select.POLLIN) from None
+        except ssl.SSLWantWriteError:
+            raise _Blocked(self.wfd, select.POLLOUT) from None
+        except (ssl.SSLError, OSError, ValueError) as exc:  # close_notify, reset, a bad record
+            raise ConnectionLost(str(exc)) from None
 
-    def send(
-        self,
-        data: bytes | bytearray | memoryview,
-        timeout: float,
-        deadline: float = math.inf,
-    ) -> None:
-        """Send everything or raise Timeout/ConnectionLost; bounded as :meth:`Transport.send`."""
-        view = memoryview(data).cast("B")
-        stall = time.monotonic() + timeout
-        while view:
-            if time.monotonic() >= deadline:
-                raise Timeout
-            try:
-                sent = self.sock.send(view)
-            except ssl.SSLWantWriteError:
-                self._wait(self.wfd, select.POLLOUT, min(stall, deadline))
-                continue
-            except ssl.SSLWantReadError:  # a key update or renegotiation wants the peer first
-                self._wait(self.rfd, select.POLLIN, min(stall, deadline))
-                continue
-            except (ssl.SSLError, OSError, ValueError) as exc:
-                raise ConnectionLost(str(exc)) from None
-            self.sent(sent)
-            view = view[sent:]
-            stall = time.monotonic() + timeout
-            self.progress()
+    def _write(self, view: memoryview) -> int:
+        """One TLS record's worth of ``view``, encrypted."""
+        try:
+            return self.sock.send(view)
+        except ssl.SSLWantWriteError:
+            raise _Blocked(self.wfd, select.POLLOUT) from None
+        except ssl.SSLWantReadError:  # a key update or renegotiation wants the peer first
+            raise _Blocked(self.rfd, select.POLLIN) from None
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConnectionLost(str(exc)) from None
 
     def send_chunks(
         self,
