@@ -135,6 +135,8 @@ class TpopsServer(Server):
             "passwd_lock_dir": repr(str(b / f"locks-{tag}")),
             "access_log": repr(str(self.access_log)),
             "error_log": repr(str(self.error_log)),
+            # its own --status socket: as root the default (/run/tpops/control) is shared with any other tpops
+            "control_socket": repr(str(b / f"control-{tag}")),
             "syslog_facility": "nil",
             "error_interval": "0",
             "min_servers": "8",
