@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import errno
 import multiprocessing
 import os
@@ -85,14 +86,20 @@ class Conn:
 # -- login load generator: one process drives many connections with epoll
 
 def _login_proc(port: int, creds: list[tuple[str, str]], t_begin: float, t_measure: float, t_end: float,
-                q: multiprocessing.Queue, host: str = "127.0.0.1", source: str | None = None) -> None:
+                q: multiprocessing.Queue, host: str = "127.0.0.1", source: str | None = None,
+                clients: int | None = None) -> None:
+    """``clients`` connections (default: one per user of ``creds``); each session takes the user that
+    has been free the longest (round robin over ``creds``), so no two concurrent sessions share one."""
     addr = (host, port)
     sel = selectors.DefaultSelector()
     done = 0
     errors = 0
     error_samples: list[str] = []
     latencies: list[float] = []
-    slots = [{"user": u.encode(), "pw": p.encode(), "sock": None} for u, p in creds]
+    free = collections.deque((u.encode(), p.encode()) for u, p in creds)
+    used: set[bytes] = set()
+    slots: list[dict] = [{"sock": None} for _ in range(len(creds) if clients is None else clients)]
+    assert len(slots) <= len(free), "fewer users than clients"
     active = 0
 
     def fail(slot: dict, why: str) -> None:
@@ -111,6 +118,7 @@ def _login_proc(port: int, creds: list[tuple[str, str]], t_begin: float, t_measu
             pass
         sock.close()
         slot["sock"] = None
+        free.append((slot["user"], slot["pw"]))
         active -= 1
         now = time.monotonic()
         if ok and t_measure <= now < t_end:
@@ -126,7 +134,9 @@ def _login_proc(port: int, creds: list[tuple[str, str]], t_begin: float, t_measu
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if source:
             sock.bind((source, 0))
-        slot.update(sock=sock, buf=b"", step=0, t0=time.monotonic())
+        user, pw = free.popleft()
+        used.add(user)
+        slot.update(sock=sock, buf=b"", step=0, t0=time.monotonic(), user=user, pw=pw)
         active += 1
         rc = sock.connect_ex(addr)
         if rc in (0, errno.EINPROGRESS):
@@ -204,18 +214,26 @@ def _login_proc(port: int, creds: list[tuple[str, str]], t_begin: float, t_measu
                 on_event(key.data)
     cpu = os.times()
     q.put({"done": done, "errors": errors, "error_samples": error_samples, "latencies": latencies,
-           "cpu_s": cpu.user + cpu.system})
+           "cpu_s": cpu.user + cpu.system, "users": len(used)})
 
 
 def login_rate(port: int, creds: list[tuple[str, str]], concurrency: int, warmup: float, secs: float, *,
-               host: str = "127.0.0.1", source: str | None = None) -> dict:
-    """Login sessions/s at ``concurrency`` clients to ``host:port`` (clients bound to ``source`` if given)."""
-    return _rate(_login_proc, (port,), {"host": host, "source": source}, creds, concurrency, warmup, secs)
+               host: str = "127.0.0.1", source: str | None = None, rotate: bool = False) -> dict:
+    """Login sessions/s at ``concurrency`` clients to ``host:port`` (clients bound to ``source`` if given).
+
+    Without ``rotate`` the clients log in as the first ``concurrency`` users of ``creds``; with it
+    every user of ``creds`` takes turns (each session the user free the longest), one user per
+    concurrent session all the same."""
+    return _rate(_login_proc, (port,), {"host": host, "source": source}, creds, concurrency, warmup, secs,
+                 rotate=rotate)
 
 
 def _rate(target, head: tuple, tail: dict, creds: list[tuple[str, str]], concurrency: int,
-          warmup: float, secs: float) -> dict:
-    """Run ``target(*head, creds_slice, t_begin, t_measure, t_end, q, **tail)`` in 1-2 client processes."""
+          warmup: float, secs: float, *, rotate: bool = False) -> dict:
+    """Run ``target(*head, creds_slice, t_begin, t_measure, t_end, q, **tail)`` in 1-2 client processes.
+
+    ``rotate``: each process gets an equal share of all of ``creds`` and ``clients=`` its number of
+    connections (``target`` must take that keyword), instead of one user per connection."""
     nprocs = 1 if concurrency == 1 else min(2, concurrency)
     ctx = multiprocessing.get_context("fork")
     q = ctx.Queue()
@@ -223,9 +241,15 @@ def _rate(target, head: tuple, tail: dict, creds: list[tuple[str, str]], concurr
     t_measure = t_begin + warmup
     t_end = t_measure + secs
     procs = []
+    if len(creds) < concurrency:
+        raise ValueError(f"{concurrency} clients need as many users, {len(creds)} given")
     for i in range(nprocs):
         mine = creds[i:concurrency:nprocs]
-        p = ctx.Process(target=target, args=(*head, mine, t_begin, t_measure, t_end, q), kwargs=tail, daemon=True)
+        kwargs = tail
+        if rotate:
+            kwargs = {**tail, "clients": len(mine)}
+            mine = creds[i::nprocs]
+        p = ctx.Process(target=target, args=(*head, mine, t_begin, t_measure, t_end, q), kwargs=kwargs, daemon=True)
         p.start()
         procs.append(p)
     results = []
@@ -253,6 +277,7 @@ def _rate(target, head: tuple, tail: dict, creds: list[tuple[str, str]], concurr
         "latency_ms_p50": pct(0.5),
         "latency_ms_p99": pct(0.99),
         "client_processes": nprocs,
+        **({"users_logged_in": sum(r["users"] for r in results)} if rotate else {}),
         "client_cpu_s": round(sum(r["cpu_s"] for r in results), 3),
         "client_cpu_share_of_one_core": round(sum(r["cpu_s"] for r in results) / (secs + warmup), 3),
     }
