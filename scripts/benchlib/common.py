@@ -15,6 +15,9 @@ MIB = 1 << 20
 TERMINATOR = b"\r\n.\r\n"
 GRACE = 5.0  # seconds in-flight sessions may take to finish after a timed window
 CONNECTION_LIMIT = 300.0  # no client connection of the bench lasts longer
+#: Users of the login rows (and of the distinct-uid rows): at least this many, and at least one per
+#: client of the highest login level, so that no two concurrent sessions share a mailbox (issue 12 item 1).
+LOGIN_USERS = 160
 
 
 @dataclass(frozen=True)
@@ -32,8 +35,8 @@ class Profile:
     list_reps: int
 
 
-FULL = Profile((1, 32, 128), 5.0, 1.0, 50, MIB, 2000, 4096, 20000, 200 * MIB, 3, 3)
-QUICK = Profile((1, 32, 128), 1.0, 0.3, 8, MIB, 200, 4096, 1000, 16 * MIB, 1, 1)
+FULL = Profile((1, 8, 32, 128), 5.0, 1.0, 50, MIB, 2000, 4096, 20000, 200 * MIB, 3, 3)
+QUICK = Profile((1, 8, 32, 128), 1.0, 0.3, 8, MIB, 200, 4096, 1000, 16 * MIB, 1, 1)
 
 
 def log(msg: str) -> None:

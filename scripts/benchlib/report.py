@@ -17,6 +17,34 @@ def fmt(value: float | None, unit: str) -> str:
     return f"{value:.4g} {unit}"
 
 
+def other_variants(result: dict, prefix: str) -> str:
+    """The Dovecot variants a login section's ratios do not use, level by level, from the rows' parameters:
+    "per-session: 1 client 116/s (tpops/it: root-drop 0.95, user 4.74), ..." ("" when there are none)."""
+    by_variant: dict[str, dict[int, list[str]]] = {}
+    figures: dict[str, dict[int, float]] = {}
+    for name, entry in result["metrics"].items():
+        if not name.startswith(prefix):
+            continue
+        par = entry["parameters"]
+        for variant, value in (par.get("dovecot_all_variants_sessions_per_s") or {}).items():
+            if variant == par.get("dovecot_variant"):
+                continue
+            level = par["concurrency"]
+            figures.setdefault(variant, {})[level] = value
+            ratio = (par.get("ratio_by_dovecot_variant") or {}).get(variant)
+            errors = (par.get("dovecot_errors_by_variant") or {}).get(variant)
+            note = f"{par['mode']} {'—' if ratio is None else f'{ratio:.2f}'}"
+            if errors:
+                note += f"; Dovecot errors {errors}"
+            by_variant.setdefault(variant, {}).setdefault(level, []).append(note)
+    parts = []
+    for variant, levels in by_variant.items():
+        each = ", ".join(f"{c} client{'s' if c > 1 else ''} {fmt(figures[variant][c], 'sessions/s')} "
+                         f"(tpops/it: {', '.join(notes)})" for c, notes in sorted(levels.items()))
+        parts.append(f"Dovecot {variant}: {each}")
+    return "; ".join(parts)
+
+
 def markdown(result: dict) -> str:
     rows = ["| metric | tpops | dovecot | ratio | goal |", "|---|---:|---:|---:|---|"]
     for entry in result["metrics"].values():
@@ -37,11 +65,16 @@ def markdown(result: dict) -> str:
     rows.append(f"{result['tpops']['version']} vs Dovecot {dv}; {m['cpus']} CPUs, Linux {m['kernel']}, "
                 f"Python {m['python']}, uid {m['uid']}; {result['started']}"
                 f"{' (--quick)' if result['quick'] else ''}. Ratio = tpops / Dovecot. The Python load generator "
-                f"shares the CPUs with the servers. Login and pool rows compare tpops root-drop (a worker per "
-                f"session) with Dovecot's default (a pop3 process per session), and tpops --user nobody with "
-                f"Dovecot reusing pop3 processes (service_count = 1000); both Dovecots keep 8 pop3 processes "
-                f"pre-started. RETR/LIST/RSS rows: tpops {result['tpops']['data_metrics_mode']} vs Dovecot "
-                f"per-session, sizes exact in tpops.")
+                f"shares the CPUs with the servers. Login rows compare both tpops modes (root-drop: a worker per "
+                f"session; --user nobody) with Dovecot reusing pop3 processes (service_count = 1000, its fastest "
+                f"login mode); Dovecot's default (a pop3 process per session) ran in the same runs (figures below "
+                f"and in the JSON). Pool rows compare root-drop with Dovecot's default and --user with Dovecot "
+                f"reusing processes; both Dovecots keep 8 pop3 processes pre-started. RETR/LIST/RSS rows: tpops "
+                f"{result['tpops']['data_metrics_mode']} vs Dovecot per-session, sizes exact in tpops.")
+    login_others = other_variants(result, "login_sessions_per_s.")
+    if login_others:
+        rows.append("")
+        rows.append(f"Login rows, the other Dovecot variant in the same runs: {login_others}.")
     if result.get("cluster"):
         rows.append("")
         rows.append(f"Cluster rows: {result['cluster']['haproxy']} (TCP, send-proxy-v2, tcp-check) over two tpops "

@@ -39,8 +39,17 @@ TLS_LEVELS = (1, 8, 32)
 NODE_HOSTS = ("127.0.0.2", "127.0.0.3")
 DIRECT_SOURCE = "127.0.0.9"
 
-#: tpops mode -> the Dovecot variant with the same process model.
+#: tpops mode -> the Dovecot variant with the same process model (pool RSS, TLS rows).
 PAIRING = {"root-drop": "per-session", "user": "reuse", "nonroot": "reuse"}
+
+#: tpops mode -> (the Dovecot variant its login rows' ratio uses, the goal factor, the goal's words).
+#: Issue 12 item 1: root-drop at 1.5x Dovecot's fastest login mode (pop3 processes reused), --user
+#: keeping its 4x. Both variants' figures are in each row's parameters.
+LOGIN_GOALS = {
+    "root-drop": ("reuse", 1.5, "≥ 1.5x Dovecot reuse"),
+    "user": ("reuse", 4.0, "keep ≥ 4x Dovecot reuse"),
+    "nonroot": ("reuse", 1.0, "≥ Dovecot reuse"),
+}
 
 
 class Bench:
@@ -147,40 +156,70 @@ class Bench:
             shutil.rmtree(self.base, ignore_errors=True)
 
     # -- 1. logins
+    def login_order(self, tpops: list[TpopsServer]) -> list[Server]:
+        """``tpops`` and every Dovecot, alternating (the order of one login level's runs)."""
+        order: list[Server] = []
+        dovecots = list(self.dovecots.values())
+        for k in range(max(len(tpops), len(dovecots))):
+            order += tpops[k : k + 1] + dovecots[k : k + 1]
+        return order
+
+    def dovecot_login_params(self, results: dict[str, dict], value: float, compared: str | None) -> dict:
+        """Both Dovecot variants' login figures beside a tpops row whose ratio uses ``compared``."""
+        params: dict = {}
+        if compared is not None:
+            params["dovecot_variant"] = compared
+            params["dovecot_detail"] = {k: v for k, v in results[self.dovecots[compared].label].items()
+                                        if k != "value"}
+        ran = [d for d in self.dovecots.values() if d.label in results]
+        if ran:
+            params["dovecot_all_variants_sessions_per_s"] = {
+                d.variant: round(results[d.label]["value"], 1) for d in ran}
+            params["ratio_by_dovecot_variant"] = {
+                d.variant: round(value / results[d.label]["value"], 3) if results[d.label]["value"] else None
+                for d in ran}
+            params["dovecot_errors_by_variant"] = {d.variant: results[d.label]["errors"] for d in ran}
+            samples = {d.variant: results[d.label]["error_samples"][:2] for d in ran if results[d.label]["errors"]}
+            if samples:
+                params["dovecot_error_samples_by_variant"] = samples
+        return params
+
     def bench_logins(self) -> None:
+        """Logins/s at each level: tpops root-drop and --user against Dovecot reusing pop3 processes
+        (its fastest login mode; the per-session variant measured in the same run, in the parameters).
+        The login users (160, or one per client of the highest level) all belong to nobody."""
         p = self.profile
         creds = self.world.login_users
         refs = {1: "250/s", 32: "360/s"}
         for c in p.login_levels:
-            results = {}
-            order: list[Server] = []
-            for srv in self.tpops:
-                order.append(srv)
-                if self.paired(srv) and self.paired(srv) not in order:
-                    order.append(self.paired(srv))
-            for srv in order:
-                results[srv.label] = login_rate(srv.port, creds, c, p.warmup_secs, p.login_secs)
+            order = self.login_order(self.tpops)
+            results = {srv.label: login_rate(srv.port, creds, c, p.warmup_secs, p.login_secs, rotate=True)
+                       for srv in order}
             for srv in self.tpops:
                 r = results[srv.label]
-                pair = self.paired(srv)
+                variant, factor, goal = LOGIN_GOALS[srv.mode]
+                pair = self.dovecots.get(variant)
                 dv = results[pair.label] if pair else None
                 params = {k: v for k, v in r.items() if k != "value"}
                 params.update(concurrency=c, duration_s=p.login_secs, warmup_s=p.warmup_secs, mode=srv.mode,
                               session="connect, greeting, USER, PASS, STAT, QUIT, wait for the close",
-                              users="one per client (tpops allows one session per mailbox)")
+                              users=f"{len(creds)} ({creds[0][0]}..{creds[-1][0]}), all owned by "
+                                    f"uid {self.world.uid}; each session logs in as the user free the longest: "
+                                    "one user per concurrent client (tpops allows one session per mailbox), "
+                                    "every user in turn")
                 if srv.launcher_note:
                     params["launcher"] = srv.launcher_note
-                if dv:
-                    params["dovecot_variant"] = pair.variant
-                    params["dovecot_detail"] = {k: v for k, v in dv.items() if k != "value"}
-                    params["dovecot_all_variants_sessions_per_s"] = {
-                        d.variant: round(results[d.label]["value"], 1) for d in self.dovecots.values()
-                        if d.label in results}
+                params.update(self.dovecot_login_params(results, r["value"], variant if pair else None))
+                if pair:
+                    params["ratio_note"] = (f"ratio and goal against Dovecot {variant} "
+                                            f"({pair.config_note}); every variant's figure in "
+                                            "dovecot_all_variants_sessions_per_s")
+                ratio = r["value"] / dv["value"] if dv and dv["value"] else None
                 self.add(f"login_sessions_per_s.c{c}.{srv.mode}",
                          f"logins/s, {c} client{'s' if c > 1 else ''} ({srv.mode})",
                          r["value"], "sessions/s", "higher", params,
-                         dovecot=dv["value"] if dv else None, goal="≥ Dovecot", reference=refs.get(c),
-                         server=srv.label)
+                         dovecot=dv["value"] if dv else None, goal=goal, reference=refs.get(c),
+                         goal_met=None if ratio is None else ratio >= factor, server=srv.label)
         for srv in self.tpops:
             self.pool_rss(srv)
 
@@ -536,7 +575,9 @@ class Bench:
             "dovecot": None if self.dovecot is None else {
                 "version": self.dovecot.version(),
                 "variants": {
-                    d.variant: {"config": d.config_summary, "compared_with": [m for m, v in PAIRING.items() if v == d.variant]}
+                    d.variant: {"config": d.config_summary,
+                                "compared_with": [m for m, v in PAIRING.items() if v == d.variant],
+                                "login_rows_compared_with": [m for m, g in LOGIN_GOALS.items() if g[0] == d.variant]}
                     for d in self.dovecots.values()
                 },
                 "data_metrics_variant": self.dovecot.variant,

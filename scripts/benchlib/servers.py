@@ -293,6 +293,8 @@ class DovecotServer(Server):
             ]
         self.conf.write_text("\n".join(lines) + "\n")
         self.config_summary = [line.strip() for line in lines if "=" in line]
+        self.config_note = ("service_count = 1: a fresh pop3 process per session" if variant == "per-session"
+                            else "service_count = 1000: pop3 processes serve many sessions")
 
     def start(self) -> DovecotServer:
         check = subprocess.run(["doveconf", "-c", str(self.conf), "-n"], capture_output=True, text=True, timeout=30)

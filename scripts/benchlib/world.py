@@ -7,8 +7,13 @@ import random
 import time
 from pathlib import Path
 
-from benchlib.common import IS_ROOT, Profile, log
+from benchlib.common import IS_ROOT, LOGIN_USERS, Profile, log
 from tests.support.server import chown_tree
+
+
+def login_user_count(levels: tuple[int, ...]) -> int:
+    """How many login users a profile needs: :data:`LOGIN_USERS`, or one per client of its highest level."""
+    return max(LOGIN_USERS, *levels)
 
 
 class World:
@@ -84,7 +89,7 @@ class World:
     def build(self) -> None:
         p = self.profile
         t0 = time.monotonic()
-        for i in range(max(p.login_levels) + 4):
+        for i in range(login_user_count(p.login_levels)):
             name = f"l{i:03d}"
             md = self.add_user(name, f"pw-{name}")
             for k in range(5):
