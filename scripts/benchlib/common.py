@@ -18,6 +18,9 @@ CONNECTION_LIMIT = 300.0  # no client connection of the bench lasts longer
 #: Users of the login rows (and of the distinct-uid rows): at least this many, and at least one per
 #: client of the highest login level, so that no two concurrent sessions share a mailbox (issue 12 item 1).
 LOGIN_USERS = 160
+#: First uid/gid of the distinct-uid users (``--only logins-uids``): not in /etc/passwd, at or above
+#: tpops's $first_valid_uid default (500) and inside the bench Dovecot's first_valid_uid..last_valid_uid.
+DISTINCT_UID_BASE = 20000
 
 
 @dataclass(frozen=True)

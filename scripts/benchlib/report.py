@@ -75,6 +75,14 @@ def markdown(result: dict) -> str:
     if login_others:
         rows.append("")
         rows.append(f"Login rows, the other Dovecot variant in the same runs: {login_others}.")
+    uids = result.get("logins_uids")
+    if uids:
+        rows.append("")
+        rows.append(f"Distinct-uid rows: {uids['users']} users with uids and gids {uids['uids']} (passwd-file uid "
+                    f"and gid fields, Maildir trees chowned to them, no /etc/passwd entries), tpops root-drop "
+                    f"against the Dovecot variant named in the goal: the one with more logins/s among those "
+                    f"without errors (a reused Dovecot pop3 process cannot switch uid). "
+                    f"{other_variants(result, 'login_uids_sessions_per_s.')}.")
     if result.get("cluster"):
         rows.append("")
         rows.append(f"Cluster rows: {result['cluster']['haproxy']} (TCP, send-proxy-v2, tcp-check) over two tpops "

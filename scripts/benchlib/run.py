@@ -14,7 +14,7 @@ from pathlib import Path
 
 from benchlib.certs import KEY_TYPE, TlsFiles, bench_certificate
 from benchlib.clients import huge_rss, listing_run, login_rate, retr_run, tls_login_rate
-from benchlib.common import FULL, IS_ROOT, MIB, QUICK, REPO, TPOPS, log
+from benchlib.common import DISTINCT_UID_BASE, FULL, IS_ROOT, MIB, QUICK, REPO, TPOPS, log
 from benchlib.scale import MILLION, curve, million
 from benchlib.servers import (
     DovecotServer,
@@ -24,11 +24,11 @@ from benchlib.servers import (
     ensure_dovecot,
     ensure_haproxy,
 )
-from benchlib.world import World
+from benchlib.world import World, login_user_count
 from tests.support.procs import proc_pss_kib, proc_status_kib
 
 #: The parts of a run, in order; ``--only`` picks some (curve, million, cluster and tls are opt-in).
-SECTIONS = ("logins", "retr", "listing", "huge", "curve", "million", "cluster", "tls")
+SECTIONS = ("logins", "logins-uids", "retr", "listing", "huge", "curve", "million", "cluster", "tls")
 OPT_IN = ("curve", "million", "cluster", "tls")
 
 #: Login concurrency of the TLS rows (issue 9).
@@ -122,6 +122,8 @@ class Bench:
         self.world = World(base, self.profile)
         if "curve" in self.args.sections:
             self.world.curve_sizes = (200, 1000) if self.args.quick else (1000, 20000, 100000)
+        if "logins-uids" in self.args.sections and IS_ROOT:  # chown to uids of their own needs root
+            self.world.distinct_uid_count = login_user_count(self.profile.login_levels)
         self.world.build()
         if "tls" in self.args.sections:
             self.certs = bench_certificate(base)
@@ -222,6 +224,55 @@ class Bench:
                          goal_met=None if ratio is None else ratio >= factor, server=srv.label)
         for srv in self.tpops:
             self.pool_rss(srv)
+
+    def bench_logins_uids(self) -> None:
+        """Root-mode logins/s where every user has a uid and gid of its own (given in the passwd-file's
+        uid and gid fields, its Maildir tree chowned to them): tpops root-drop against both Dovecots.
+        Dovecot cannot hand a pop3 process that dropped to one uid a session of another uid, so its
+        reuse variant is reported too, but the ratio uses whichever variant logged in more users/s
+        without an error (or more users/s, when both had errors)."""
+        if not IS_ROOT:
+            self.skip("logins-uids", "needs root: the users' Maildirs belong to uids of their own "
+                                     "and tpops must switch to them per session")
+            return
+        srv = next(s for s in self.tpops if s.mode == "root-drop")
+        p = self.profile
+        creds = self.world.uid_users
+        first, last = DISTINCT_UID_BASE, DISTINCT_UID_BASE + len(creds) - 1
+        self.extra["logins_uids"] = {
+            "users": len(creds), "uids": f"{first}..{last}", "gids": f"{first}..{last}",
+            "how": "passwd-file lines 'u000:{PLAIN}pw-u000:20000:20000:bench user:HOME::' (uid and gid fields "
+                   "set, read by tpops's File backend and Dovecot's passwd-file userdb); each home tree "
+                   "chowned to its uid/gid; no /etc/passwd entries",
+            "tpops": "root-drop (root, no --user; $first_valid_uid default 500)",
+            "dovecot": "first_valid_uid = 100, last_valid_uid = 0 (no upper bound); both variants",
+        }
+        for c in p.login_levels:
+            order = self.login_order([srv])
+            results = {s.label: login_rate(s.port, creds, c, p.warmup_secs, p.login_secs, rotate=True)
+                       for s in order}
+            r = results[srv.label]
+            ran = [d for d in self.dovecots.values() if d.label in results]
+            clean = [d for d in ran if results[d.label]["errors"] == 0] or ran
+            best = max(clean, key=lambda d: results[d.label]["value"]) if clean else None
+            dv = results[best.label] if best else None
+            params = {k: v for k, v in r.items() if k != "value"}
+            params.update(concurrency=c, duration_s=p.login_secs, warmup_s=p.warmup_secs, mode=srv.mode,
+                          session="connect, greeting, USER, PASS, STAT, QUIT, wait for the close",
+                          users=f"{len(creds)} ({creds[0][0]}..{creds[-1][0]}), user k with uid and gid "
+                                f"{first}+k; each session logs in as the user free the longest: one user "
+                                "per concurrent client, every user (so every uid) in turn")
+            if srv.launcher_note:
+                params["launcher"] = srv.launcher_note
+            params.update(self.dovecot_login_params(results, r["value"], best.variant if best else None))
+            if best:
+                params["ratio_note"] = (f"ratio against Dovecot {best.variant}: the variant with more logins/s "
+                                        "among those without errors; a reused pop3 process cannot switch to "
+                                        "another uid")
+            self.add(f"login_uids_sessions_per_s.c{c}.{srv.mode}",
+                     f"logins/s, {len(creds)} distinct uids, {c} client{'s' if c > 1 else ''} ({srv.mode})",
+                     r["value"], "sessions/s", "higher", params, dovecot=dv["value"] if dv else None,
+                     goal=f"≥ Dovecot {best.variant}" if best else "≥ Dovecot", server=srv.label)
 
     def pool_rss(self, srv: TpopsServer) -> None:
         time.sleep(0.5)
@@ -538,7 +589,7 @@ class Bench:
             self.setup()
             for section in SECTIONS:
                 if section in self.args.sections:
-                    getattr(self, f"bench_{section}")()
+                    getattr(self, f"bench_{section.replace('-', '_')}")()
             health = self.health()
         finally:
             self.teardown()

@@ -246,6 +246,9 @@ class DovecotServer(Server):
             f"mail_uid = {world.uid}",
             f"mail_gid = {world.gid}",
             "first_valid_uid = 1" if not IS_ROOT else "first_valid_uid = 100",
+            # No upper bound: nobody (65534) and the distinct-uid users (DISTINCT_UID_BASE and up),
+            # whose uid and gid come from their passwd-file line (default_fields fill in the others).
+            "last_valid_uid = 0",
             "pop3_uidl_format = %f",
             "pop3_no_flag_updates = yes",  # do not rename the shared Maildirs' files to add flags
             "verbose_proctitle = yes",
@@ -292,7 +295,7 @@ class DovecotServer(Server):
                 "service imap-login {", "  chroot = ", "}",
             ]
         self.conf.write_text("\n".join(lines) + "\n")
-        self.config_summary = [line.strip() for line in lines if "=" in line]
+        self.config_summary = [line.strip() for line in lines if "=" in line and not line.startswith("#")]
         self.config_note = ("service_count = 1: a fresh pop3 process per session" if variant == "per-session"
                             else "service_count = 1000: pop3 processes serve many sessions")
 

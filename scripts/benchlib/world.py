@@ -7,7 +7,7 @@ import random
 import time
 from pathlib import Path
 
-from benchlib.common import IS_ROOT, LOGIN_USERS, Profile, log
+from benchlib.common import DISTINCT_UID_BASE, IS_ROOT, LOGIN_USERS, Profile, log
 from tests.support.server import chown_tree
 
 
@@ -17,7 +17,8 @@ def login_user_count(levels: tuple[int, ...]) -> int:
 
 
 class World:
-    """Temp dir with the passwd-file and every Maildir, owned by nobody when root."""
+    """Temp dir with the passwd-file and every Maildir, owned by nobody when root (the
+    distinct-uid users excepted: each owns its own tree)."""
 
     def __init__(self, base: Path, profile: Profile) -> None:
         self.base = base
@@ -45,6 +46,12 @@ class World:
         self.counter = 0
         #: Maildir sizes of the growth curve (``--large``): one user ``curve<n>`` each.
         self.curve_sizes: tuple[int, ...] = ()
+        #: How many distinct-uid users to build (``--only logins-uids``, root only; 0: none).
+        self.distinct_uid_count = 0
+        #: The distinct-uid users: ``u000`` has uid and gid DISTINCT_UID_BASE, ``u001`` the next, ...
+        self.uid_users: list[tuple[str, str]] = []
+        #: login -> (uid, gid) of the users whose passwd-file line names their owner.
+        self.owners: dict[str, tuple[int, int]] = {}
 
     # -- messages
     def message(self, size: int, tag: str) -> bytes:
@@ -60,12 +67,17 @@ class World:
         body = self.pool[off : off + need]
         return header + body[:-1] + b"\n"
 
-    def add_user(self, name: str, password: str) -> Path:
+    def add_user(self, name: str, password: str, owner: tuple[int, int] | None = None) -> Path:
+        """A passwd-file line and an empty Maildir; ``owner`` = (uid, gid) written in the line's
+        uid and gid fields and given the user's home tree (else both empty: the world's owner)."""
         home = self.home_root / name
         maildir = home / "Maildir"
         for sub in ("cur", "new", "tmp"):
             (maildir / sub).mkdir(parents=True, mode=0o700)
-        self.lines.append(f"{name}:{{PLAIN}}{password}:::bench user:{home}::\n")
+        uid, gid = ("", "") if owner is None else owner
+        if owner is not None:
+            self.owners[name] = owner
+        self.lines.append(f"{name}:{{PLAIN}}{password}:{uid}:{gid}:bench user:{home}::\n")
         return maildir
 
     def put(self, maildir: Path, data: bytes, index: int, style: str = "bare") -> None:
@@ -84,6 +96,8 @@ class World:
         self.passwd_file.write_text("".join(self.lines))
         self.passwd_file.chmod(0o644)
         chown_tree(self.home_root, self.uid, self.gid)
+        for name, (uid, gid) in self.owners.items():
+            chown_tree(self.home_root / name, uid, gid)
         os.chown(self.home_root, 0 if IS_ROOT else self.uid, 0 if IS_ROOT else self.gid)
 
     def build(self) -> None:
@@ -95,6 +109,12 @@ class World:
             for k in range(5):
                 self.put(md, self.message(1500 + 300 * k, name), k)
             self.login_users.append((name, f"pw-{name}"))
+        for i in range(self.distinct_uid_count):
+            name = f"u{i:03d}"
+            md = self.add_user(name, f"pw-{name}", owner=(DISTINCT_UID_BASE + i, DISTINCT_UID_BASE + i))
+            for k in range(5):
+                self.put(md, self.message(1500 + 300 * k, name), k)
+            self.uid_users.append((name, f"pw-{name}"))
         md = self.add_user("big", "pw-big")
         for k in range(p.big_n):
             self.put(md, self.message(p.big_size, "big"), k)
