@@ -286,3 +286,26 @@ def test_fifty_slow_clients_from_one_address_leave_room_for_another(mail_env: Ma
         for s in slow:
             s.close()
         srv.stop()
+
+
+def test_a_client_that_quits_and_reconnects_at_once_is_never_refused(mail_env: MailEnv) -> None:
+    """With $max_connections_per_ip = 1, a client that sees its session end (EOF after
+    QUIT) and reconnects at once is greeted every time: the finished session stops
+    counting for its address before the client can see the close (fetchmail polling
+    several accounts one after another from one address does exactly this)."""
+    mail_env.add_user("liv", messages=[make_message()])
+    srv = start(mail_env, *POOL_ARGS, min_servers="3", max_servers="3", max_connections_per_ip="1")
+    try:
+        for attempt in range(60):
+            s = connect_from(srv.port, "127.0.0.1")
+            f = s.makefile("rb")
+            greeting = f.readline()
+            assert greeting.startswith(b"+OK"), (attempt, greeting)
+            s.sendall(b"QUIT\r\n")
+            assert f.readline().startswith(b"+OK"), attempt
+            assert f.readline() == b"", attempt  # the server's close
+            f.close()
+            s.close()
+    finally:
+        srv.stop()
+    assert "over $max_connections_per_ip" not in srv.output()

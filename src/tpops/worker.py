@@ -173,6 +173,13 @@ class Worker:
             self.refused, self.refused_logged = 0, now
         return False
 
+    def release(self) -> None:
+        """This connection no longer counts for its address: done before the client can
+        see the connection close, so a client that QUITs and reconnects at once is never
+        refused over ``$max_connections_per_ip`` by its own finished session."""
+        if self.limits is not None:
+            self.limits.leave(self.slot)
+
     def read_proxy(self, conn: socket.socket, peer: str, wake_r: int) -> ProxyInfo | None:
         """The PROXY header a trusted balancer at ``peer`` must send first (see
         :mod:`tpops.proxy`), read exactly and within ``$command_timeout``; None when it is
@@ -264,8 +271,7 @@ class Worker:
                     try:
                         self.serve(conn, peer, authenticator, privileges, wake_r, proxy, implicit_tls)
                     finally:
-                        if self.limits is not None:
-                            self.limits.leave(self.slot)
+                        self.release()  # again, in case serve() never reached its own
                     if privileges.changed:
                         return 0
                     break  # re-check the limits before the next accept
@@ -340,6 +346,7 @@ class Worker:
                                   quit=isinstance(session.state, Transaction) and session.state.updating)
                 observer = None
             write_access_log(self.log_files, record.access_log_line())
+            self.release()
             session.finish()  # after the access log: a client that sees EOF sees the session accounted
         except (HandshakeFailed, Interrupted):
             pass  # implicit TLS that did not start (logged by handshake()) or SIGTERM during it
@@ -356,6 +363,7 @@ class Worker:
         finally:
             if observer is not None:  # an internal error: the record must not outlive the session
                 observer.finished(False, 0, 0, quit=False)
+            self.release()
             accepted.sock.close()
         if not privileges.changed:
             setproctitle("tpops: worker idle")
