@@ -187,7 +187,8 @@ class TpopsServer(Server):
                 p.unlink()
 
     def serving_match(self, cmdline: str, user: str) -> bool:
-        return cmdline.startswith("tpops: worker") and f" {user}@" in cmdline + " "
+        # a worker, or in root mode the post-login process it handed the session to
+        return cmdline.startswith(("tpops: worker", "tpops: post-login")) and f" {user}@" in cmdline + " "
 
     def idle_workers(self) -> list[int]:
         return [k for k in proc_children(self.master_pid()) if proc_cmdline(k).startswith("tpops: worker idle")]

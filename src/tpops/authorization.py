@@ -24,15 +24,18 @@ the ``tpops.session`` logger, like the loop's.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from tpops import logs, sasl_exchange
 from tpops.auth.base import Authenticator, AuthUnavailable, MailboxInUse, MailUser
 from tpops.commands import Arg, Command, capabilities, dispatch
 from tpops.config import Config
-from tpops.connection import PLAIN, Connection
-from tpops.mailbox.maildir import Maildir
-from tpops.privileges import Refused, maildir_root
+from tpops.connection import BALANCER_TLS, PLAIN, Connection
+from tpops.mailbox.lock import MailboxLock
+from tpops.mailbox.maildir import Maildir, MaildirRoot
+from tpops.postlogin import HandOff, transferable
+from tpops.privileges import Refused, check_identity, mailbox_owner, maildir_root
 from tpops.protocol import Transport
 from tpops.reply import Accounting, Reply, bad, err, ok
 from tpops.transaction import Transaction
@@ -56,7 +59,8 @@ class Authorization:
     :class:`tpops.privileges.Refused`). ``on_login(text)`` lets the worker update its
     process title. ``timestamp`` is the APOP timestamp, used only when ``$apop`` is
     true and the backend supports APOP. ``start_tls`` (None: TLS not configured, or an
-    inetd session) upgrades the connection after STLS.
+    inetd session) upgrades the connection after STLS. ``hand_off``: the worker can
+    pass a logged-in session to a post-login process (:mod:`tpops.postlogin`).
     """
 
     name = "AUTHORIZATION"
@@ -72,9 +76,13 @@ class Authorization:
         timestamp: str | None = None,
         connection: Connection | None = None,
         start_tls: StartTLS | None = None,
+        hand_off: bool = False,
     ) -> None:
         self.config = config
         self.start_tls = start_tls
+        #: A login over a connection a post-login process can take (not TLS we terminate)
+        #: ends in a :class:`~tpops.postlogin.HandOff` reply (root mode, see the module).
+        self.hand_off = hand_off
         #: The client's address and protection (CAPA and $disable_plaintext_auth ask it).
         self.connection = connection if connection is not None else Connection(peer)
         self.authenticator = authenticator
@@ -153,7 +161,8 @@ class Authorization:
         return self._open_mailbox(user)
 
     def _open_mailbox(self, user: MailUser) -> Reply:
-        """Lock -> serve_as -> Maildir.open; the Transaction on success."""
+        """Lock, then either the hand-off to a post-login process (root mode, see
+        :mod:`tpops.postlogin`) or :meth:`serve_here`."""
         name = logs.escape(user.login)
         try:
             lock = self.authenticator.lock(user)
@@ -163,32 +172,96 @@ class Authorization:
         except (AuthUnavailable, OSError) as exc:
             log.error("cannot lock for %s from %s: %s", name, self.peer, exc)
             return err("Cannot lock the mailbox, try again later.", "SYS/TEMP")
+        if self.hand_off and self.connection.security in (PLAIN, BALANCER_TLS) and transferable(lock):
+            return self._prepare_hand_off(user, lock)
+        return self.serve_here(user, lock)
+
+    def _prepare_hand_off(self, user: MailUser, lock: MailboxLock) -> Reply:
+        """The owner's identity, decided and checked as root: the loop's hand-off reply."""
+        try:
+            identity, root = mailbox_owner(user)
+            check_identity(identity, self.config.first_valid_uid, self.config.last_valid_uid)
+        except Refused as exc:
+            lock.release()
+            log.error("refusing to serve %s from %s: %s", logs.escape(user.login), self.peer, exc)
+            return err("This mailbox cannot be served.", "SYS/PERM")
+        except OSError as exc:
+            lock.release()
+            log.error("cannot open the mailbox of %s (%s): %s", logs.escape(user.login), logs.escape(user.maildir), exc)
+            return err("Cannot open the mailbox, try again later.", "SYS/TEMP")
+        except BaseException:
+            lock.release()
+            raise
+        return Reply(True, "", handoff=HandOff(user, identity, lock, root))
+
+    def serve_here(self, user: MailUser, lock: MailboxLock, root: MaildirRoot | None = None) -> Reply:
+        """``serve_as`` (the switch to the owner, in this process) -> ``Maildir.open``; the
+        Transaction on success. ``root``: a Maildir opened for a hand-off that did not
+        happen (closed here: ``serve_as`` decides again)."""
+        if root is not None:
+            root.close()
         try:
             if self.serve_as is not None:
                 self.dropped_privileges = self.serve_as(user)
-            mailbox = Maildir.open(
-                maildir_root(self.serve_as, user),
-                maildir_extended=self.config.maildir_extended,
-                maildir_use_filesize=self.config.maildir_use_filesize,
-            )
+            opened = maildir_root(self.serve_as, user)
         except Refused as exc:
             lock.release()
-            log.error("refusing to serve %s from %s: %s", name, self.peer, exc)
+            log.error("refusing to serve %s from %s: %s", logs.escape(user.login), self.peer, exc)
             return err("This mailbox cannot be served.", "SYS/PERM", close=self.dropped_privileges or exc.final)
         except OSError as exc:
             lock.release()
-            log.error("cannot open the mailbox of %s (%s): %s", name, logs.escape(user.maildir), exc)
+            log.error("cannot open the mailbox of %s (%s): %s", logs.escape(user.login), logs.escape(user.maildir), exc)
             return err("Cannot open the mailbox, try again later.", "SYS/TEMP", close=self.dropped_privileges)
         except BaseException:  # a bug or a stop request: the loop logs it; the lock must not outlive it
             lock.release()
             raise
-        transaction = Transaction(user, mailbox, lock, dropped_privileges=self.dropped_privileges)
-        count, octets = transaction.start_totals
-        log.info("login: %s has %d messages (%d octets) from %s (%s)", name, count, octets, self.peer,
-                 _protection(self.connection))
-        if self.on_login:
-            self.on_login(f"{user.login}@{self.peer}")
-        return ok(f"Logged in, {count} messages ({octets} octets).", state=transaction)
+        return open_transaction(self.config, user, lock, opened, self.peer, self.connection,
+                                dropped_privileges=self.dropped_privileges, on_login=self.on_login)
+
+
+def open_transaction(
+    config: Config,
+    user: MailUser,
+    lock: MailboxLock,
+    root: MaildirRoot | None,
+    peer: str,
+    connection: Connection,
+    *,
+    dropped_privileges: bool,
+    on_login: Callable[[str], None] | None = None,
+) -> Reply:
+    """``Maildir.open`` on the opened directory (None: open ``user.maildir`` now), as the
+    identity that serves it; the ``+OK`` with the new Transaction, or a ``-ERR`` with the
+    lock released (closing the connection when this process changed its identity: it
+    can serve no other login)."""
+    name = logs.escape(user.login)
+    try:
+        if root is None:
+            root = maildir_root(None, user)
+        if root.exists and root.stat.st_uid != os.geteuid() and dropped_privileges:
+            raise Refused(f"{user.maildir} belongs to uid {root.stat.st_uid}, not to uid {os.geteuid()}")
+        mailbox = Maildir.open(
+            root,
+            maildir_extended=config.maildir_extended,
+            maildir_use_filesize=config.maildir_use_filesize,
+        )
+    except Refused as exc:
+        lock.release()
+        log.error("refusing to serve %s from %s: %s", name, peer, exc)
+        return err("This mailbox cannot be served.", "SYS/PERM", close=True)
+    except OSError as exc:
+        lock.release()
+        log.error("cannot open the mailbox of %s (%s): %s", name, logs.escape(user.maildir), exc)
+        return err("Cannot open the mailbox, try again later.", "SYS/TEMP", close=dropped_privileges)
+    except BaseException:
+        lock.release()
+        raise
+    transaction = Transaction(user, mailbox, lock, dropped_privileges=dropped_privileges)
+    count, octets = transaction.start_totals
+    log.info("login: %s has %d messages (%d octets) from %s (%s)", name, count, octets, peer, _protection(connection))
+    if on_login:
+        on_login(f"{user.login}@{peer}")
+    return ok(f"Logged in, {count} messages ({octets} octets).", state=transaction)
 
 
 def _protection(connection: Connection) -> str:

@@ -164,6 +164,9 @@ class Config:
     maildir_use_filesize: bool = _p(
         False, "use the file size as message size instead of the exact RFC 1939 size")
     first_valid_uid: int = _p(500, "lowest uid a session may run as when tpops switches per session")
+    post_login_workers: int = _p(
+        4, "root mode: post-login processes a worker keeps, one per mailbox owner, for reuse (0 = none)")
+    post_login_idle: int = _p(60, "root mode: seconds an idle post-login process is kept")
     last_valid_uid: int = _p(0, "highest uid a session may run as (0 = no upper bound)")
     # --- authentication
     auth_type: str = _p("Passwd", "authentication type: 'Passwd', 'MySQL' or 'File'")
@@ -368,6 +371,8 @@ def _checks(config: Config, *, complete: bool = True) -> list[tuple[tuple[str, .
     at_least("max_bad_commands", 1)
     at_least("max_auth_failures", 1)
     at_least("first_valid_uid", 1, " (uid 0 is never served)")
+    at_least("post_login_workers", 0, " (0 = none)")
+    at_least("post_login_idle", 1)
     at_least("last_valid_uid", 0, " (0 = no upper bound)")
     at_least("max_connections_per_ip", 0, " (0 = no limit)")
     at_least("max_auth_penalty", 0, " (0 = none)")

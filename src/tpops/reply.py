@@ -23,6 +23,13 @@ and an optional body, a reply tells the loop what to do next:
     already buffered (a pipelined command must not survive a TLS upgrade), replaces
     its transport with ``upgrade(transport)`` and reads and writes through the new
     one from then on (STLS).
+``handoff``
+    The login succeeded as far as root must take it (credentials, lock, the owner's
+    identity) and the rest of the session belongs to a process of that identity (root
+    mode's post-login process, :mod:`tpops.postlogin`). The loop gives it to its
+    owner's ``hand_off``; when that took the connection over, the loop ends without
+    writing anything, else it serves the login here
+    (:meth:`~tpops.authorization.Authorization.serve_here`).
 ``bad`` / ``auth_failed`` / ``close``
     Count towards ``$max_bad_commands``; apply the ``$error_interval`` delay; end the
     connection after this reply.
@@ -32,9 +39,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tpops.protocol import LineTooLong, Transport
+
+if TYPE_CHECKING:
+    from tpops.postlogin import HandOff
 
 
 @dataclass(slots=True)
@@ -57,6 +67,7 @@ class Reply:
     state: State | None = None
     exchange: Exchange | None = None
     upgrade: Callable[[Transport], Transport] | None = None
+    handoff: HandOff | None = None
 
     def status_line(self) -> str:
         if self.continuation:

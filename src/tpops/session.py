@@ -47,6 +47,7 @@ from tpops.auth.base import Authenticator, MailUser
 from tpops.authorization import AUTHORIZATION_COMMANDS, Authorization, StartTLS
 from tpops.config import Config
 from tpops.connection import Connection
+from tpops.postlogin import HandOff, Resume, lock_kind
 from tpops.protocol import (
     LINE_TOO_LONG,
     MAX_COMMAND_OCTETS,
@@ -164,8 +165,14 @@ class Session:
         penalty: FailurePenalty | None = None,
         connection: Connection | None = None,
         start_tls: StartTLS | None = None,
+        hand_off: Callable[[HandOff, Resume], bool] | None = None,
     ) -> None:
         self.observer = observer
+        self.hand_off = hand_off
+        #: The rest of the session went to a post-login process: nothing more to do here.
+        self.handed_off = False
+        self.started = time.monotonic()
+        self.command_started = self.started
         self.transport = transport
         self.peer = peer
         self.config = config
@@ -180,6 +187,7 @@ class Session:
         self.authorization = Authorization(
             config, authenticator, peer, serve_as=serve_as, on_login=on_login, timestamp=timestamp,
             connection=connection if connection is not None else Connection(peer), start_tls=start_tls,
+            hand_off=hand_off is not None,
         )
         self.state: State = self.authorization
         self.exchange: Exchange | None = None
@@ -195,12 +203,33 @@ class Session:
         """The client and its protection now (STLS upgrades it)."""
         return self.authorization.connection
 
-    def run(self) -> SessionRecord:
-        """Serve the connection until QUIT, a limit, a stop request or the client leaves."""
-        log.info("connect from %s", self.peer)
+    def resume(self, resume: Resume) -> None:
+        """Continue, in a post-login process, the session a worker handed off: its
+        connect time, its connection time limit and the input it had read ahead."""
+        self.record.start = resume.start
+        self.connection_deadline = resume.connection_deadline
+        self.started = resume.session_started
+        self.reader.buffer[:] = resume.pending
+        self.reader.discarding = resume.discarding
+        self.authorization.attempted_login = resume.user.login
+
+    def run(self, first: Reply | None = None) -> SessionRecord:
+        """Serve the connection until QUIT, a limit, a stop request or the client leaves.
+
+        ``first``: a resumed session's first reply (the login's, from
+        :func:`~tpops.authorization.open_transaction`) instead of the greeting.
+        """
+        if first is None:
+            log.info("connect from %s", self.peer)
         reason = "quit"
         try:
-            self._write(self.authorization.greeting())
+            if first is None:
+                self._write(self.authorization.greeting())
+            else:
+                first = self._apply(first)
+                self._write(first)
+                if first.close:
+                    raise _Ended(self.close_reason)
             while True:
                 if time.monotonic() >= self._hard_deadline():
                     raise Timeout  # a pipelining client never lets a read block: check here too
@@ -209,6 +238,9 @@ class Session:
                 limit = self.exchange.max_line if self.exchange is not None else MAX_COMMAND_OCTETS
                 line = self.reader.read_line(self._deadline(), limit)
                 reply = self._execute(line)
+                if self.handed_off:
+                    reason = "handed off"
+                    break
                 self._write(reply)
                 self.transport.progress()
                 if reply.upgrade is not None:
@@ -216,6 +248,9 @@ class Session:
                 if reply.close:
                     reason = self.close_reason
                     break
+            self.writer.flush()
+        except _Ended as ended:
+            reason = ended.reason
             self.writer.flush()
         except Timeout:
             now = time.monotonic()
@@ -249,7 +284,8 @@ class Session:
             self.record.start_msgs, self.record.start_octets = facts.start_msgs, facts.start_octets
             self.record.end_msgs, self.record.end_octets = facts.end_msgs, facts.end_octets
             self.record.dropped_privileges = facts.dropped_privileges
-            log.info("disconnect from %s (%s)", self.peer, reason)
+            if not self.handed_off:
+                log.info("disconnect from %s (%s)", self.peer, reason)
             self.reason = reason
         return self.record
 
@@ -278,7 +314,10 @@ class Session:
 
     def _execute(self, line: bytes | LineTooLong) -> Reply:
         """One line in, one reply out; the reply's state and exchange take effect at once."""
-        reply = self._dispatch(line)
+        return self._apply(self._dispatch(line))
+
+    def _apply(self, reply: Reply) -> Reply:
+        """What a reply asks of the loop before it is written (see :mod:`tpops.reply`)."""
         if reply.state is not None:  # before writing: a lost connection still ends the new state
             self.state = reply.state
             if not self.logged_in and self.state.accounting().logged_in:
@@ -315,7 +354,8 @@ class Session:
         if self.exchange is not None:  # the line belongs to the exchange, not the command table
             if self.config.debug:
                 log.debug("C: ****")
-            return self.exchange.step(line)
+            self.command_started = time.monotonic()
+            return self._settle(self.exchange.step(line), "AUTH")
         if line is LINE_TOO_LONG:
             return bad("Command line too long.")
         assert isinstance(line, bytes)
@@ -326,7 +366,10 @@ class Session:
             log.debug("C: %s", logs.escape(_mask(text, verb, rest)))
         if self.observer is not None:
             self.observer.command(verb, self.state.name)
+        self.command_started = time.monotonic()
         reply = self.state.execute(verb, rest)
+        if reply is not None:
+            reply = self._settle(reply, verb)
         if self.observer is not None and reply is not None:
             self.observer.replied(verb, reply)
         if reply is not None:
@@ -334,6 +377,30 @@ class Session:
         if verb in ALL_VERBS:
             return bad(f"{verb} is not valid in the {self.state.name} state.")
         return bad("Unknown command.")
+
+    def _settle(self, reply: Reply, verb: str) -> Reply:
+        """A hand-off reply goes to the owner's ``hand_off``; when that did not take the
+        session over, the login is served here. Any other reply is returned as is."""
+        handoff = reply.handoff
+        if handoff is None:
+            return reply
+        if self.hand_off is not None:
+            self.writer.flush()  # replies to pipelined commands before the login go first
+            resume = Resume(
+                user=handoff.user, peer=self.peer, connection=self.connection, start=self.record.start,
+                connection_deadline=self.connection_deadline,
+                pending=bytes(self.reader.buffer), discarding=self.reader.discarding,
+                verb=verb, command_started=self.command_started, session_started=self.started,
+                lock_kind=lock_kind(handoff.lock), lock_path=getattr(handoff.lock, "path", ""),
+                root_path=handoff.root.path if handoff.root is not None and handoff.root.exists else None,
+                root_stat=handoff.root.stat if handoff.root is not None and handoff.root.exists else None,
+            )
+            if self.hand_off(handoff, resume):
+                self.handed_off = True
+                if self.penalty is not None:
+                    self.penalty.record_success()
+                return reply
+        return self.authorization.serve_here(handoff.user, handoff.lock, handoff.root)
 
     def _write(self, reply: Reply) -> None:
         if self.config.debug:
@@ -371,6 +438,14 @@ class Session:
             self.transport.send(data, 1.0, time.monotonic() + 1.0)
         except (ConnectionLost, Timeout, Interrupted, OSError):
             pass
+
+
+class _Ended(Exception):
+    """A resumed session's first reply closed the connection."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _mask(text: str, verb: str, rest: str) -> str:

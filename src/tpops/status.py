@@ -210,6 +210,14 @@ class SessionObserver:
         if self.metrics is not None and verb in ("RETR", "TOP") and reply.ok and reply.data is not None:
             self.metrics.messages_sent.inc()
 
+    def resumed(self, verb: str, command_started: float, session_started: float, reply: Reply) -> None:
+        """In a post-login process: continue the worker's record of this session (its
+        start, its login command's start) and count the login's result."""
+        self.started = session_started
+        self._command_start = command_started
+        self._state = "AUTHORIZATION"
+        self.replied(verb, reply)
+
     def finished(self, logged_in: bool, start_msgs: int, end_msgs: int, quit: bool) -> None:
         """The session is over (also after an internal error); frees the board record."""
         if self.board is not None:

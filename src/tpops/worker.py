@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import select
 import signal
 import socket
@@ -48,11 +49,24 @@ from setproctitle import setproctitle
 from tpops import logs
 from tpops.auth import make_authenticator
 from tpops.auth.base import Authenticator
+from tpops.authorization import open_transaction
 from tpops.config import Config
 from tpops.connection import BALANCER_TLS, IMPLICIT_TLS, PLAIN, STARTTLS, Connection
 from tpops.limits import ClientLimits, SharedLimits
 from tpops.mailbox.lock import check_lock_dir, lock_kind, prepare_lock_dir
-from tpops.privileges import SessionPrivileges, become, lookup_identity
+from tpops.mailbox.maildir import MaildirRoot
+from tpops.postlogin import (
+    DONE,
+    MAX_FDS,
+    MAX_MESSAGE,
+    TAKEN,
+    HandOff,
+    PostLoginPool,
+    Resume,
+    die_with_parent,
+    rebuild_lock,
+)
+from tpops.privileges import Identity, SessionPrivileges, become, lookup_identity
 from tpops.protocol import (
     HandshakeFailed,
     Interrupted,
@@ -62,8 +76,8 @@ from tpops.protocol import (
     drain,
 )
 from tpops.proxy import ProxyError, ProxyInfo, TrustedNetworks, read_header
-from tpops.session import Session, make_timestamp
-from tpops.status import CountingTLSTransport, CountingTransport, Monitor
+from tpops.session import Session, SessionRecord, make_timestamp
+from tpops.status import CountingTLSTransport, CountingTransport, Monitor, SessionObserver
 from tpops.tls import ServerTLS, describe_handshake_error, describe_session
 from tpops.transaction import Transaction
 
@@ -137,6 +151,11 @@ class Worker:
     #: The master's TLS context (None: TLS not configured) and the fds of the listeners that
     #: speak implicit TLS.
     server_tls: ServerTLS | None = None
+    #: Root mode: this worker's post-login processes (None: sessions drop privileges here).
+    post_login: PostLoginPool | None = None
+    #: The wake-up pipe and the poller of :meth:`run` (a post-login process closes them).
+    wake_fds: tuple[int, int] = (-1, -1)
+    poller_fd: int = -1
     tls_listeners: frozenset[int] = frozenset()
 
     def progress(self) -> None:
@@ -209,6 +228,7 @@ class Worker:
 
     def run(self) -> int:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake_fds = (wake_r, wake_w)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGTERM, self.stop.on_term)
         signal.signal(signal.SIGUSR1, self.stop.on_usr1)
@@ -226,9 +246,13 @@ class Worker:
         except Exception as exc:
             log.error("worker cannot start: %s", exc)
             return EXIT_BOOT_FAILED
+        self.authenticator = authenticator
+        if privileges.switch_per_session and self.config.post_login_workers > 0:
+            self.post_login = PostLoginPool(self.config.post_login_workers, self.post_login_main)
         setproctitle("tpops: worker idle")
         self.report(IDLE)
         poller, listen_events = listener_poller()
+        self.poller_fd = poller.fileno() if isinstance(poller, select.epoll) else -1
         for listener in self.listeners:
             poller.register(listener.fileno(), listen_events)
         poller.register(wake_r, select.POLLIN)
@@ -276,6 +300,8 @@ class Worker:
                         return 0
                     break  # re-check the limits before the next accept
         finally:
+            if self.post_login is not None:
+                self.post_login.close()
             authenticator.close()
             if isinstance(poller, select.epoll):
                 poller.close()
@@ -327,6 +353,11 @@ class Worker:
                 upgraded = self.handshake(accepted, peer, wake_r, on_sent)
                 return upgraded, self.tls_connection(before, STARTTLS, upgraded)
 
+            def hand_off(handoff: HandOff, resume: Resume) -> bool:
+                assert self.post_login is not None
+                setproctitle(f"tpops: worker {peer} (post-login uid {handoff.identity.uid})")
+                return self.post_login.serve(handoff, resume, conn.fileno(), wake_r, lambda: self.stop.force)
+
             session = Session(
                 transport,
                 peer,
@@ -339,15 +370,14 @@ class Worker:
                 penalty=self.client_limits(peer),
                 connection=connection,
                 start_tls=start_tls if self.server_tls is not None else None,
+                hand_off=hand_off if self.post_login is not None else None,
             )
             record = session.run()
-            if observer is not None:
-                observer.finished(record.logged_in, record.start_msgs, record.end_msgs,
-                                  quit=isinstance(session.state, Transaction) and session.state.updating)
+            if session.handed_off:  # the post-login process accounted for it
                 observer = None
-            write_access_log(self.log_files, record.access_log_line())
-            self.release()
-            session.finish()  # after the access log: a client that sees EOF sees the session accounted
+            else:
+                self.conclude(session, record, observer)
+                observer = None
         except (HandshakeFailed, Interrupted):
             pass  # implicit TLS that did not start (logged by handshake()) or SIGTERM during it
         except Exception:
@@ -369,6 +399,125 @@ class Worker:
             setproctitle("tpops: worker idle")
             self.report(IDLE)
 
+
+    def conclude(self, session: Session, record: SessionRecord, observer: SessionObserver | None) -> None:
+        """After :meth:`Session.run`: board and metrics, the access log, the address's
+        count, then the clean end of the connection (a client that sees EOF sees the
+        session accounted)."""
+        if observer is not None:
+            observer.finished(record.logged_in, record.start_msgs, record.end_msgs,
+                              quit=isinstance(session.state, Transaction) and session.state.updating)
+        write_access_log(self.log_files, record.access_log_line())
+        self.release()
+        session.finish()
+
+    # -- root mode's post-login process (see tpops.postlogin) ---------------------
+
+    def post_login_main(self, identity: Identity, channel: socket.socket, close_fds: list[int]) -> None:
+        """The life of a post-login process forked by :class:`PostLoginPool`; never returns."""
+        status = 1
+        try:
+            status = self._post_login(identity, channel, close_fds)
+        except BaseException:
+            log.exception("post-login process %d (uid %d) failed", os.getpid(), identity.uid)
+        finally:
+            os._exit(status)
+
+    def _post_login(self, identity: Identity, channel: socket.socket, close_fds: list[int]) -> int:
+        parent = os.getppid()
+        # Nothing of the worker's may stay open here: the session being handed off (its
+        # socket, its lock: a copy would keep the lock after the session), the other
+        # post-login channels, the listeners, the master's report pipe, the worker's wake-ups.
+        for fd in [*close_fds, *self.wake_fds, self.poller_fd]:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        for listener in self.listeners:
+            listener.close()
+        if self.report_fd is not None:
+            os.close(self.report_fd)
+            self.report_fd = None
+        self.post_login = None
+        self.stop = StopRequest()
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGTERM, self.stop.on_term)
+        signal.signal(signal.SIGUSR1, self.stop.on_usr1)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
+        if self.monitor is not None:  # still root: this process's metrics files
+            self.monitor.in_worker()
+        become(identity)
+        die_with_parent(parent)
+        setproctitle(f"tpops: post-login uid {identity.uid} idle")
+        poller = select.poll()
+        poller.register(channel.fileno(), select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
+        served = 0
+        while not (self.stop.force or self.stop.graceful):
+            ready = poller.poll(self.config.post_login_idle * 1000)
+            if not ready:
+                break  # idle for $post_login_idle: the worker forks another when needed
+            if any(fd == wake_r for fd, _ in ready):
+                drain(wake_r)
+            if not any(fd == channel.fileno() for fd, _ in ready):
+                continue
+            message, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE, MAX_FDS)
+            if not message:  # the worker closed the channel: it ends, or it chose another
+                break
+            resume: Resume = pickle.loads(message)  # noqa: S301  (from root, our parent)
+            channel.send(TAKEN)
+            self.serve_resumed(resume, fds, wake_r)
+            served += 1
+            channel.send(DONE)
+            setproctitle(f"tpops: post-login uid {identity.uid} idle")
+            if self.config.max_use and served >= self.config.max_use:
+                break
+        return 0
+
+    def serve_resumed(self, resume: Resume, fds: list[int], wake_r: int) -> None:
+        """Serve a handed-off session to its end: the login's ``+OK`` (or why the mailbox
+        cannot be opened), then the TRANSACTION state, as :meth:`serve` would have."""
+        conn = socket.socket(fileno=fds.pop(0))
+        lock = rebuild_lock(resume.lock_kind, resume.lock_path, fds)
+        root = None
+        if resume.root_path is not None and resume.root_stat is not None and fds:
+            root = MaildirRoot(resume.root_path, fds.pop(0), resume.root_stat)
+        for fd in fds:  # nothing else was meant to come
+            os.close(fd)
+        setproctitle(f"tpops: post-login {resume.user.login}@{resume.peer}")
+        observer = self.monitor.session(self.slot) if self.monitor is not None else None
+        try:
+            transport: Transport
+            if observer is not None:
+                transport = CountingTransport(conn.fileno(), conn.fileno(), wake_r, lambda: self.stop.force,
+                                              self.progress, on_sent=observer.sent)
+            else:
+                transport = Transport(conn.fileno(), conn.fileno(), wake_r, lambda: self.stop.force, self.progress)
+            assert self.authenticator is not None
+            session = Session(transport, resume.peer, self.config, self.authenticator, observer=observer,
+                              connection=resume.connection)
+            session.resume(resume)
+            first = open_transaction(self.config, resume.user, lock, root, resume.peer, resume.connection,
+                                     dropped_privileges=True)
+            if observer is not None:
+                observer.resumed(resume.verb, resume.command_started, resume.session_started, first)
+            record = session.run(first)
+            self.conclude(session, record, observer)
+            observer = None
+        except Exception:
+            log.exception("internal error serving %s from %s", logs.escape(resume.user.login), resume.peer)
+            lock.release()
+            try:
+                conn.send(b"-ERR [SYS/TEMP] Internal server error.\r\n", socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+        finally:
+            if observer is not None:
+                observer.finished(False, 0, 0, quit=False)
+            self.release()
+            conn.close()
 
     def handshake(self, accepted: Accepted, peer: str, wake_r: int,
                   on_sent: Callable[[int], None] | None) -> TLSTransport:

@@ -83,13 +83,44 @@ def idle_workers(master: int) -> set[int]:
 
 
 def worker_serving(master: int, who: str, timeout: float = 5.0) -> int:
-    """The pid of the worker whose title is ``tpops: worker WHO`` (e.g. ``alice@127.0.0.1``)."""
+    """The pid of the process serving ``who``'s session (e.g. ``alice@127.0.0.1``): the
+    worker titled ``tpops: worker WHO``, or in root mode the post-login process titled
+    ``tpops: post-login WHO`` a worker handed the session to."""
     def find() -> int | None:
         for pid, title in worker_titles(master).items():
             if title == f"tpops: worker {who}":
                 return pid
+        for pid, title in post_login_processes(master).items():
+            if title == f"tpops: post-login {who}":
+                return pid
         return None
     return wait_for(find, timeout, what=f"a worker serving {who}")
+
+
+def post_login_processes(master: int) -> dict[int, str]:
+    """Root mode's post-login processes (the workers' children titled ``tpops: post-login ...``): pid -> title."""
+    out = {}
+    for worker in worker_titles(master):
+        for pid in proc_children(worker):
+            title = proc_title(pid)
+            if title and title.startswith("tpops: post-login"):
+                out[pid] = title
+    return out
+
+
+def post_login_serving(master: int, who: str, timeout: float = 5.0) -> int:
+    """The pid of the post-login process titled ``tpops: post-login WHO`` (e.g. ``alice@127.0.0.1``)."""
+    def find() -> int | None:
+        for pid, title in post_login_processes(master).items():
+            if title == f"tpops: post-login {who}":
+                return pid
+        return None
+    return wait_for(find, timeout, what=f"a post-login process serving {who}")
+
+
+def parent_of(pid: int) -> int:
+    """The parent pid of ``pid``, from /proc."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
 
 
 def proc_ids(pid: int) -> dict[str, list[int]]:

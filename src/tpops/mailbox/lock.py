@@ -117,6 +117,17 @@ class FileMailboxLock:
         """True until :meth:`release`: the kernel keeps a flock as long as its descriptor is open."""
         return self.held
 
+    def fileno(self) -> int:
+        """The descriptor holding the lock (to send to the process that takes the session over)."""
+        return self._fd
+
+    def hand_over(self) -> None:
+        """Close this process's descriptor without unlocking, once another process holds
+        the same open file description (received over a socket): the lock goes with it."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
     def release(self) -> None:
         """Give up the lock. Safe to call more than once.
 
@@ -376,6 +387,17 @@ class OfdMailboxLock:
     def still_held(self) -> bool:
         """True until :meth:`release`: the kernel keeps the lock while its descriptor is open."""
         return self._fd >= 0
+
+    def fileno(self) -> int:
+        """The descriptor holding the lock (to send to the process that takes the session over)."""
+        return self._fd
+
+    def hand_over(self) -> None:
+        """Close this process's descriptor without unlocking, once another process holds
+        the same open file description (received over a socket): the lock goes with it."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def release(self) -> None:
         """Unlock (a forked child may share the description), then close. Idempotent."""

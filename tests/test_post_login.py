@@ -1,0 +1,247 @@
+"""Root mode's login/mail split (issue 12 item 1, :mod:`tpops.postlogin`), over the wire.
+
+A root worker authenticates, then hands the connection, its lock and the Maildir to a
+post-login process of the mailbox owner that it keeps for that owner's next login.
+Checked here in /proc and on the wire: the lock moves and ends with the session, the
+client's pipelined input survives the hand-off, SIGTERM and SIGKILL reach the session,
+the bounds ($post_login_workers, $post_login_idle) hold, TLS sessions stay in the
+worker, and the access log has one line per session.
+"""
+
+from __future__ import annotations
+
+import os
+import poplib
+import signal
+import socket
+import time
+from pathlib import Path
+
+from tests.support.client import RawClient
+from tests.support.marks import root_only
+from tests.support.procs import (
+    gone,
+    idle_workers,
+    parent_of,
+    post_login_processes,
+    post_login_serving,
+    proc_ids,
+    wait_for,
+    worker_serving,
+    worker_titles,
+)
+from tests.support.server import MAIL_UID, MailEnv, Server, free_port, make_message
+from tests.support.tlscerts import issue
+
+pytestmark = root_only("changes identities")
+
+
+def start(env: MailEnv, **settings: str) -> Server:
+    env.write_conf(**{"min_servers": "1", "max_servers": "1", **settings})
+    return Server(env).start()
+
+
+def the_worker(master: int) -> int:
+    (worker,) = wait_for(lambda: idle_workers(master), what="the idle worker")
+    return worker
+
+
+def wire_size(message: bytes) -> int:
+    """The RFC 1939 size: every line ending counted as CRLF."""
+    return len(message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+
+
+def open_files(pid: int) -> list[str]:
+    """What the descriptors of ``pid`` point at (``socket:[...]``, paths, ...)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return out
+
+
+def access_lines(env: MailEnv, login: str) -> list[str]:
+    text = env.access_log.read_text() if env.access_log.exists() else ""
+    return [line for line in text.splitlines() if line.split(" ")[5:6] == [login]]
+
+
+def test_the_lock_moves_with_the_session_and_ends_with_it(mail_env: MailEnv) -> None:
+    mail_env.add_user("lena", messages=[make_message("1"), make_message("2")])
+    srv = start(mail_env, max_servers="2", min_servers="2")
+    master = srv.proc.pid
+    try:
+        first = RawClient(srv.port)
+        assert first.login("lena").startswith(b"+OK Logged in, 2 messages")
+        holder = post_login_serving(master, "lena@127.0.0.1")
+        # The post-login process holds the lock: a second session is refused ...
+        second = RawClient(srv.port)
+        assert second.login("lena") == b"-ERR [IN-USE] Mailbox is locked by another POP3 session."
+        second.close()
+        # ... and no worker kept a descriptor of it: QUIT frees it for the next login.
+        assert first.cmd("DELE 1").startswith(b"+OK")
+        assert first.cmd("QUIT") == b"+OK Bye, 1 messages deleted, 1 left."
+        first.close()
+        for _ in range(3):  # whichever worker takes it, and reusing the kept process
+            again = RawClient(srv.port)
+            assert again.login("lena") == b"+OK Logged in, 1 messages (%d octets)." % wire_size(make_message("2"))
+            assert again.cmd("QUIT").startswith(b"+OK Bye")
+            again.close()
+        assert proc_ids(holder)["Uid"] == [MAIL_UID] * 4
+        # An idle post-login process holds its channel to the worker and nothing of a
+        # session (no client socket, no lock file) nor of the worker (no listener).
+        for pid in post_login_processes(master):
+            wait_for(lambda: post_login_processes(master).get(pid, "").endswith(" idle"), what="idle")
+            targets = open_files(pid)
+            assert sum(t.startswith("socket:") for t in targets) == 1, targets
+            assert not [t for t in targets if t.startswith(str(mail_env.lock_dir))], targets
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.output()
+
+
+def test_pipelined_input_after_the_login_reaches_the_post_login_process(mail_env: MailEnv) -> None:
+    message = make_message("piped")
+    mail_env.add_user("pia", messages=[message])
+    srv = start(mail_env)
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            f = s.makefile("rb")
+            assert f.readline().startswith(b"+OK tpops ready.")
+            s.sendall(b"USER pia\r\nPASS secret\r\nSTAT\r\nNOOP\r\nQUIT\r\n")  # one segment
+            assert f.readline() == b"+OK Send your password.\r\n"
+            assert f.readline() == b"+OK Logged in, 1 messages (%d octets).\r\n" % wire_size(message)
+            assert f.readline() == b"+OK 1 %d\r\n" % wire_size(message)
+            assert f.readline() == b"+OK\r\n"
+            assert f.readline().startswith(b"+OK Bye")
+            assert f.readline() == b""
+        # One access-log line, written by the post-login process, with the seed's fields.
+        wait_for(lambda: access_lines(mail_env, "pia"), what="the access-log line")
+        (line,) = access_lines(mail_env, "pia")
+        assert line.split(" ")[0] == "127.0.0.1"
+        assert line.split(" ")[6:] == ["1", str(wire_size(message)), "1", str(wire_size(message))]
+    finally:
+        srv.stop()
+
+
+def test_sigkill_of_the_post_login_process_ends_only_that_session(mail_env: MailEnv) -> None:
+    mail_env.add_user("kim", messages=[make_message()])
+    srv = start(mail_env)
+    master = srv.proc.pid
+    try:
+        worker = the_worker(master)
+        c = RawClient(srv.port)
+        assert c.login("kim").startswith(b"+OK Logged in, 1 messages")
+        assert c.cmd("DELE 1").startswith(b"+OK")
+        victim = post_login_serving(master, "kim@127.0.0.1")
+        os.kill(victim, signal.SIGKILL)
+        assert c.closed()
+        c.close()
+        assert len(mail_env.messages("kim")) == 1  # no QUIT, no UPDATE: nothing deleted
+        wait_for(lambda: "post-login process %d (uid %d) ended during the session of kim" % (victim, MAIL_UID)
+                 in srv.output(), what="the worker's log line")
+        # The worker lives on, root and idle, and the lock died with the process.
+        wait_for(lambda: worker_titles(master).get(worker) == "tpops: worker idle", what="the worker idle")
+        assert proc_ids(worker)["Uid"] == [0] * 4
+        again = RawClient(srv.port)
+        assert again.login("kim").startswith(b"+OK Logged in, 1 messages")
+        assert again.cmd("QUIT").startswith(b"+OK Bye")
+        again.close()
+        assert gone(victim)
+    finally:
+        srv.stop()
+
+
+def test_sigterm_reaches_a_handed_off_session_and_leaves_no_process(mail_env: MailEnv) -> None:
+    mail_env.add_user("tom", messages=[make_message()])
+    srv = start(mail_env)
+    master = srv.proc.pid
+    c = RawClient(srv.port)
+    assert c.login("tom").startswith(b"+OK Logged in, 1 messages")
+    assert c.cmd("DELE 1").startswith(b"+OK")
+    worker = worker_serving(master, "tom@127.0.0.1")
+    processes = {worker, *post_login_processes(master), *worker_titles(master)}
+    srv.proc.send_signal(signal.SIGTERM)
+    assert c.readline() == b"-ERR [SYS/TEMP] Server shutting down."
+    assert c.closed()
+    c.close()
+    assert srv.proc.wait(timeout=15) == 0
+    wait_for(lambda: all(gone(p) for p in processes), what="every worker and post-login process gone")
+    assert len(mail_env.messages("tom")) == 1  # cut before UPDATE: nothing deleted
+    srv.stop()
+
+
+def test_post_login_workers_bounds_the_kept_processes(mail_env: MailEnv) -> None:
+    """One kept process per worker: a second owner's login ends the first owner's process."""
+    mail_env.add_user("ann", messages=[make_message()])
+    mail_env.add_user("bob", messages=[make_message()], uid="12345", gid="23456")
+    mail_env.chown(mail_env.maildir("bob").parent, 12345, 23456)
+    srv = start(mail_env, post_login_workers="1")
+    master = srv.proc.pid
+    try:
+        worker = the_worker(master)
+        pids = {}
+        for user in ("ann", "bob"):
+            c = RawClient(srv.port)
+            assert c.login(user).startswith(b"+OK Logged in, 1 messages")
+            pids[user] = post_login_serving(master, f"{user}@127.0.0.1")
+            assert c.cmd("QUIT").startswith(b"+OK Bye")
+            c.close()
+        wait_for(lambda: gone(pids["ann"]), what="ann's process ended for bob's")
+        kept = wait_for(lambda: post_login_processes(master), what="bob's process kept")
+        assert set(kept) == {pids["bob"]}
+        assert parent_of(pids["bob"]) == worker
+        assert proc_ids(pids["bob"])["Uid"] == [12345] * 4
+    finally:
+        srv.stop()
+
+
+def test_an_idle_post_login_process_ends_after_post_login_idle(mail_env: MailEnv) -> None:
+    mail_env.add_user("ida", messages=[make_message()])
+    srv = start(mail_env, post_login_idle="1")
+    master = srv.proc.pid
+    try:
+        worker = the_worker(master)
+        c = RawClient(srv.port)
+        assert c.login("ida").startswith(b"+OK")
+        pid = post_login_serving(master, "ida@127.0.0.1")
+        time.sleep(1.5)  # a session is never idle time: it is still served
+        assert c.cmd("STAT").startswith(b"+OK 1 ")
+        assert c.cmd("QUIT").startswith(b"+OK Bye")
+        c.close()
+        wait_for(lambda: gone(pid), timeout=5, what="the idle post-login process to end")
+        # The worker stays, and forks a new one for the next login.
+        assert worker_titles(master).get(worker) == "tpops: worker idle"
+        c = RawClient(srv.port)
+        assert c.login("ida").startswith(b"+OK")
+        assert post_login_serving(master, "ida@127.0.0.1") != pid
+        assert c.cmd("QUIT").startswith(b"+OK Bye")
+        c.close()
+    finally:
+        srv.stop()
+
+
+def test_a_stls_session_is_served_in_the_worker_which_then_ends(mail_env: MailEnv, tmp_path: Path) -> None:
+    """An OpenSSL connection cannot move between processes: over TLS the worker drops
+    privileges itself, as before the split, and ends after the session."""
+    mail_env.add_user("tess", messages=[make_message()])
+    certs = issue(tmp_path, "rsa", name="rsa")
+    tls_port = free_port()
+    srv = start(mail_env, max_servers="2", tls_cert_file=repr(str(certs.cert_file)),
+                tls_key_file=repr(str(certs.key_file)), tls_port=str(tls_port))
+    master = srv.proc.pid
+    try:
+        client = poplib.POP3("127.0.0.1", srv.port, timeout=10)
+        client.stls(certs.client_context())
+        client.user("tess")
+        client.pass_("secret")
+        pid = worker_serving(master, "tess@127.0.0.1")
+        assert pid in worker_titles(master)  # the worker itself, not a post-login process
+        assert proc_ids(pid)["Uid"] == [MAIL_UID] * 4
+        assert post_login_processes(master) == {}
+        assert client.stat()[0] == 1
+        client.quit()
+        wait_for(lambda: gone(pid), what="the worker to end after its TLS session")
+    finally:
+        srv.stop()
