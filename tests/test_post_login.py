@@ -245,3 +245,60 @@ def test_a_stls_session_is_served_in_the_worker_which_then_ends(mail_env: MailEn
         wait_for(lambda: gone(pid), what="the worker to end after its TLS session")
     finally:
         srv.stop()
+
+
+def test_any_worker_reuses_the_owners_process_and_it_outlives_its_worker(mail_env: MailEnv) -> None:
+    """The post-login processes belong to the pool: a login accepted by any worker reuses
+    the owner's idle process, and a worker that retires leaves its processes to the
+    master (a subreaper), which reaps them when they end."""
+    mail_env.add_user("ola", messages=[make_message()])
+    srv = start(mail_env, min_servers="3", max_servers="3")
+    master = srv.proc.pid
+    try:
+        wait_for(lambda: len(idle_workers(master)) == 3, what="three idle workers")
+        c = RawClient(srv.port)
+        assert c.login("ola").startswith(b"+OK")
+        process = post_login_serving(master, "ola@127.0.0.1")
+        forker = parent_of(process)
+        assert c.cmd("QUIT").startswith(b"+OK Bye")
+        c.close()
+        wait_for(lambda: post_login_processes(master).get(process, "").endswith(" idle"), what="idle")
+        # Held connections keep the forking worker busy: the next login goes to another one.
+        os.kill(forker, signal.SIGUSR1)  # the forking worker retires ...
+        wait_for(lambda: gone(forker), what="the worker to retire")
+        assert not gone(process)  # ... its post-login process stays, adopted by the master
+        wait_for(lambda: parent_of(process) == master, what="the master to adopt it")
+        for _ in range(3):
+            c = RawClient(srv.port)
+            assert c.login("ola").startswith(b"+OK")
+            assert worker_serving(master, "ola@127.0.0.1") == process
+            assert c.cmd("QUIT").startswith(b"+OK Bye")
+            c.close()
+        directory = [Path(p) for p in Path("/run/tpops").glob("postlogin.*")] if Path("/run/tpops").exists() else []
+        mine = [d for d in directory if any(f.name.endswith(f".{process}") for f in d.iterdir())]
+        assert len(mine) == 1 and (mine[0].stat().st_mode & 0o777) == 0o700 and mine[0].stat().st_uid == 0
+    finally:
+        srv.stop()
+    wait_for(lambda: gone(process), what="the post-login process to end with the server")
+    assert not mine[0].exists()  # the socket directory goes with the master
+
+
+def test_a_reload_ends_the_post_login_processes(mail_env: MailEnv) -> None:
+    mail_env.add_user("rob", messages=[make_message()])
+    srv = start(mail_env)
+    master = srv.proc.pid
+    try:
+        c = RawClient(srv.port)
+        assert c.login("rob").startswith(b"+OK")
+        old = post_login_serving(master, "rob@127.0.0.1")
+        assert c.cmd("QUIT").startswith(b"+OK Bye")
+        c.close()
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: gone(old), what="the old configuration's post-login process to end")
+        c = RawClient(srv.port)
+        assert c.login("rob").startswith(b"+OK Logged in, 1 messages")
+        assert post_login_serving(master, "rob@127.0.0.1") != old
+        assert c.cmd("QUIT").startswith(b"+OK Bye")
+        c.close()
+    finally:
+        srv.stop()

@@ -228,6 +228,31 @@ def login_rate(port: int, creds: list[tuple[str, str]], concurrency: int, warmup
                  rotate=rotate)
 
 
+def login_pass(port: int, creds: list[tuple[str, str]], concurrency: int = 8) -> dict:
+    """Every user of ``creds`` logs in once (USER, PASS, STAT, QUIT), ``concurrency`` sessions at a
+    time: logins/s of that one pass (for tpops root mode, each uid's first login forks its process)."""
+    import poplib
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(cred: tuple[str, str]) -> bool:
+        try:
+            client = poplib.POP3("127.0.0.1", port, timeout=60)
+            client.user(cred[0])
+            client.pass_(cred[1])
+            client.stat()
+            client.quit()
+            return True
+        except (OSError, poplib.error_proto):
+            return False
+
+    began = time.monotonic()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, creds))
+    seconds = time.monotonic() - began
+    return {"value": len(creds) / seconds, "errors": results.count(False), "seconds": round(seconds, 3),
+            "concurrency": concurrency}
+
+
 def _rate(target, head: tuple, tail: dict, creds: list[tuple[str, str]], concurrency: int,
           warmup: float, secs: float, *, rotate: bool = False) -> dict:
     """Run ``target(*head, creds_slice, t_begin, t_measure, t_end, q, **tail)`` in 1-2 client processes.

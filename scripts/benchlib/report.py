@@ -65,10 +65,12 @@ def markdown(result: dict) -> str:
     rows.append(f"{result['tpops']['version']} vs Dovecot {dv}; {m['cpus']} CPUs, Linux {m['kernel']}, "
                 f"Python {m['python']}, uid {m['uid']}; {result['started']}"
                 f"{' (--quick)' if result['quick'] else ''}. Ratio = tpops / Dovecot. The Python load generator "
-                f"shares the CPUs with the servers. Login rows compare both tpops modes (root-drop: a worker per "
-                f"session; --user nobody) with Dovecot reusing pop3 processes (service_count = 1000, its fastest "
-                f"login mode); Dovecot's default (a pop3 process per session) ran in the same runs (figures below "
-                f"and in the JSON). Pool rows compare root-drop with Dovecot's default and --user with Dovecot "
+                f"shares the CPUs with the servers. Login rows compare both tpops modes (root-drop: workers "
+                f"authenticate as root and hand each session to a kept post-login process of the mailbox owner; "
+                f"--user nobody) with Dovecot in its high-performance login mode (pop3-login service_count = 0, "
+                f"a pop3 process per session: issue 12's baseline); Dovecot reusing pop3 processes "
+                f"(service_count = 1000) ran in the same runs (figures below "
+f"and in the JSON). Pool rows compare root-drop with Dovecot's default and --user with Dovecot "
                 f"reusing processes; both Dovecots keep 8 pop3 processes pre-started. RETR/LIST/RSS rows: tpops "
                 f"{result['tpops']['data_metrics_mode']} vs Dovecot per-session, sizes exact in tpops.")
     login_others = other_variants(result, "login_sessions_per_s.")

@@ -144,6 +144,8 @@ class TpopsServer(Server):
             "max_use": "0",
             "max_connections_per_ip": "0",  # every bench client comes from 127.0.0.1
             "max_idle": "600",
+            # root mode: room to keep one post-login process per user of the distinct-uid rows
+            "post_login_workers": "200",
             "hostname": "'bench.example.org'",
             **(overrides or {}),
         }

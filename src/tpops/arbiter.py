@@ -30,11 +30,13 @@ writes nothing more) and its mailbox lock dies with it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import gc
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -49,6 +51,7 @@ from tpops.auth.base import Authenticator
 from tpops.config import Config, ConfigError
 from tpops.connection import Connection
 from tpops.limits import SharedLimits
+from tpops.postlogin import Registry, become_subreaper, make_directory, remove_socket
 from tpops.protocol import drain
 from tpops.status import Monitor
 from tpops.systemd import Notifier
@@ -135,6 +138,8 @@ class Arbiter:
     authenticator: Authenticator | None = None
     #: Per-worker heartbeats and per-address state shared with the workers (made in :meth:`run`).
     limits: SharedLimits | None = None
+    #: Root mode: the pool's post-login processes (see tpops.postlogin); None otherwise.
+    post_login: Registry | None = None
     slots_warned: bool = False
     #: ``tpops --status`` control socket, session board and metrics (:mod:`tpops.status`).
     monitor: Monitor | None = None
@@ -176,6 +181,7 @@ class Arbiter:
         self.authenticator = warm_up(self.config)
         if self.limits is None:
             self.limits = SharedLimits(max(self.config.max_servers, MIN_SLOTS))
+        self.start_post_login()
         gc.freeze()  # workers share the master's objects: no collection copies their pages
         addresses = ", ".join(address_of(s) for s in self.listeners)
         log.info("tpops master %d listening on %s", os.getpid(), addresses)
@@ -203,6 +209,7 @@ class Arbiter:
         finally:
             self.monitor.close()  # first: it reaps its exporter by pid, before shutdown reaps any child
             self.shutdown()
+            self.stop_post_login()
         return self.exit_status
 
     # -- systemd -------------------------------------------------------------
@@ -263,6 +270,47 @@ class Arbiter:
             if not self.spawn():
                 return
 
+    def start_post_login(self) -> None:
+        """Root mode: the registry of post-login processes and their socket directory;
+        the master adopts those whose worker ended (it reaps them, and waits for them)."""
+        if os.geteuid() != 0 or self.config.user is not None or self.config.post_login_workers <= 0:
+            return
+        try:
+            become_subreaper()
+            self.post_login = Registry(self.config.post_login_workers, make_directory())
+        except OSError as exc:
+            log.error("no post-login processes (each root-mode session ends its worker): %s", exc)
+
+    def retire_post_login(self, signum: int) -> None:
+        """End every post-login process (a reload: new ones start with the new configuration;
+        SIGUSR1 lets a session finish, SIGTERM cuts it). Their entries go at once, so no
+        worker hands them another session."""
+        if self.post_login is None:
+            return
+        for entry in self.post_login.live():
+            self.post_login.free(entry.pid)
+            remove_socket(self.post_login.path(entry.pid, entry.identity))
+            try:
+                os.kill(entry.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def stop_post_login(self) -> None:
+        """At exit: no post-login process left running, the socket directory removed."""
+        if self.post_login is None:
+            return
+        self.retire_post_login(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        while time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                time.sleep(0.02)
+        shutil.rmtree(self.post_login.directory, ignore_errors=True)
+        self.post_login.close()
+
     def _free_slot(self) -> int | None:
         assert self.limits is not None
         used = {w.slot for w in self.workers.values()}
@@ -313,7 +361,7 @@ class Arbiter:
         self.signals.clear()
         worker = Worker(self.config, self.listeners, self.report_w, self.log_files, self.authenticator,
                         limits=self.limits, slot=slot, monitor=self.monitor, server_tls=self.server_tls,
-                        tls_listeners=self.tls_listeners)
+                        tls_listeners=self.tls_listeners, registry=self.post_login)
         return worker.run()
 
     def read_reports(self) -> None:
@@ -356,6 +404,10 @@ class Arbiter:
             if pid == 0:
                 return
             info = self.workers.pop(pid, None)
+            if info is None and self.post_login is not None:  # an adopted post-login process
+                entry = self.post_login.free(pid)
+                if entry is not None:
+                    remove_socket(self.post_login.path(pid, entry.identity))
             code = os.waitstatus_to_exitcode(status)
             if self.monitor is not None:  # its session line goes; an abnormal death counts as a restart
                 self.monitor.worker_gone(pid, info.slot if info else None,
@@ -402,6 +454,10 @@ class Arbiter:
             if silent > info.limit:
                 log.error("worker %d made no progress for %d s (limit %d s: $command_timeout and a grace): "
                           "killing it", info.pid, silent, info.limit)
+                for pid in self.post_login.serving(info.slot) if self.post_login is not None else []:
+                    log.error("killing post-login process %d, which serves that worker's session", pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                 self._signal(info, signal.SIGKILL)
                 info.killed = True
 
@@ -515,6 +571,7 @@ class Arbiter:
         self.authenticator = warm_up(config)
         gc.freeze()
         log.info("%s: configuration reloaded, replacing workers", name)
+        self.retire_post_login(signal.SIGTERM if force else signal.SIGUSR1)
         for info in self.workers.values():
             if not info.retiring or force:
                 self._signal(info, signal.SIGTERM if force else signal.SIGUSR1)
@@ -544,6 +601,7 @@ class Arbiter:
             listener.close()
         for info in self.workers.values():
             self._signal(info, signal.SIGTERM)
+        self.retire_post_login(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE
         while self.workers and time.monotonic() < deadline:
             self.reap_quietly()

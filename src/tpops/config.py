@@ -165,7 +165,7 @@ class Config:
         False, "use the file size as message size instead of the exact RFC 1939 size")
     first_valid_uid: int = _p(500, "lowest uid a session may run as when tpops switches per session")
     post_login_workers: int = _p(
-        4, "root mode: post-login processes a worker keeps, one per mailbox owner, for reuse (0 = none)")
+        100, "root mode: post-login processes kept for reuse by the whole pool, at most (0 = none)")
     post_login_idle: int = _p(60, "root mode: seconds an idle post-login process is kept")
     last_valid_uid: int = _p(0, "highest uid a session may run as (0 = no upper bound)")
     # --- authentication

@@ -11,54 +11,71 @@ and the opened Maildir directory (``SCM_RIGHTS``) with the session's state
 (:class:`Resume`) to a **post-login process** that already runs as that identity, and
 waits until that process says the session is over.
 
-The root worker forks its post-login processes itself (:class:`PostLoginPool`) and keeps
-up to ``$post_login_workers`` of them, one per identity, the least recently used ending
-first; an idle one ends by itself after ``$post_login_idle`` seconds. So a burst of
-logins of virtual users sharing one owner (vmail) reuses one process per worker, and a
-system user who logs in again reuses the process of the last login.
+The post-login processes belong to the whole pool: a :class:`Registry` in shared memory
+(made by the master, at most ``$post_login_workers`` entries) says which process serves
+which identity and whether it is idle; any worker claims an idle one of the right
+identity, or forks a new one (taking a free entry, or ending the least recently used
+idle process). So a burst of logins of virtual users sharing one owner (vmail) reuses a
+few processes, and 160 system users who log in again and again each reuse their own,
+whichever worker accepted the connection. An idle process ends after
+``$post_login_idle`` seconds; a reload retires them all (new ones start with the new
+configuration); the master ends them when it stops.
+
+A worker reaches a post-login process through a Unix socket named
+``UID.GID.PID`` in a directory only root can enter (:func:`make_directory`), created
+(bound, as root) by the worker that forks the process. Only root can create a name
+there, so a name is proof of the identity it claims, and only root can connect; the
+post-login process checks its peer is root (``SO_PEERCRED``) before reading anything.
+The table in shared memory is only a hint: whatever it says, a session reaches a
+process of the right identity or none.
 
 The rules that keep this as safe as the in-worker drop:
 
 * A post-login process drops to its identity (groups cleared, real/effective/saved ids)
-  before it reads anything from its channel and never regains root; it serves only
-  sessions of that identity (the pool is keyed by it); uid 0 and gid 0 were refused by
-  :func:`tpops.privileges.check_identity` before any hand-off.
-* It dies with its root worker (``PR_SET_PDEATHSIG``): the master's watchdog and its
-  SIGKILL reach the session as before, and an orphan never keeps a lock.
-* Only root speaks ``pickle`` on the channel, towards the less privileged process; the
+  before it reads anything and never regains root; it serves only sessions of that
+  identity; uid 0 and gid 0 were refused by :func:`tpops.privileges.check_identity`.
+* Only root speaks ``pickle`` on a channel, towards the less privileged process; the
   post-login process answers with single octets (``A``: taken over; ``D``: session
-  over), so a compromised one cannot feed the root worker anything to parse.
-* The worker's slot (per-address count, heartbeat, status board) stays the worker's:
-  it is busy until the post-login process reports the end, so ``$max_servers``,
-  ``$max_connections_per_ip``, ``$max_use`` and the watchdog mean what they meant.
+  over), so a compromised one cannot feed a root worker anything to parse.
+* The handing worker's slot (per-address count, heartbeat, status board) stays that
+  worker's: it is busy until the post-login process reports the end, so
+  ``$max_servers``, ``$max_connections_per_ip``, ``$max_use`` and the master's watchdog
+  mean what they meant; the watchdog also kills the post-login process serving a
+  silent slot.
 * The lock and UPDATE rules are unchanged: the lock's open file description moves to
-  the post-login process (the root worker closes its descriptor without unlocking), so
-  the lock ends when that session ends or that process dies.
+  the post-login process (the worker closes its descriptor without unlocking), so the
+  lock ends when that session ends or that process dies.
+* A post-login process outlives the worker that forked it (the master adopts it as
+  a subreaper), so a worker retiring never cuts a session it did not hand off.
 
 What is not handed off (served in the worker, which then ends, as before): a session
 over TLS that tpops terminates (an OpenSSL connection cannot move between processes;
 Dovecot keeps its login process as a TLS proxy instead), a lock that lives in a
-database connection (``$mailbox_lock = 'mysql'``), and any hand-off that fails (no
-fork, a post-login process that died): the login is then served in the worker.
+database connection (``$mailbox_lock = 'mysql'``), and any hand-off that fails (every
+entry busy, no fork, a process that died): the login is then served in the worker.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
+import fcntl
 import os
 import pickle
 import select
 import signal
 import socket
+import stat
+import struct
+import tempfile
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from tpops import logs
 from tpops.auth.base import MailUser
 from tpops.connection import Connection
+from tpops.limits import shared_memory
 from tpops.mailbox.lock import FileMailboxLock, MailboxLock, NoMailboxLock, OfdMailboxLock
 from tpops.mailbox.maildir import MaildirRoot
 from tpops.privileges import Identity
@@ -75,7 +92,9 @@ MAX_MESSAGE = 256 * 1024
 #: Descriptors in one hand-off: the client's socket, the lock, the Maildir directory.
 MAX_FDS = 3
 
-_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+#: Root's runtime directory (also the default lock directory's parent).
+RUN_DIR = "/run/tpops"
 
 
 @dataclass(slots=True)
@@ -125,6 +144,10 @@ class Resume:
     #: The Maildir directory sent as a descriptor: its path and its stat when opened.
     root_path: str | None
     root_stat: os.stat_result | None
+    #: The identity the session must be served as, and the handing worker's slot
+    #: (its heartbeat, per-address count and status board record); set by the pool.
+    identity: Identity | None = None
+    slot: int = -1
 
 
 def lock_kind(lock: MailboxLock) -> str:
@@ -144,24 +167,178 @@ def rebuild_lock(kind: str, path: str, fds: list[int]) -> MailboxLock:
     return NoMailboxLock()
 
 
-def die_with_parent(parent: int) -> None:
-    """Ask the kernel for SIGKILL when the process that forked us ends (Linux
-    ``PR_SET_PDEATHSIG``; set after the identity change, which clears it). Raises
-    OSError when that cannot be arranged, or the parent is already gone."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-    if os.getppid() != parent:
-        raise OSError(errno.ESRCH, "the worker ended before its post-login process started")
+
+# ---------------------------------------------------------------------------
+# The registry: the pool's post-login processes, in shared memory
 
 
-@dataclass(slots=True)
-class PostLoginProcess:
-    """A kept post-login process, as its root worker sees it."""
+#: An entry: pid, the worker slot it serves now (-1: none), uid, gid, state, last use.
+_ENTRY = struct.Struct("=iiIIBxxxd")
+FREE, STARTING, IDLE, BUSY = 0, 1, 2, 3
 
+
+@dataclass(frozen=True, slots=True)
+class Entry:
     pid: int
+    slot: int
     identity: Identity
-    channel: socket.socket
+    state: int
+    last_used: float
+
+
+class Registry:
+    """Which post-login process serves which identity, and which are idle; every method
+    is safe across processes (``lockf`` on the shared file, as :mod:`tpops.limits`).
+
+    ``directory`` is where the processes' sockets live (see :func:`make_directory`).
+    """
+
+    def __init__(self, capacity: int, directory: str) -> None:
+        self.capacity = capacity
+        self.directory = directory
+        self.fd, self.map = shared_memory("tpops-postlogin", max(capacity, 1) * _ENTRY.size)
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def _read(self, index: int) -> Entry:
+        pid, slot, uid, gid, state, last = _ENTRY.unpack_from(self.map, index * _ENTRY.size)
+        return Entry(pid, slot, Identity(uid, gid), state, last)
+
+    def _write(self, index: int, pid: int, slot: int, identity: Identity, state: int) -> None:
+        _ENTRY.pack_into(self.map, index * _ENTRY.size, pid, slot, identity.uid, identity.gid, state,
+                         time.monotonic())
+
+    def _rows(self) -> Iterator[tuple[int, int, int, int, int, int, float]]:
+        """(index, pid, slot, uid, gid, state, last use) of every entry: one pass, no objects
+        (a claim runs once per login, under the lock)."""
+        for index, row in enumerate(_ENTRY.iter_unpack(self.map)):
+            yield (index, *row)
+
+    def entries(self) -> list[Entry]:
+        with self._locked():
+            return [self._read(i) for i in range(self.capacity)]
+
+    def path(self, pid: int, identity: Identity) -> str:
+        """The socket of post-login process ``pid`` (its name states its identity)."""
+        return os.path.join(self.directory, f"{identity.uid}.{identity.gid}.{pid}")
+
+    def claim(self, identity: Identity, slot: int) -> int | None:
+        """An idle process of ``identity``, now busy for ``slot`` (its pid); None if there is none.
+        The most recently used one: its pages are the warmest, and the others can age out."""
+        uid, gid = identity.uid, identity.gid
+        with self._locked():
+            best = -1
+            best_pid = 0
+            newest = float("-inf")
+            for index, pid, _, e_uid, e_gid, state, last in self._rows():
+                if state == IDLE and e_uid == uid and e_gid == gid and last > newest:
+                    best, best_pid, newest = index, pid, last
+            if best < 0:
+                return None
+            self._write(best, best_pid, slot, identity, BUSY)
+            return best_pid
+
+    def reserve(self, slot: int, identity: Identity) -> tuple[int, Entry | None] | None:
+        """An entry for a new process of ``identity``: a free one, else the least recently
+        used idle one, whose process the caller must end (returned); None when all are busy."""
+        with self._locked():
+            victim = -1
+            oldest = float("inf")
+            for index, _, _, _, _, state, last in self._rows():
+                if state == FREE:
+                    self._write(index, 0, slot, identity, STARTING)
+                    return index, None
+                if state == IDLE and last < oldest:
+                    victim, oldest = index, last
+            if victim < 0:
+                return None
+            old = self._read(victim)
+            self._write(victim, 0, slot, identity, STARTING)
+            return victim, old
+
+    def started(self, index: int, pid: int, identity: Identity, slot: int) -> None:
+        with self._locked():
+            self._write(index, pid, slot, identity, BUSY)
+
+    def unreserve(self, index: int) -> None:
+        with self._locked():
+            if self._read(index).state == STARTING:
+                self._write(index, 0, -1, Identity(0, 0), FREE)
+
+    def idle(self, pid: int) -> None:
+        """``pid`` finished a session and waits for the next one."""
+        self._set(pid, IDLE)
+
+    def free(self, pid: int) -> Entry | None:
+        """``pid`` ended or must not be used again; its entry (None if it had none)."""
+        return self._set(pid, FREE)
+
+    def _set(self, pid: int, state: int) -> Entry | None:
+        with self._locked():
+            for index, e_pid, _, _, _, e_state, _ in self._rows():
+                if e_pid == pid and e_state in (IDLE, BUSY):
+                    entry = self._read(index)
+                    if state == FREE:
+                        self._write(index, 0, -1, Identity(0, 0), FREE)
+                    else:
+                        self._write(index, pid, -1, entry.identity, state)
+                    return entry
+        return None
+
+    def serving(self, slot: int) -> list[int]:
+        """The processes busy with a session of worker slot ``slot`` (for the watchdog)."""
+        with self._locked():
+            return [pid for _, pid, e_slot, _, _, state, _ in self._rows() if state == BUSY and e_slot == slot]
+
+    def live(self) -> list[Entry]:
+        """Every process with an entry (idle or busy)."""
+        return [e for e in self.entries() if e.state in (IDLE, BUSY)]
+
+
+def make_directory() -> str:
+    """A new directory for post-login sockets that only root can enter (mode 0700, in
+    root's ``/run/tpops`` when it can be made, else in the temporary directory)."""
+    parent: str | None = RUN_DIR
+    try:
+        os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+        st = os.lstat(RUN_DIR)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+            parent = None
+    except OSError:
+        parent = None
+    return tempfile.mkdtemp(prefix="postlogin.", dir=parent)
+
+
+def remove_socket(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def become_subreaper() -> None:
+    """Adopt orphaned descendants (``PR_SET_CHILD_SUBREAPER``): the master then reaps the
+    post-login processes of workers that have ended, and can wait for them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def peer_is_root(conn: socket.socket) -> bool:
+    """The connecting process runs as root (``SO_PEERCRED``): only a worker may hand off."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, _ = struct.unpack("3i", creds)
+    return int(uid) == 0
 
 
 #: What runs in a freshly forked post-login process (still root): never returns.
@@ -169,19 +346,21 @@ ChildMain = Callable[[Identity, socket.socket, list[int]], None]
 
 
 class PostLoginPool:
-    """A root worker's post-login processes, one per identity, at most ``capacity``.
+    """A worker's side of the pool: claim or fork a post-login process, hand the session
+    over, wait for its end.
 
-    ``child_main(identity, channel, close_fds)`` runs in a new process: it must close
-    ``close_fds`` (the worker's descriptors of the session being handed off and of
-    other post-login channels), drop to ``identity`` and serve hand-offs from
-    ``channel`` until it ends; it never returns.
+    ``child_main(identity, listener, close_fds)`` runs in a new process: it must close
+    ``close_fds`` (the worker's descriptors of the session being handed off), drop to
+    ``identity`` and serve hand-offs arriving on ``listener`` until it ends; it never
+    returns.
     """
 
-    def __init__(self, capacity: int, child_main: ChildMain) -> None:
-        self.capacity = capacity
+    def __init__(self, registry: Registry, slot: int, child_main: ChildMain) -> None:
+        self.registry = registry
+        self.slot = slot
         self.child_main = child_main
-        self.processes: OrderedDict[Identity, PostLoginProcess] = OrderedDict()
-        self.ended: set[int] = set()
+        #: The processes this worker forked (it reaps them while it lives).
+        self.children: dict[int, Identity] = {}
 
     def serve(self, handoff: HandOff, resume: Resume, client_fd: int, wake_fd: int,
               stop_requested: Callable[[], bool]) -> bool:
@@ -190,129 +369,161 @@ class PostLoginPool:
         over, whatever happened to that process); False when none could, with nothing
         sent to the client: the caller serves the login itself."""
         self.reap()
+        identity = handoff.identity
         fds = [client_fd]
         if resume.lock_kind != "none":
             fds.append(handoff.lock.fileno())  # type: ignore[attr-defined]
         if handoff.root is not None and handoff.root.fd is not None:
             fds.append(handoff.root.fd)
+        resume.identity, resume.slot = identity, self.slot
         message = pickle.dumps(resume, protocol=pickle.HIGHEST_PROTOCOL)
         if len(message) > MAX_MESSAGE:
             return False
-        for _ in range(2):  # a kept process may have just ended (idle timeout): one more, new
-            process = self._process_for(handoff.identity, fds)
-            if process is None:
-                return False
-            try:
-                socket.send_fds(process.channel, [message], fds)
-                answer = self._answer(process, time.monotonic() + TAKE_OVER_TIMEOUT, wake_fd, None)
-            except OSError:
-                answer = b""
+        for _ in range(3):  # a claimed process may have just ended (idle, reload): try another
+            pid = self.registry.claim(identity, self.slot)
+            if pid is None:
+                pid = self._fork(identity, fds)
+                if pid is None:
+                    return False
+            channel = self._connect(pid, identity)
+            answer = b""
+            if channel is not None:
+                try:
+                    socket.send_fds(channel, [message], fds)
+                    answer = _answer(channel, pid, time.monotonic() + TAKE_OVER_TIMEOUT, wake_fd, None)
+                except OSError:
+                    answer = b""
             if answer == TAKEN:
                 break
-            self._end(process, kill=True)
+            if channel is not None:
+                channel.close()
+            self._discard(pid, identity)
         else:
             return False
+        assert channel is not None
         # The post-login process holds the lock's description and the Maildir now.
         if resume.lock_kind != "none":
             handoff.lock.hand_over()  # type: ignore[attr-defined]
         if handoff.root is not None:
             handoff.root.close()
-        if self._answer(process, None, wake_fd, stop_requested) != DONE:
+        with channel:
+            answer = _answer(channel, pid, None, wake_fd, stop_requested)
+        if answer != DONE:
             log.error("post-login process %d (uid %d) ended during the session of %s from %s",
-                      process.pid, process.identity.uid, logs.escape(resume.user.login), resume.peer)
-            self._end(process, kill=True)
+                      pid, identity.uid, logs.escape(resume.user.login), resume.peer)
+            self._discard(pid, identity)
         return True
 
-    def _process_for(self, identity: Identity, session_fds: list[int]) -> PostLoginProcess | None:
-        """The kept process of ``identity``, else a new one (ending the least recently used)."""
-        process = self.processes.get(identity)
-        if process is not None:
-            self.processes.move_to_end(identity)
-            return process
-        while len(self.processes) >= max(self.capacity, 1):
-            self._end(next(iter(self.processes.values())), kill=False)
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        close_fds = [*session_fds, parent_end.fileno(), *(p.channel.fileno() for p in self.processes.values())]
+    def _connect(self, pid: int, identity: Identity) -> socket.socket | None:
+        channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            channel.connect(self.registry.path(pid, identity))
+        except OSError:
+            channel.close()
+            return None
+        return channel
+
+    def _discard(self, pid: int, identity: Identity) -> None:
+        """Never use ``pid`` again: its entry freed, its socket removed, the process killed."""
+        self.registry.free(pid)
+        remove_socket(self.registry.path(pid, identity))
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.reap()
+
+    def _fork(self, identity: Identity, session_fds: list[int]) -> int | None:
+        """A new post-login process of ``identity`` (registered busy for this slot)."""
+        reserved = self.registry.reserve(self.slot, identity)
+        if reserved is None:
+            log.warning("all $post_login_workers (%d) post-login processes are busy: serving in the worker",
+                        self.registry.capacity)
+            return None
+        index, victim = reserved
+        if victim is not None:  # the least recently used idle process makes room
+            remove_socket(self.registry.path(victim.pid, victim.identity))
+            try:
+                os.kill(victim.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        provisional = os.path.join(self.registry.directory, f"new.{os.getpid()}.{index}")
+        try:
+            remove_socket(provisional)
+            listener.bind(provisional)
+            listener.listen(16)
+        except OSError as exc:
+            listener.close()
+            self.registry.unreserve(index)
+            log.error("cannot create a post-login socket in %s: %s", self.registry.directory, exc)
+            return None
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
         try:
             pid = os.fork()
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            parent_end.close()
-            child_end.close()
+            listener.close()
+            remove_socket(provisional)
+            self.registry.unreserve(index)
             log.error("cannot fork a post-login process: %s", exc)
             return None
         if pid == 0:  # the child: never returns into the worker's session
             try:
-                self.child_main(identity, child_end, close_fds)
+                self.child_main(identity, listener, session_fds)
             finally:
                 os._exit(1)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        child_end.close()
-        process = PostLoginProcess(pid, identity, parent_end)
-        self.processes[identity] = process
-        return process
-
-    def _answer(self, process: PostLoginProcess, deadline: float | None, wake_fd: int,
-                stop_requested: Callable[[], bool] | None) -> bytes:
-        """The process's next answer (b"" when it ended or ``deadline`` passed). With
-        ``stop_requested`` (SIGTERM to the worker), the process is asked to stop too,
-        once: its session then ends as the worker's own would."""
-        poller = select.poll()
-        poller.register(process.channel.fileno(), select.POLLIN)
-        poller.register(wake_fd, select.POLLIN)
-        forwarded = False
-        while True:
-            if stop_requested is not None and not forwarded and stop_requested():
-                forwarded = True
-                try:
-                    os.kill(process.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0) * 1000
-            ready = dict(poller.poll(timeout))
-            if not ready:
-                return b""
-            if wake_fd in ready:
-                try:
-                    while os.read(wake_fd, 512):
-                        pass
-                except (BlockingIOError, InterruptedError):
-                    pass
-            if process.channel.fileno() in ready:
-                try:
-                    return process.channel.recv(1)
-                except OSError:
-                    return b""
-
-    def _end(self, process: PostLoginProcess, *, kill: bool) -> None:
-        """Forget ``process``: its channel closes (an idle one then exits by itself)."""
-        if self.processes.get(process.identity) is process:
-            del self.processes[process.identity]
-        process.channel.close()
-        if kill:
-            try:
-                os.kill(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.ended.add(process.pid)
-        self.reap()
+        listener.close()
+        try:
+            os.rename(provisional, self.registry.path(pid, identity))
+        except OSError as exc:
+            log.error("cannot name the post-login socket: %s", exc)
+        self.registry.started(index, pid, identity, self.slot)
+        self.children[pid] = identity
+        return pid
 
     def reap(self) -> None:
-        """Collect the post-login processes that have exited (no zombies left behind)."""
-        for pid in list(self.ended) + [p.pid for p in self.processes.values()]:
+        """Collect the post-login processes this worker forked that have exited."""
+        for pid, identity in list(self.children.items()):
             try:
                 done, _ = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 done = pid
             if done == pid:
-                self.ended.discard(pid)
-                for identity, process in list(self.processes.items()):
-                    if process.pid == pid:
-                        del self.processes[identity]
-                        process.channel.close()
+                del self.children[pid]
+                if self.registry.free(pid) is not None:
+                    remove_socket(self.registry.path(pid, identity))
 
-    def close(self) -> None:
-        """The worker is ending: every post-login process is told to end (its channel closes)."""
-        for process in list(self.processes.values()):
-            self._end(process, kill=False)
+
+def _answer(channel: socket.socket, pid: int, deadline: float | None, wake_fd: int,
+            stop_requested: Callable[[], bool] | None) -> bytes:
+    """The process's next answer (b"" when it ended or ``deadline`` passed). With
+    ``stop_requested`` (SIGTERM to the worker), the process is asked to stop too, once:
+    its session then ends as the worker's own would."""
+    poller = select.poll()
+    poller.register(channel.fileno(), select.POLLIN)
+    poller.register(wake_fd, select.POLLIN)
+    forwarded = False
+    while True:
+        if stop_requested is not None and not forwarded and stop_requested():
+            forwarded = True
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0) * 1000
+        ready = dict(poller.poll(timeout))
+        if not ready:
+            return b""
+        if wake_fd in ready:
+            try:
+                while os.read(wake_fd, 512):
+                    pass
+            except (BlockingIOError, InterruptedError):
+                pass
+        if channel.fileno() in ready:
+            try:
+                return channel.recv(1)
+            except OSError:
+                return b""

@@ -59,11 +59,13 @@ from tpops.postlogin import (
     DONE,
     MAX_FDS,
     MAX_MESSAGE,
+    TAKE_OVER_TIMEOUT,
     TAKEN,
     HandOff,
     PostLoginPool,
+    Registry,
     Resume,
-    die_with_parent,
+    peer_is_root,
     rebuild_lock,
 )
 from tpops.privileges import Identity, SessionPrivileges, become, lookup_identity
@@ -151,7 +153,9 @@ class Worker:
     #: The master's TLS context (None: TLS not configured) and the fds of the listeners that
     #: speak implicit TLS.
     server_tls: ServerTLS | None = None
-    #: Root mode: this worker's post-login processes (None: sessions drop privileges here).
+    #: Root mode: the pool's post-login processes (None: sessions drop privileges here),
+    #: and this worker's side of them.
+    registry: Registry | None = None
     post_login: PostLoginPool | None = None
     #: The wake-up pipe and the poller of :meth:`run` (a post-login process closes them).
     wake_fds: tuple[int, int] = (-1, -1)
@@ -247,8 +251,8 @@ class Worker:
             log.error("worker cannot start: %s", exc)
             return EXIT_BOOT_FAILED
         self.authenticator = authenticator
-        if privileges.switch_per_session and self.config.post_login_workers > 0:
-            self.post_login = PostLoginPool(self.config.post_login_workers, self.post_login_main)
+        if privileges.switch_per_session and self.registry is not None and self.config.post_login_workers > 0:
+            self.post_login = PostLoginPool(self.registry, self.slot, self.post_login_main)
         setproctitle("tpops: worker idle")
         self.report(IDLE)
         poller, listen_events = listener_poller()
@@ -301,7 +305,7 @@ class Worker:
                     break  # re-check the limits before the next accept
         finally:
             if self.post_login is not None:
-                self.post_login.close()
+                self.post_login.reap()  # the rest outlive this worker: the master adopts them
             authenticator.close()
             if isinstance(poller, select.epoll):
                 poller.close()
@@ -400,42 +404,46 @@ class Worker:
             self.report(IDLE)
 
 
-    def conclude(self, session: Session, record: SessionRecord, observer: SessionObserver | None) -> None:
+    def conclude(self, session: Session, record: SessionRecord, observer: SessionObserver | None,
+                 before_close: Callable[[], None] | None = None) -> None:
         """After :meth:`Session.run`: board and metrics, the access log, the address's
-        count, then the clean end of the connection (a client that sees EOF sees the
-        session accounted)."""
+        count (and ``before_close``), then the clean end of the connection: a client
+        that sees EOF sees the session accounted, and may reconnect at once."""
         if observer is not None:
             observer.finished(record.logged_in, record.start_msgs, record.end_msgs,
                               quit=isinstance(session.state, Transaction) and session.state.updating)
         write_access_log(self.log_files, record.access_log_line())
         self.release()
+        if before_close is not None:
+            before_close()
         session.finish()
 
     # -- root mode's post-login process (see tpops.postlogin) ---------------------
 
-    def post_login_main(self, identity: Identity, channel: socket.socket, close_fds: list[int]) -> None:
+    def post_login_main(self, identity: Identity, listener: socket.socket, close_fds: list[int]) -> None:
         """The life of a post-login process forked by :class:`PostLoginPool`; never returns."""
         status = 1
         try:
-            status = self._post_login(identity, channel, close_fds)
+            status = self._post_login(identity, listener, close_fds)
         except BaseException:
             log.exception("post-login process %d (uid %d) failed", os.getpid(), identity.uid)
         finally:
+            if self.registry is not None:
+                self.registry.free(os.getpid())
             os._exit(status)
 
-    def _post_login(self, identity: Identity, channel: socket.socket, close_fds: list[int]) -> int:
-        parent = os.getppid()
+    def _post_login(self, identity: Identity, listener: socket.socket, close_fds: list[int]) -> int:
         # Nothing of the worker's may stay open here: the session being handed off (its
-        # socket, its lock: a copy would keep the lock after the session), the other
-        # post-login channels, the listeners, the master's report pipe, the worker's wake-ups.
+        # socket, its lock: a copy would keep the lock after the session), the listeners,
+        # the master's report pipe, the worker's wake-ups.
         for fd in [*close_fds, *self.wake_fds, self.poller_fd]:
             if fd >= 0:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-        for listener in self.listeners:
-            listener.close()
+        for server_socket in self.listeners:
+            server_socket.close()
         if self.report_fd is not None:
             os.close(self.report_fd)
             self.report_fd = None
@@ -449,34 +457,74 @@ class Worker:
         if self.monitor is not None:  # still root: this process's metrics files
             self.monitor.in_worker()
         become(identity)
-        die_with_parent(parent)
-        setproctitle(f"tpops: post-login uid {identity.uid} idle")
+        idle_title = f"tpops: post-login uid {identity.uid} idle"
+        setproctitle(idle_title)
+        listener.setblocking(False)
         poller = select.poll()
-        poller.register(channel.fileno(), select.POLLIN)
+        poller.register(listener.fileno(), select.POLLIN)
         poller.register(wake_r, select.POLLIN)
         served = 0
         while not (self.stop.force or self.stop.graceful):
             ready = poller.poll(self.config.post_login_idle * 1000)
             if not ready:
-                break  # idle for $post_login_idle: the worker forks another when needed
+                break  # idle for $post_login_idle: a worker forks another when needed
             if any(fd == wake_r for fd, _ in ready):
                 drain(wake_r)
-            if not any(fd == channel.fileno() for fd, _ in ready):
+            if not any(fd == listener.fileno() for fd, _ in ready):
                 continue
-            message, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE, MAX_FDS)
-            if not message:  # the worker closed the channel: it ends, or it chose another
-                break
-            resume: Resume = pickle.loads(message)  # noqa: S301  (from root, our parent)
-            channel.send(TAKEN)
-            self.serve_resumed(resume, fds, wake_r)
+            try:
+                channel, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
+            with channel:
+                if not self._take_over(channel, identity, wake_r):
+                    continue
             served += 1
-            channel.send(DONE)
-            setproctitle(f"tpops: post-login uid {identity.uid} idle")
+            setproctitle(idle_title)
             if self.config.max_use and served >= self.config.max_use:
                 break
         return 0
 
-    def serve_resumed(self, resume: Resume, fds: list[int], wake_r: int) -> None:
+    def _take_over(self, channel: socket.socket, identity: Identity, wake_r: int) -> bool:
+        """One hand-off from a worker: the session, served to its end; False when the
+        connection carried none (or not from root, or not for this identity)."""
+        if not peer_is_root(channel):
+            log.warning("post-login process %d: a connection not from root, ignored", os.getpid())
+            return False
+        channel.settimeout(TAKE_OVER_TIMEOUT)
+        try:
+            message, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE, MAX_FDS)
+        except OSError:
+            return False
+        resume: Resume | None = pickle.loads(message) if message else None  # noqa: S301  (root sent it)
+        if resume is None or resume.identity != identity:
+            for fd in fds:
+                os.close(fd)
+            return False
+        try:
+            channel.send(TAKEN)
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            return False
+        self.slot = resume.slot
+        idle = [False]
+
+        def now_idle() -> None:  # before the client sees the end: its next login finds us idle
+            if self.registry is not None and not idle[0]:
+                self.registry.idle(os.getpid())
+            idle[0] = True
+
+        self.serve_resumed(resume, fds, wake_r, now_idle)
+        now_idle()
+        try:
+            channel.send(DONE)
+        except OSError:  # the worker is gone (killed): the session is over all the same
+            pass
+        return True
+
+    def serve_resumed(self, resume: Resume, fds: list[int], wake_r: int,
+                      before_close: Callable[[], None] | None = None) -> None:
         """Serve a handed-off session to its end: the login's ``+OK`` (or why the mailbox
         cannot be opened), then the TRANSACTION state, as :meth:`serve` would have."""
         conn = socket.socket(fileno=fds.pop(0))
@@ -504,7 +552,7 @@ class Worker:
             if observer is not None:
                 observer.resumed(resume.verb, resume.command_started, resume.session_started, first)
             record = session.run(first)
-            self.conclude(session, record, observer)
+            self.conclude(session, record, observer, before_close)
             observer = None
         except Exception:
             log.exception("internal error serving %s from %s", logs.escape(resume.user.login), resume.peer)

@@ -98,10 +98,11 @@ def worker_serving(master: int, who: str, timeout: float = 5.0) -> int:
 
 
 def post_login_processes(master: int) -> dict[int, str]:
-    """Root mode's post-login processes (the workers' children titled ``tpops: post-login ...``): pid -> title."""
+    """Root mode's post-login processes: pid -> title. They are children of the worker that
+    forked them, or of the master once that worker has ended (it adopts them)."""
     out = {}
-    for worker in worker_titles(master):
-        for pid in proc_children(worker):
+    for parent in [master, *worker_titles(master)]:
+        for pid in proc_children(parent):
             title = proc_title(pid)
             if title and title.startswith("tpops: post-login"):
                 out[pid] = title
