@@ -30,6 +30,9 @@ def main(doc: str) -> int:
     parser.add_argument("--cluster", action="store_true",
                         help="also logins/s through a private HAProxy over two tpops nodes (127.0.0.2, "
                              "127.0.0.3) against one node directly")
+    parser.add_argument("--tpops-setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="a tpops.conf setting for the main tpops servers, e.g. post_login_workers=0 "
+                             "(to measure an alternative; repeatable; recorded in the JSON)")
     parser.add_argument("--tls", action="store_true",
                         help="also the TLS rows: logins/s over implicit TLS at 1, 8, 32 clients (full and "
                              "resumed handshakes) and RETR 50 x 1 MiB over TLS, Dovecot with the same certificate")

@@ -217,15 +217,43 @@ def _login_proc(port: int, creds: list[tuple[str, str]], t_begin: float, t_measu
            "cpu_s": cpu.user + cpu.system, "users": len(used)})
 
 
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system) of ``root`` and every live descendant, with what each has
+    collected from its reaped children (so a process per session is counted too)."""
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = open(f"/proc/{entry}/stat").read()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        ticks = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        stats[int(entry)] = (int(fields[1]), ticks / os.sysconf("SC_CLK_TCK"))
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            total += stats[pid][1]
+        todo.extend(children.get(pid, []))
+    return total
+
+
 def login_rate(port: int, creds: list[tuple[str, str]], concurrency: int, warmup: float, secs: float, *,
-               host: str = "127.0.0.1", source: str | None = None, rotate: bool = False) -> dict:
+               host: str = "127.0.0.1", source: str | None = None, rotate: bool = False,
+               cpu_of: int | None = None) -> dict:
     """Login sessions/s at ``concurrency`` clients to ``host:port`` (clients bound to ``source`` if given).
 
     Without ``rotate`` the clients log in as the first ``concurrency`` users of ``creds``; with it
     every user of ``creds`` takes turns (each session the user free the longest), one user per
-    concurrent session all the same."""
+    concurrent session all the same. ``cpu_of``: the server's master pid; its process tree's
+    CPU time over the measured seconds is reported per session (``server_cpu_ms_per_session``)."""
     return _rate(_login_proc, (port,), {"host": host, "source": source}, creds, concurrency, warmup, secs,
-                 rotate=rotate)
+                 rotate=rotate, cpu_of=cpu_of)
 
 
 def login_pass(port: int, creds: list[tuple[str, str]], concurrency: int = 8) -> dict:
@@ -254,7 +282,7 @@ def login_pass(port: int, creds: list[tuple[str, str]], concurrency: int = 8) ->
 
 
 def _rate(target, head: tuple, tail: dict, creds: list[tuple[str, str]], concurrency: int,
-          warmup: float, secs: float, *, rotate: bool = False) -> dict:
+          warmup: float, secs: float, *, rotate: bool = False, cpu_of: int | None = None) -> dict:
     """Run ``target(*head, creds_slice, t_begin, t_measure, t_end, q, **tail)`` in 1-2 client processes.
 
     ``rotate``: each process gets an equal share of all of ``creds`` and ``clients=`` its number of
@@ -277,6 +305,15 @@ def _rate(target, head: tuple, tail: dict, creds: list[tuple[str, str]], concurr
         p = ctx.Process(target=target, args=(*head, mine, t_begin, t_measure, t_end, q), kwargs=kwargs, daemon=True)
         p.start()
         procs.append(p)
+    cpu: list[float] = []
+    sampler = None
+    if cpu_of is not None:
+        def sample() -> None:
+            for when in (t_measure, t_end):
+                time.sleep(max(0.0, when - time.monotonic()))
+                cpu.append(tree_cpu_s(cpu_of))
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
     results = []
     for _ in procs:
         try:
@@ -306,6 +343,10 @@ def _rate(target, head: tuple, tail: dict, creds: list[tuple[str, str]], concurr
         "client_cpu_s": round(sum(r["cpu_s"] for r in results), 3),
         "client_cpu_share_of_one_core": round(sum(r["cpu_s"] for r in results) / (secs + warmup), 3),
     }
+    if sampler is not None:
+        sampler.join(5)
+        if len(cpu) == 2 and done:
+            out["server_cpu_ms_per_session"] = round((cpu[1] - cpu[0]) * 1000 / done, 3)
     if any("resumed" in r for r in results):
         handshakes = sum(r["handshakes"] for r in results)
         out["tls_handshakes"] = handshakes
