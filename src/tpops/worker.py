@@ -32,6 +32,7 @@ throw-away child (:func:`preflight`) before detaching and before accepting a rel
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import pickle
 import select
@@ -433,6 +434,7 @@ class Worker:
             os._exit(status)
 
     def _post_login(self, identity: Identity, listener: socket.socket, close_fds: list[int]) -> int:
+        gc.freeze()  # the worker's objects: never scanned here, so their pages stay shared
         # Nothing of the worker's may stay open here: the session being handed off (its
         # socket, its lock: a copy would keep the lock after the session), the listeners,
         # the master's report pipe, the worker's wake-ups.
