@@ -10,6 +10,7 @@ worker, and the access log has one line per session.
 
 from __future__ import annotations
 
+import base64
 import os
 import poplib
 import signal
@@ -215,9 +216,13 @@ def test_an_idle_post_login_process_ends_after_post_login_idle(mail_env: MailEnv
         assert worker_titles(master).get(worker) == "tpops: worker idle"
         c = RawClient(srv.port)
         assert c.login("ida").startswith(b"+OK")
-        assert post_login_serving(master, "ida@127.0.0.1") != pid
+        new = post_login_serving(master, "ida@127.0.0.1")
+        assert new != pid
         assert c.cmd("QUIT").startswith(b"+OK Bye")
         c.close()
+        # The ended process's socket went when its worker reaped it; the new one's is there.
+        names = [f.name for d in Path("/run/tpops").glob("postlogin.*") for f in d.iterdir()]
+        assert [n for n in names if n.endswith(f".{new}")] and not [n for n in names if n.endswith(f".{pid}")]
     finally:
         srv.stop()
 
@@ -298,6 +303,24 @@ def test_a_reload_ends_the_post_login_processes(mail_env: MailEnv) -> None:
         c = RawClient(srv.port)
         assert c.login("rob").startswith(b"+OK Logged in, 1 messages")
         assert post_login_serving(master, "rob@127.0.0.1") != old
+        assert c.cmd("QUIT").startswith(b"+OK Bye")
+        c.close()
+    finally:
+        srv.stop()
+
+
+def test_a_sasl_login_is_handed_off_too(mail_env: MailEnv) -> None:
+    """AUTH PLAIN ends in the same hand-off as PASS (the exchange's last line logs in)."""
+    mail_env.add_user("sal", messages=[make_message()])
+    srv = start(mail_env)
+    master = srv.proc.pid
+    try:
+        c = RawClient(srv.port)
+        token = base64.b64encode(b"\0sal\0secret").decode()
+        assert c.cmd(f"AUTH PLAIN {token}").startswith(b"+OK Logged in, 1 messages")
+        pid = post_login_serving(master, "sal@127.0.0.1")
+        assert proc_ids(pid)["Uid"] == [MAIL_UID] * 4
+        assert c.cmd("STAT").startswith(b"+OK 1 ")
         assert c.cmd("QUIT").startswith(b"+OK Bye")
         c.close()
     finally:

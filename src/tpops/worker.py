@@ -428,9 +428,7 @@ class Worker:
             status = self._post_login(identity, listener, close_fds)
         except BaseException:
             log.exception("post-login process %d (uid %d) failed", os.getpid(), identity.uid)
-        finally:
-            if self.registry is not None:
-                self.registry.free(os.getpid())
+        finally:  # the registry entry and the socket go when the process is reaped
             os._exit(status)
 
     def _post_login(self, identity: Identity, listener: socket.socket, close_fds: list[int]) -> int:
