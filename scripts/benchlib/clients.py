@@ -433,10 +433,10 @@ def _tls_login_proc(port: int, ca_file: str, resume: bool, creds: list[tuple[str
 
 
 def tls_login_rate(port: int, ca_file: str, creds: list[tuple[str, str]], concurrency: int, warmup: float,
-                   secs: float, *, resume: bool) -> dict:
+                   secs: float, *, resume: bool, cpu_of: int | None = None) -> dict:
     """Login sessions/s over implicit TLS: full handshakes, or (``resume``) each client offering
-    the session (ticket) its previous connection got."""
-    return _rate(_tls_login_proc, (port, ca_file, resume), {}, creds, concurrency, warmup, secs)
+    the session (ticket) its previous connection got; ``cpu_of`` as for :func:`login_rate`."""
+    return _rate(_tls_login_proc, (port, ca_file, resume), {}, creds, concurrency, warmup, secs, cpu_of=cpu_of)
 
 
 # -- RETR throughput

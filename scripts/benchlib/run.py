@@ -553,7 +553,7 @@ class Bench:
                     if pair and pair.tls_port and pair not in order:
                         order.append(pair)
                 results = {s.label: tls_login_rate(s.tls_port, ca, creds, c, p.warmup_secs, p.login_secs,
-                                                   resume=resume) for s in order}
+                                                   resume=resume, cpu_of=s.master_pid()) for s in order}
                 for srv in servers:
                     r = results[srv.label]
                     pair = self.paired(srv)

@@ -29,7 +29,9 @@ state object (before the reply is written, so a lost connection still ends the n
 state); ``exchange`` routes the next raw client line, up to ``exchange.max_line``
 octets, to that exchange instead of the command table until a reply without one ends it
 (SASL AUTH); ``upgrade`` makes the loop flush, discard any buffered client input and
-continue on ``upgrade(transport)`` (STLS). New states and exchanges plug in through
+continue on ``upgrade(transport)`` (STLS); ``handoff`` ends the loop here when the
+owner's ``hand_off`` passed the session to a post-login process (root mode), which
+resumes it (:meth:`Session.resume`). New states and exchanges plug in through
 these fields; this module imports the state modules, never the other way round.
 """
 
@@ -148,7 +150,11 @@ class Session:
     login by the client address's shared penalty (:class:`FailurePenalty`). The
     transport's ``progress()`` heartbeat is also called after each command is handled
     (a slow backend check or UPDATE moves no data). ``connection`` describes the client
-    and its protection; ``start_tls`` (TLS configured) makes STLS available.
+    and its protection; ``start_tls`` (TLS configured) makes STLS available. ``hand_off``
+    (root mode's workers) takes a login's :class:`~tpops.postlogin.HandOff` to a
+    post-login process and says whether it did; the loop then ends (``handed_off``) and
+    the owner writes no access-log line: the post-login process, which continues this
+    session with :meth:`resume` and ``run(first=...)``, does.
     """
 
     def __init__(

@@ -22,6 +22,12 @@ across fork: one set of session-ticket keys for the whole pool) and handshaken w
 does the same later (:meth:`Worker.start_tls`). A failed handshake is logged with the
 peer and the reason and ends only that connection.
 
+Root mode (no ``--user``): after a login the worker hands the session to a post-login
+process of the mailbox owner (:mod:`tpops.postlogin`; :meth:`Worker.post_login_main`
+is that process's life, :meth:`Worker.serve_resumed` its side of a session) and waits
+for its end, staying root; a session it cannot hand off (TLS, the MySQL lock) it
+serves as the owner itself, and then ends.
+
 Before its first accept a worker boots (:func:`boot`): backend built and modules
 imported while still root, the lock directory prepared (created, handed to
 ``--user``) by :func:`tpops.mailbox.lock.prepare_lock_dir`, then ``--user`` applied for
