@@ -76,6 +76,9 @@ STOP_GRACE = 4.0
 SPARE_WORKERS = 2
 #: The loop's wake-up interval for ``$max_idle`` checks when nothing happens.
 TICK = 1.0
+#: Seconds the loop waits after a pass that only worker reports woke, so that reports
+#: arriving meanwhile are read in one pass (a signal or a --status query waits that long at most).
+REPORT_BATCH = 0.005
 #: Longest wait between two attempts to start a worker once boots fail after a good start.
 MAX_BACKOFF = 60.0
 #: Worker slots in the shared table at least (a reload may raise $max_servers up to
@@ -206,6 +209,11 @@ class Arbiter:
                 self.monitor.pool(*self.busy_idle())
                 self.report_status()
                 self.refresh_backend()
+                if ready == [self.report_r] and not self.signals:
+                    # Only workers' busy/idle reports woke us: let the next ones gather
+                    # (at hundreds of logins a second, a full pass per report costs more
+                    # than the few milliseconds of reaction this gives away).
+                    time.sleep(REPORT_BATCH)
         finally:
             self.monitor.close()  # first: it reaps its exporter by pid, before shutdown reaps any child
             self.shutdown()

@@ -94,6 +94,9 @@ class SharedLimits:
         self.penalty_entries = penalty_entries
         self.secret = secrets.token_bytes(16)
         self._penalty_base = slots * _SLOT.size
+        #: Every slot read at once as 64-bit words (heartbeat bits, key): counting an
+        #: address's slots is one C call, not a Python loop over the table, under the lock.
+        self._slot_words = struct.Struct(f"={2 * slots}Q")
         size = self._penalty_base + penalty_entries * _ENTRY.size
         self.fd, self.map = shared_memory("tpops-limits", size)
 
@@ -137,7 +140,7 @@ class SharedLimits:
         key = self.key(address)
         with self._locked():
             _SLOT.pack_into(self.map, slot * _SLOT.size, time.monotonic(), key)
-            count = sum(1 for i in range(self.slots) if _SLOT.unpack_from(self.map, i * _SLOT.size)[1] == key)
+            count = self._count(key)
             if limit > 0 and count > limit:
                 _SLOT.pack_into(self.map, slot * _SLOT.size, time.monotonic(), 0)
         return count
@@ -151,7 +154,11 @@ class SharedLimits:
         """How many workers serve ``address`` now."""
         key = self.key(address)
         with self._locked():
-            return sum(1 for i in range(self.slots) if _SLOT.unpack_from(self.map, i * _SLOT.size)[1] == key)
+            return self._count(key)
+
+    def _count(self, key: int) -> int:
+        """How many slots hold ``key`` (called with the lock held)."""
+        return self._slot_words.unpack_from(self.map, 0)[1::2].count(key)
 
     # -- failed-login penalty ----------------------------------------------------
 
