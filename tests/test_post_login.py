@@ -23,6 +23,7 @@ from tests.support.marks import root_only
 from tests.support.procs import (
     gone,
     idle_workers,
+    kept_processes,
     parent_of,
     post_login_processes,
     post_login_serving,
@@ -93,7 +94,7 @@ def test_the_lock_moves_with_the_session_and_ends_with_it(mail_env: MailEnv) -> 
         # An idle post-login process holds its channel to the worker and nothing of a
         # session (no client socket, no lock file) nor of the worker (no listener).
         for pid in post_login_processes(master):
-            wait_for(lambda: post_login_processes(master).get(pid, "").endswith(" idle"), what="idle")
+            wait_for(lambda: post_login_processes(master).get(pid, "").endswith((" idle", " spare")), what="idle")
             targets = open_files(pid)
             assert sum(t.startswith("socket:") for t in targets) == 1, targets
             assert not [t for t in targets if t.startswith(str(mail_env.lock_dir))], targets
@@ -190,7 +191,7 @@ def test_post_login_workers_bounds_the_kept_processes(mail_env: MailEnv) -> None
             assert c.cmd("QUIT").startswith(b"+OK Bye")
             c.close()
         wait_for(lambda: gone(pids["ann"]), what="ann's process ended for bob's")
-        kept = wait_for(lambda: post_login_processes(master), what="bob's process kept")
+        kept = wait_for(lambda: kept_processes(master), what="bob's process kept")
         assert set(kept) == {pids["bob"]}
         assert parent_of(pids["bob"]) == worker
         assert proc_ids(pids["bob"])["Uid"] == [12345] * 4
@@ -244,7 +245,7 @@ def test_a_stls_session_is_served_in_the_worker_which_then_ends(mail_env: MailEn
         pid = worker_serving(master, "tess@127.0.0.1")
         assert pid in worker_titles(master)  # the worker itself, not a post-login process
         assert proc_ids(pid)["Uid"] == [MAIL_UID] * 4
-        assert post_login_processes(master) == {}
+        assert kept_processes(master) == {}
         assert client.stat()[0] == 1
         client.quit()
         wait_for(lambda: gone(pid), what="the worker to end after its TLS session")
@@ -323,5 +324,35 @@ def test_a_sasl_login_is_handed_off_too(mail_env: MailEnv) -> None:
         assert c.cmd("STAT").startswith(b"+OK 1 ")
         assert c.cmd("QUIT").startswith(b"+OK Bye")
         c.close()
+    finally:
+        srv.stop()
+
+
+def spares(master: int) -> set[int]:
+    return {pid for pid, title in post_login_processes(master).items() if title == "tpops: post-login spare"}
+
+
+def test_a_new_owners_first_login_takes_a_spare_forked_ahead(mail_env: MailEnv) -> None:
+    """After each session a worker keeps two spare post-login processes forked (root,
+    bound to no one, like Dovecot's process_min_avail): a new owner's first login takes
+    one, which drops to the owner before it touches the session, instead of a fork on
+    the client's time."""
+    mail_env.add_user("bob", messages=[make_message()], uid="12345", gid="23456")
+    mail_env.chown(mail_env.maildir("bob").parent, 12345, 23456)
+    srv = start(mail_env)
+    master = srv.proc.pid
+    try:
+        ahead = wait_for(lambda: len(spares(master)) == 2 and spares(master), what="two spares")
+        assert all(proc_ids(p)["Uid"] == [0] * 4 for p in ahead)  # nobody's yet
+        c = RawClient(srv.port)
+        assert c.login("bob").startswith(b"+OK Logged in, 1 messages")
+        pid = post_login_serving(master, "bob@127.0.0.1")
+        assert pid in ahead
+        assert proc_ids(pid)["Uid"] == [12345] * 4 and proc_ids(pid)["Gid"] == [23456] * 4
+        names = [f.name for d in Path("/run/tpops").glob("postlogin.*") for f in d.iterdir()]
+        assert f"12345.23456.{pid}" in names and f"spare.{pid}" not in names  # renamed by root
+        assert c.cmd("QUIT").startswith(b"+OK Bye")
+        c.close()
+        wait_for(lambda: len(spares(master)) == 2 and pid not in spares(master), what="the spares replenished")
     finally:
         srv.stop()

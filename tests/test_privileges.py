@@ -8,6 +8,7 @@ from tests.support.marks import root_only
 from tests.support.procs import (
     gone,
     idle_workers,
+    kept_processes,
     parent_of,
     post_login_processes,
     post_login_serving,
@@ -64,7 +65,7 @@ def test_root_without_user_serves_each_session_as_the_mailbox_owner(mail_env: Ma
             assert len(served_by) == 1, "the owner's second login did not reuse its post-login process"
             assert mail_env.messages(user) == []
         # One process per owner, both kept (no process ever served both uids).
-        kept = post_login_processes(master)
+        kept = kept_processes(master)
         assert sorted(proc_ids(p)["Uid"][0] for p in kept) == sorted([MAIL_UID, 12345]), kept
         assert idle_workers(master) == {worker}
     finally:

@@ -17,7 +17,8 @@ which identity and whether it is idle; any worker claims an idle one of the righ
 identity, or forks a new one (taking a free entry, or ending the least recently used
 idle process). So a burst of logins of virtual users sharing one owner (vmail) reuses a
 few processes, and 160 system users who log in again and again each reuse their own,
-whichever worker accepted the connection. An idle process ends after
+whichever worker accepted the connection. Two spares (root, no identity yet) are kept
+forked ahead, so a uid's first login does not wait for a fork. An idle process ends after
 ``$post_login_idle`` seconds; a reload retires them all (new ones start with the new
 configuration); the master ends them when it stops.
 
@@ -32,8 +33,9 @@ process of the right identity or none.
 The rules that keep this as safe as the in-worker drop:
 
 * A post-login process drops to its identity (groups cleared, real/effective/saved ids)
-  before it reads anything and never regains root; it serves only sessions of that
-  identity; uid 0 and gid 0 were refused by :func:`tpops.privileges.check_identity`.
+  before it reads a byte from a client (a spare: on its first hand-off, after checking
+  the identity again) and never regains root; it serves only sessions of that identity;
+  uid 0 and gid 0 are refused by :func:`tpops.privileges.check_identity`.
 * Only root speaks ``pickle`` on a channel, towards the less privileged process; the
   post-login process answers with single octets (``A``: taken over; ``D``: session
   over), so a compromised one cannot feed a root worker anything to parse.
@@ -174,7 +176,12 @@ def rebuild_lock(kind: str, path: str, fds: list[int]) -> MailboxLock:
 
 #: An entry: pid, the worker slot it serves now (-1: none), uid, gid, state, last use.
 _ENTRY = struct.Struct("=iiIIBxxxd")
-FREE, STARTING, IDLE, BUSY = 0, 1, 2, 3
+FREE, STARTING, IDLE, BUSY, SPARE = 0, 1, 2, 3, 4
+#: The identity of a spare: none yet (uid 0 is never served, so it cannot be a real one).
+NO_IDENTITY = Identity(0, 0)
+#: Spare post-login processes the pool keeps forked ahead (Dovecot's process_min_avail):
+#: a uid's first login takes one instead of forking on the client's time.
+SPARES = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +236,10 @@ class Registry:
             return [self._read(i) for i in range(self.capacity)]
 
     def path(self, pid: int, identity: Identity) -> str:
-        """The socket of post-login process ``pid`` (its name states its identity)."""
+        """The socket of post-login process ``pid`` (its name states its identity; a
+        spare's says ``spare``)."""
+        if identity == NO_IDENTITY:
+            return os.path.join(self.directory, f"spare.{pid}")
         return os.path.join(self.directory, f"{identity.uid}.{identity.gid}.{pid}")
 
     def claim(self, identity: Identity, slot: int) -> int | None:
@@ -247,6 +257,28 @@ class Registry:
                 return None
             self._write(best, best_pid, slot, identity, BUSY)
             return best_pid
+
+    def claim_spare(self, identity: Identity, slot: int) -> int | None:
+        """A spare, now bound to ``identity`` and busy for ``slot`` (its pid); None if there is none."""
+        with self._locked():
+            for index, pid, _, _, _, state, _ in self._rows():
+                if state == SPARE:
+                    self._write(index, pid, slot, identity, BUSY)
+                    return pid
+            return None
+
+    def reserve_spare(self) -> int | None:
+        """A free entry for a new spare while fewer than :data:`SPARES` exist (counting
+        those starting); None otherwise. Spares never push out a kept process."""
+        with self._locked():
+            rows = list(self._rows())
+            if sum(1 for r in rows if r[5] == SPARE or (r[5] == STARTING and r[3:5] == (0, 0))) >= SPARES:
+                return None
+            for index, _, _, _, _, state, _ in rows:
+                if state == FREE:
+                    self._write(index, 0, -1, NO_IDENTITY, STARTING)
+                    return index
+            return None
 
     def reserve(self, slot: int, identity: Identity) -> tuple[int, Entry | None] | None:
         """An entry for a new process of ``identity``: a free one, else the least recently
@@ -268,7 +300,7 @@ class Registry:
 
     def started(self, index: int, pid: int, identity: Identity, slot: int) -> None:
         with self._locked():
-            self._write(index, pid, slot, identity, BUSY)
+            self._write(index, pid, slot, identity, SPARE if identity == NO_IDENTITY else BUSY)
 
     def unreserve(self, index: int) -> None:
         with self._locked():
@@ -286,7 +318,7 @@ class Registry:
     def _set(self, pid: int, state: int) -> Entry | None:
         with self._locked():
             for index, e_pid, _, _, _, e_state, _ in self._rows():
-                if e_pid == pid and e_state in (IDLE, BUSY):
+                if e_pid == pid and e_state in (IDLE, BUSY, SPARE):
                     entry = self._read(index)
                     if state == FREE:
                         self._write(index, 0, -1, Identity(0, 0), FREE)
@@ -301,8 +333,8 @@ class Registry:
             return [pid for _, pid, e_slot, _, _, state, _ in self._rows() if state == BUSY and e_slot == slot]
 
     def live(self) -> list[Entry]:
-        """Every process with an entry (idle or busy)."""
-        return [e for e in self.entries() if e.state in (IDLE, BUSY)]
+        """Every process with an entry (idle, busy or spare)."""
+        return [e for e in self.entries() if e.state in (IDLE, BUSY, SPARE)]
 
 
 def make_directory() -> str:
@@ -382,6 +414,8 @@ class PostLoginPool:
         for _ in range(3):  # a claimed process may have just ended (idle, reload): try another
             pid = self.registry.claim(identity, self.slot)
             if pid is None:
+                pid = self._take_spare(identity)
+            if pid is None:
                 pid = self._fork(identity, fds)
                 if pid is None:
                     return False
@@ -414,6 +448,26 @@ class PostLoginPool:
             self._discard(pid, identity)
         return True
 
+    def _take_spare(self, identity: Identity) -> int | None:
+        """A spare for ``identity``: its entry and its socket's name now state the identity
+        (root renames it: the name stays proof), and the first hand-off makes it drop."""
+        pid = self.registry.claim_spare(identity, self.slot)
+        if pid is None:
+            return None
+        try:
+            os.rename(self.registry.path(pid, NO_IDENTITY), self.registry.path(pid, identity))
+        except OSError:  # it ended meanwhile: the caller's connect fails and discards it
+            pass
+        return pid
+
+    def replenish(self) -> None:
+        """Fork a spare while the pool has fewer than :data:`SPARES` (after a session, so
+        never on a client's time)."""
+        if self.registry.capacity > SPARES:
+            for _ in range(SPARES):
+                if self._fork(NO_IDENTITY, [], spare=True) is None:
+                    break
+
     def _connect(self, pid: int, identity: Identity) -> socket.socket | None:
         channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
@@ -433,14 +487,22 @@ class PostLoginPool:
             pass
         self.reap()
 
-    def _fork(self, identity: Identity, session_fds: list[int]) -> int | None:
-        """A new post-login process of ``identity`` (registered busy for this slot)."""
-        reserved = self.registry.reserve(self.slot, identity)
-        if reserved is None:
-            log.warning("all $post_login_workers (%d) post-login processes are busy: serving in the worker",
-                        self.registry.capacity)
-            return None
-        index, victim = reserved
+    def _fork(self, identity: Identity, session_fds: list[int], *, spare: bool = False) -> int | None:
+        """A new post-login process of ``identity`` (registered busy for this slot), or
+        with ``spare`` one without an identity yet (registered spare)."""
+        victim: Entry | None = None
+        if spare:
+            spare_index = self.registry.reserve_spare()
+            if spare_index is None:
+                return None
+            index = spare_index
+        else:
+            reserved = self.registry.reserve(self.slot, identity)
+            if reserved is None:
+                log.warning("all $post_login_workers (%d) post-login processes are busy: serving in the worker",
+                            self.registry.capacity)
+                return None
+            index, victim = reserved
         if victim is not None:  # the least recently used idle process makes room
             remove_socket(self.registry.path(victim.pid, victim.identity))
             try:
@@ -485,15 +547,16 @@ class PostLoginPool:
 
     def reap(self) -> None:
         """Collect the post-login processes this worker forked that have exited."""
-        for pid, identity in list(self.children.items()):
+        for pid in list(self.children):
             try:
                 done, _ = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 done = pid
             if done == pid:
                 del self.children[pid]
-                if self.registry.free(pid) is not None:
-                    remove_socket(self.registry.path(pid, identity))
+                entry = self.registry.free(pid)
+                if entry is not None:  # its identity now: a spare's socket was renamed when it was taken
+                    remove_socket(self.registry.path(pid, entry.identity))
 
 
 def _answer(channel: socket.socket, pid: int, deadline: float | None, wake_fd: int,

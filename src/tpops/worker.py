@@ -66,6 +66,7 @@ from tpops.postlogin import (
     DONE,
     MAX_FDS,
     MAX_MESSAGE,
+    NO_IDENTITY,
     TAKE_OVER_TIMEOUT,
     TAKEN,
     HandOff,
@@ -75,7 +76,7 @@ from tpops.postlogin import (
     peer_is_root,
     rebuild_lock,
 )
-from tpops.privileges import Identity, SessionPrivileges, become, lookup_identity
+from tpops.privileges import Identity, Refused, SessionPrivileges, become, check_identity, lookup_identity
 from tpops.protocol import (
     HandshakeFailed,
     Interrupted,
@@ -164,6 +165,8 @@ class Worker:
     #: and this worker's side of them.
     registry: Registry | None = None
     post_login: PostLoginPool | None = None
+    #: In a post-login process: the identity it serves (NO_IDENTITY: a spare, still root).
+    post_login_identity: Identity = NO_IDENTITY
     #: The wake-up pipe and the poller of :meth:`run` (a post-login process closes them).
     wake_fds: tuple[int, int] = (-1, -1)
     poller_fd: int = -1
@@ -309,6 +312,8 @@ class Worker:
                         self.release()  # again, in case serve() never reached its own
                     if privileges.changed:
                         return 0
+                    if self.post_login is not None:  # the client is gone: keep spares forked ahead
+                        self.post_login.replenish()
                     break  # re-check the limits before the next accept
         finally:
             if self.post_login is not None:
@@ -462,9 +467,10 @@ class Worker:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
         if self.monitor is not None:  # still root: this process's metrics files
             self.monitor.in_worker()
-        become(identity)
-        idle_title = f"tpops: post-login uid {identity.uid} idle"
-        setproctitle(idle_title)
+        self.post_login_identity = identity
+        if identity != NO_IDENTITY:
+            become(identity)
+        setproctitle(self._post_login_title())
         listener.setblocking(False)
         poller = select.poll()
         poller.register(listener.fileno(), select.POLLIN)
@@ -483,17 +489,22 @@ class Worker:
             except (BlockingIOError, InterruptedError):
                 continue
             with channel:
-                if not self._take_over(channel, identity, wake_r):
+                if not self._take_over(channel, wake_r):
                     continue
             served += 1
-            setproctitle(idle_title)
+            setproctitle(self._post_login_title())
             if self.config.max_use and served >= self.config.max_use:
                 break
         return 0
 
-    def _take_over(self, channel: socket.socket, identity: Identity, wake_r: int) -> bool:
+    def _post_login_title(self) -> str:
+        identity = self.post_login_identity
+        return "tpops: post-login spare" if identity == NO_IDENTITY else f"tpops: post-login uid {identity.uid} idle"
+
+    def _take_over(self, channel: socket.socket, wake_r: int) -> bool:
         """One hand-off from a worker: the session, served to its end; False when the
-        connection carried none (or not from root, or not for this identity)."""
+        connection carried none (or not from root, or not for this identity). A spare
+        drops to the identity of its first hand-off here, before it touches the session."""
         if not peer_is_root(channel):
             log.warning("post-login process %d: a connection not from root, ignored", os.getpid())
             return False
@@ -503,7 +514,18 @@ class Worker:
         except OSError:
             return False
         resume: Resume | None = pickle.loads(message) if message else None  # noqa: S301  (root sent it)
-        if resume is None or resume.identity != identity:
+        wanted = resume.identity if resume is not None else None
+        if wanted is not None and self.post_login_identity == NO_IDENTITY:
+            try:
+                check_identity(wanted, self.config.first_valid_uid, self.config.last_valid_uid)
+                become(wanted)
+            except (Refused, OSError) as exc:
+                log.error("spare post-login process %d cannot serve uid %d: %s", os.getpid(), wanted.uid, exc)
+                self.stop.graceful = True  # never serve anyone after a failed change
+                resume = None
+            else:
+                self.post_login_identity = wanted
+        if resume is None or resume.identity != self.post_login_identity:
             for fd in fds:
                 os.close(fd)
             return False

@@ -109,6 +109,12 @@ def post_login_processes(master: int) -> dict[int, str]:
     return out
 
 
+def kept_processes(master: int) -> dict[int, str]:
+    """The post-login processes bound to an identity (spares, forked ahead and still
+    without one, left out): pid -> title."""
+    return {pid: title for pid, title in post_login_processes(master).items() if title != "tpops: post-login spare"}
+
+
 def post_login_serving(master: int, who: str, timeout: float = 5.0) -> int:
     """The pid of the post-login process titled ``tpops: post-login WHO`` (e.g. ``alice@127.0.0.1``)."""
     def find() -> int | None:
