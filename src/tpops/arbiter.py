@@ -295,8 +295,7 @@ class Arbiter:
         worker hands them another session."""
         if self.post_login is None:
             return
-        for entry in self.post_login.live():
-            self.post_login.free(entry.pid)
+        for entry in self.post_login.retire():
             remove_socket(self.post_login.path(entry.pid, entry.identity))
             try:
                 os.kill(entry.pid, signum)

@@ -298,9 +298,28 @@ class Registry:
             self._write(victim, 0, slot, identity, STARTING)
             return victim, old
 
-    def started(self, index: int, pid: int, identity: Identity, slot: int) -> None:
+    def started(self, index: int, pid: int, identity: Identity, slot: int) -> bool:
+        """Register the process forked for a reserved entry; False when the entry was
+        taken back meanwhile (a reload retired everything): that process must end."""
         with self._locked():
+            if self._read(index).state != STARTING:
+                return False
             self._write(index, pid, slot, identity, SPARE if identity == NO_IDENTITY else BUSY)
+            return True
+
+    def retire(self) -> list[Entry]:
+        """Free every entry, those being started too; the processes that had one (the
+        caller ends them). A process forked for an entry freed here is ended by its
+        worker (:meth:`started` says False)."""
+        with self._locked():
+            gone = []
+            for index in range(self.capacity):
+                entry = self._read(index)
+                if entry.state != FREE:
+                    if entry.state in (IDLE, BUSY, SPARE):
+                        gone.append(entry)
+                    self._write(index, 0, -1, NO_IDENTITY, FREE)
+            return gone
 
     def unreserve(self, index: int) -> None:
         with self._locked():
@@ -331,10 +350,6 @@ class Registry:
         """The processes busy with a session of worker slot ``slot`` (for the watchdog)."""
         with self._locked():
             return [pid for _, pid, e_slot, _, _, state, _ in self._rows() if state == BUSY and e_slot == slot]
-
-    def live(self) -> list[Entry]:
-        """Every process with an entry (idle, busy or spare)."""
-        return [e for e in self.entries() if e.state in (IDLE, BUSY, SPARE)]
 
 
 def make_directory() -> str:
@@ -541,8 +556,14 @@ class PostLoginPool:
             os.rename(provisional, self.registry.path(pid, identity))
         except OSError as exc:
             log.error("cannot name the post-login socket: %s", exc)
-        self.registry.started(index, pid, identity, self.slot)
         self.children[pid] = identity
+        if not self.registry.started(index, pid, identity, self.slot):  # retired by a reload meanwhile
+            remove_socket(self.registry.path(pid, identity))
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            return None
         return pid
 
     def reap(self) -> None:
