@@ -31,8 +31,8 @@ import pytest
 from tests.support import mariadb
 from tests.support.marks import IN_CI
 from tests.support.procs import proc_children, stop_process, wait_for, worker_serving
+from tests.support.proxy import wait_for_proxied_port
 from tests.support.server import POOL_ARGS, TPOPS, MailEnv, free_port, make_message
-from tests.test_proxy import wait_for_proxied_port
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 LOAD_SECONDS = float(os.environ.get("TPOPS_CLUSTER_SECONDS", "15"))

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.proxy import wait_for_proxied_port
 from tests.support.server import MailEnv, Server, free_port, make_message
 from tests.support.tlscerts import issue
-from tests.test_proxy import wait_for_proxied_port
 from tpops.arbiter import warn_plaintext
 from tpops.auth.credentials import BackendCaps
 from tpops.authorization import Authorization
