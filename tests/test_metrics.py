@@ -101,6 +101,29 @@ def test_a_killed_worker_counts_as_a_restart_and_totals_survive_it(mail_env: Mai
         srv.stop()
 
 
+def test_a_scrape_survives_a_process_creating_its_file(mail_env: MailEnv) -> None:
+    """A new process (a worker, a post-login spare) creates its multiprocess file empty
+    and sizes it a moment later; a scrape in between used to fail (the exporter closed
+    the connection without an answer). Files that do not read whole are skipped."""
+    mail_env.add_user("tommy", messages=[MESSAGE])
+    mport = free_port()
+    mail_env.write_conf(metrics_address=f"'127.0.0.1:{mport}'")
+    srv = Server(mail_env).start()
+    try:
+        wait_for(lambda: scrape(mport))
+        directory = metrics_dir(srv.port)
+        for name, data in (("counter_999999.db", b""), ("histogram_999998.db", b"\x40\x00")):
+            path = os.path.join(directory, name)  # empty, and cut short after its first octets
+            with open(path, "wb") as f:
+                f.write(data)
+            os.chmod(path, 0o644)
+        for _ in range(3):
+            samples = scrape(mport)
+            assert "tpops_connections_total" in samples
+    finally:
+        srv.stop()
+
+
 def test_check_config_refuses_a_bad_metrics_address_and_a_relative_control_socket() -> None:
     from tpops.config import Config, check_config
 

@@ -36,11 +36,13 @@ histograms, pool busy/idle gauges (the master's), worker restarts.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import pwd
 import shutil
 import signal
 import socket
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,7 +217,15 @@ class Metrics:
 
             setproctitle("tpops: metrics exporter")
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=self.path)  # type: ignore[no-untyped-call]
+
+        class Collector(multiprocess.MultiProcessCollector):
+            """prometheus-client's multiprocess collector over the files that read whole."""
+
+            def collect(self) -> Any:
+                files = [f for f in glob.glob(os.path.join(self._path, "*.db")) if _readable(f)]
+                return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+
+        Collector(registry, path=self.path)  # type: ignore[no-untyped-call]
 
         class Handler(MetricsHandler):
             def log_message(self, format: str, *args: Any) -> None:
@@ -261,3 +271,16 @@ class Metrics:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.exporter_pid, 0)
             self.exporter_pid = 0
+
+
+def _readable(path: str) -> bool:
+    """Whether a multiprocess file reads whole: a process that has just created its file
+    (empty until prometheus-client sizes it) or is being removed must not fail a scrape."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    try:
+        for _ in MmapedDict.read_all_values_from_file(path):  # type: ignore[no-untyped-call]
+            pass
+    except (OSError, ValueError, RuntimeError, struct.error):  # UnicodeDecodeError is a ValueError
+        return False
+    return True
