@@ -83,7 +83,28 @@ def shared_memory(name: str, size: int) -> tuple[int, mmap.mmap]:
         raise
 
 
-class SharedLimits:
+class SharedTable:
+    """Shared memory (:func:`shared_memory`) and its ``lockf`` lock: the base of the pool's
+    tables (this module's, and :class:`tpops.postlogin.Registry`)."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.fd, self.map = shared_memory(name, size)
+
+    def close(self) -> None:
+        """Unmap and close (the master at exit; other processes keep their own mappings)."""
+        self.map.close()
+        os.close(self.fd)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+
+class SharedLimits(SharedTable):
     """The shared table (see the module docstring); every method is safe across processes.
 
     ``slots`` is the number of worker slots; the master never runs more workers than that.
@@ -98,20 +119,7 @@ class SharedLimits:
         #: address's slots is one C call, not a Python loop over the table, under the lock.
         self._slot_words = struct.Struct(f"={2 * slots}Q")
         size = self._penalty_base + penalty_entries * _ENTRY.size
-        self.fd, self.map = shared_memory("tpops-limits", size)
-
-    def close(self) -> None:
-        """Unmap and close (the master at exit; other processes keep their own mappings)."""
-        self.map.close()
-        os.close(self.fd)
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        super().__init__("tpops-limits", size)
 
     def key(self, address: str) -> int:
         """The address's 64-bit key (never 0, which marks a free slot or entry)."""

@@ -60,7 +60,6 @@ entry busy, no fork, a process that died): the login is then served in the worke
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import os
 import pickle
 import select
@@ -71,14 +70,13 @@ import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from tpops import logs
 from tpops.auth.base import MailUser
 from tpops.connection import Connection
-from tpops.limits import shared_memory
-from tpops.mailbox.lock import FileMailboxLock, MailboxLock, NoMailboxLock, OfdMailboxLock
+from tpops.limits import SharedTable
+from tpops.mailbox.lock import DescriptorLock, FileMailboxLock, MailboxLock, NoMailboxLock, OfdMailboxLock
 from tpops.mailbox.maildir import MaildirRoot
 from tpops.privileges import Identity
 
@@ -115,7 +113,7 @@ class HandOff:
 
 def transferable(lock: MailboxLock) -> bool:
     """Whether this lock can move to another process with its descriptor."""
-    return isinstance(lock, FileMailboxLock | OfdMailboxLock | NoMailboxLock)
+    return isinstance(lock, DescriptorLock | NoMailboxLock)
 
 
 @dataclass(slots=True)
@@ -193,9 +191,9 @@ class Entry:
     last_used: float
 
 
-class Registry:
+class Registry(SharedTable):
     """Which post-login process serves which identity, and which are idle; every method
-    is safe across processes (``lockf`` on the shared file, as :mod:`tpops.limits`).
+    is safe across processes (the ``lockf``'d shared file of :class:`tpops.limits.SharedTable`).
 
     ``directory`` is where the processes' sockets live (see :func:`make_directory`).
     """
@@ -203,19 +201,7 @@ class Registry:
     def __init__(self, capacity: int, directory: str) -> None:
         self.capacity = capacity
         self.directory = directory
-        self.fd, self.map = shared_memory("tpops-postlogin", max(capacity, 1) * _ENTRY.size)
-
-    def close(self) -> None:
-        self.map.close()
-        os.close(self.fd)
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        super().__init__("tpops-postlogin", max(capacity, 1) * _ENTRY.size)
 
     def _read(self, index: int) -> Entry:
         pid, slot, uid, gid, state, last = _ENTRY.unpack_from(self.map, index * _ENTRY.size)
@@ -418,8 +404,8 @@ class PostLoginPool:
         self.reap()
         identity = handoff.identity
         fds = [client_fd]
-        if resume.lock_kind != "none":
-            fds.append(handoff.lock.fileno())  # type: ignore[attr-defined]
+        if isinstance(handoff.lock, DescriptorLock):
+            fds.append(handoff.lock.fileno())
         if handoff.root is not None and handoff.root.fd is not None:
             fds.append(handoff.root.fd)
         resume.identity, resume.slot = identity, self.slot
@@ -451,8 +437,8 @@ class PostLoginPool:
             return False
         assert channel is not None
         # The post-login process holds the lock's description and the Maildir now.
-        if resume.lock_kind != "none":
-            handoff.lock.hand_over()  # type: ignore[attr-defined]
+        if isinstance(handoff.lock, DescriptorLock):
+            handoff.lock.hand_over()
         if handoff.root is not None:
             handoff.root.close()
         with channel:

@@ -95,27 +95,15 @@ class MailboxLock(Protocol):
     def still_held(self) -> bool: ...
 
 
-class FileMailboxLock:
-    """A held mailbox lock (a :class:`MailboxLock`) on a file in the lock directory.
-
-    ``release()`` is idempotent; process death releases the lock too. Usable as a
-    context manager.
-    """
+class DescriptorLock:
+    """A lock held by an open file description (flock, OFD lock): it can move to another
+    process with its descriptor (root mode's hand-off, :mod:`tpops.postlogin`)."""
 
     __slots__ = ("_fd", "path")
 
     def __init__(self, fd: int, path: str) -> None:
         self._fd = fd
         self.path = path
-
-    @property
-    def held(self) -> bool:
-        """True until :meth:`release` is called."""
-        return self._fd >= 0
-
-    def still_held(self) -> bool:
-        """True until :meth:`release`: the kernel keeps a flock as long as its descriptor is open."""
-        return self.held
 
     def fileno(self) -> int:
         """The descriptor holding the lock (to send to the process that takes the session over)."""
@@ -127,6 +115,25 @@ class FileMailboxLock:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+
+
+class FileMailboxLock(DescriptorLock):
+    """A held mailbox lock (a :class:`MailboxLock`) on a file in the lock directory.
+
+    ``release()`` is idempotent; process death releases the lock too. Usable as a
+    context manager.
+    """
+
+    __slots__ = ()
+
+    @property
+    def held(self) -> bool:
+        """True until :meth:`release` is called."""
+        return self._fd >= 0
+
+    def still_held(self) -> bool:
+        """True until :meth:`release`: the kernel keeps a flock as long as its descriptor is open."""
+        return self.held
 
     def release(self) -> None:
         """Give up the lock. Safe to call more than once.
@@ -369,7 +376,7 @@ def _ofd(fd: int, lock_type: int) -> None:
     fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(lock_type, os.SEEK_SET, 0, 0, 0))
 
 
-class OfdMailboxLock:
+class OfdMailboxLock(DescriptorLock):
     """A held OFD lock on the Maildir's ``tpops-lock`` (a :class:`MailboxLock`).
 
     An OFD lock belongs to the open file description, like a flock: it ends when the
@@ -378,26 +385,11 @@ class OfdMailboxLock:
     crashed client's locks are dropped by the server when its lease expires.
     """
 
-    __slots__ = ("_fd", "path")
-
-    def __init__(self, fd: int, path: str) -> None:
-        self._fd = fd
-        self.path = path
+    __slots__ = ()
 
     def still_held(self) -> bool:
         """True until :meth:`release`: the kernel keeps the lock while its descriptor is open."""
         return self._fd >= 0
-
-    def fileno(self) -> int:
-        """The descriptor holding the lock (to send to the process that takes the session over)."""
-        return self._fd
-
-    def hand_over(self) -> None:
-        """Close this process's descriptor without unlocking, once another process holds
-        the same open file description (received over a socket): the lock goes with it."""
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
 
     def release(self) -> None:
         """Unlock (a forked child may share the description), then close. Idempotent."""
