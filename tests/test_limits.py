@@ -4,6 +4,7 @@ connection counts, failed-login penalties, heartbeats, and a lock that dies with
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -149,3 +150,45 @@ def test_a_worker_killed_while_holding_the_lock_does_not_wedge_the_pool(table: S
     began = time.monotonic()
     assert table.record_failure("192.0.2.77") == 1
     assert time.monotonic() - began < 1.0
+
+
+def test_a_session_end_and_a_clean_login_do_not_wait_for_the_lock(table: SharedLimits) -> None:
+    # With dozens of workers on two cores, a lock held by a preempted worker stalls
+    # every process that asks for it: only counting a connection needs it.
+    assert table.record_failure("192.0.2.80") == 1
+    assert table.enter(3, "192.0.2.81", 0) == 1
+    ready_r, ready_w = os.pipe()
+    release_r, release_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            with table._locked():
+                os.write(ready_w, b"x")
+                select.select([release_r], [], [], 3.0)  # held until released, 3 s at most
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        began = time.monotonic()
+        table.leave(3)  # the session from 192.0.2.81 ended
+        table.record_success("192.0.2.81")  # no failures: nothing to forgive
+        assert table.failures("192.0.2.81") == 0
+        assert time.monotonic() - began < 0.5
+    finally:
+        os.write(release_w, b"x")
+        os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, release_r, release_w):
+            os.close(fd)
+    assert table.connections("192.0.2.81") == 0
+    # An address with failures still goes through the lock, and is forgiven.
+    assert table.failures("192.0.2.80") == 1
+    table.record_success("192.0.2.80")
+    assert table.failures("192.0.2.80") == 0
+
+
+def test_the_remembered_key_follows_the_address(table: SharedLimits) -> None:
+    a, b = table.key("192.0.2.90"), table.key("2001:db8::1")
+    assert a != b
+    assert table.key("192.0.2.90") == a and table.key("2001:db8::1") == b
+    assert table.key("2001:db8::2") == b  # the same /64
+    assert table.key("::ffff:192.0.2.90") == a  # IPv4-mapped counts as the IPv4 address

@@ -18,6 +18,15 @@ The table has two parts:
   cap set by ``$max_auth_penalty``; a success resets it, and an entry is forgotten
   :data:`PENALTY_EXPIRY` seconds after its last failure.
 
+The lock is taken only where a decision needs a consistent view: counting an
+address's connections against the limit, and changing a penalty entry. A worker
+clears its own slot without it (one aligned store; only its worker writes a slot,
+and a count that races with the clear is the same as one just before or after it),
+and a successful login looks for a penalty entry without it first (the common case,
+no entry, then costs no lock at all). With dozens of workers on two cores, a lock
+held by a preempted process stalls every other one: a session now takes it once
+(to be counted), where it took it five times.
+
 Addresses are keyed by a keyed hash (a random key per master), so a client cannot
 aim collisions at another address. An IPv6 client is keyed by its /64 network (one
 subscriber's allocation: counting single addresses would let it take 2^64 of them);
@@ -48,6 +57,8 @@ PENALTY_PROBES = 16
 _SLOT = struct.Struct("=dQ")
 #: A penalty entry: address key, failures, last failure (CLOCK_MONOTONIC).
 _ENTRY = struct.Struct("=QIxxxxd")
+#: The key word at the start of a penalty entry.
+_KEY = struct.Struct("=Q")
 
 
 def address_key_text(address: str) -> str:
@@ -119,13 +130,23 @@ class SharedLimits(SharedTable):
         #: address's slots is one C call, not a Python loop over the table, under the lock.
         self._slot_words = struct.Struct(f"={2 * slots}Q")
         size = self._penalty_base + penalty_entries * _ENTRY.size
+        self._last_address: str | None = None
+        self._last_key = 0
         super().__init__("tpops-limits", size)
 
     def key(self, address: str) -> int:
-        """The address's 64-bit key (never 0, which marks a free slot or entry)."""
+        """The address's 64-bit key (never 0, which marks a free slot or entry).
+
+        The last address's key is remembered: a worker asks for the same client's key
+        several times per session (its connection, its penalty), and parsing the
+        address and hashing it is most of the cost of each call."""
+        if address == self._last_address:
+            return self._last_key
         digest = hashlib.blake2b(address_key_text(address).encode("utf-8", "surrogateescape"),
                                  digest_size=8, key=self.secret).digest()
-        return int.from_bytes(digest, "little") or 1
+        key = int.from_bytes(digest, "little") or 1
+        self._last_address, self._last_key = address, key
+        return key
 
     # -- worker slots: heartbeat and the address being served -------------------
 
@@ -154,9 +175,8 @@ class SharedLimits(SharedTable):
         return count
 
     def leave(self, slot: int) -> None:
-        """The session in ``slot`` ended."""
-        with self._locked():
-            _SLOT.pack_into(self.map, slot * _SLOT.size, time.monotonic(), 0)
+        """The session in ``slot`` ended (no lock: see the module docstring)."""
+        _SLOT.pack_into(self.map, slot * _SLOT.size, time.monotonic(), 0)
 
     def connections(self, address: str) -> int:
         """How many workers serve ``address`` now."""
@@ -190,9 +210,23 @@ class SharedLimits(SharedTable):
         _ENTRY.pack_into(self.map, victim, key, 0, now)
         return victim
 
+    def _may_have_entry(self, key: int) -> bool:
+        """Whether ``key`` has an entry in its probe window, read without the lock (the
+        key words only, each one aligned store): False is exact unless a failure is
+        being recorded for this very address at this instant, which is the same as that
+        failure coming just after the caller's question."""
+        start = key % self.penalty_entries
+        for probe in range(PENALTY_PROBES):
+            offset = self._penalty_base + ((start + probe) % self.penalty_entries) * _ENTRY.size
+            if _KEY.unpack_from(self.map, offset)[0] == key:
+                return True
+        return False
+
     def failures(self, address: str) -> int:
         """Failed logins from ``address`` not yet forgotten or reset by a success."""
         key = self.key(address)
+        if not self._may_have_entry(key):
+            return 0
         now = time.monotonic()
         with self._locked():
             offset = self._find(key, now, create=False)
@@ -217,6 +251,8 @@ class SharedLimits(SharedTable):
     def record_success(self, address: str) -> None:
         """A successful login from ``address`` forgives its failures."""
         key = self.key(address)
+        if not self._may_have_entry(key):
+            return
         now = time.monotonic()
         with self._locked():
             offset = self._find(key, now, create=False)

@@ -17,6 +17,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+# No tpops log line shows the caller's file and line, the thread or the multiprocessing
+# process name: do not collect them for every record (the settings of the logging
+# HOWTO's "Optimization" section). A worker logs four lines per session.
+logging._srcfile = None
+logging.logThreads = False
+logging.logMultiprocessing = False
+
 #: Characters that could end, split or disguise a log line: C0 controls and DEL, the C1
 #: controls U+0080-U+009F (U+0085 is NEL, a line break to Unicode-aware readers), and the
 #: Unicode line and paragraph separators (categories Zl and Zp: U+2028, U+2029).

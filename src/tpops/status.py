@@ -61,6 +61,9 @@ _LOGIN_MAX = 96
 _PEER_MAX = 64
 #: seq, pid, state, start (wall clock), octets sent, login, peer.
 _RECORD = struct.Struct(f"=QiB3xdQ{_LOGIN_MAX}s{_PEER_MAX}s")
+#: The sequence word and the octet counter, and where the counter is in a record.
+_WORD = struct.Struct("=Q")
+_OCTETS_AT = struct.calcsize("=QiB3xd")
 #: Seconds the master gives a ``--status`` client to take the answer.
 ANSWER_TIMEOUT = 1.0
 #: Verbs counted under their own name in the metrics (anything else is "other").
@@ -122,8 +125,14 @@ class SessionBoard:
             self._write(slot, state=state, login=_field(login, _LOGIN_MAX))
 
     def add_octets(self, slot: int, count: int) -> None:
-        octets = self._read(slot)[4]
-        self._write(slot, octets=octets + count)
+        """``count`` more octets sent: only the counter and the sequence word are written
+        (it runs after every write to the client)."""
+        offset = slot * _RECORD.size
+        seq = _WORD.unpack_from(self.map, offset)[0]
+        _WORD.pack_into(self.map, offset, seq + 1)  # odd: being written
+        octets = _WORD.unpack_from(self.map, offset + _OCTETS_AT)[0]
+        _WORD.pack_into(self.map, offset + _OCTETS_AT, octets + count)
+        _WORD.pack_into(self.map, offset, seq + 2)
 
     def clear(self, slot: int) -> None:
         """The session ended (worker), or the worker is gone (master)."""
