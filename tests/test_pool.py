@@ -126,6 +126,31 @@ def test_max_use_recycles_workers(mail_env: MailEnv) -> None:
     assert "Traceback" not in srv.output()
 
 
+def test_a_worker_is_free_once_a_lockstep_client_has_its_quit_reply(mail_env: MailEnv) -> None:
+    """After QUIT the worker shuts down its side and lingers (up to a second) only for a
+    client still sending: one that read its reply and EOF but keeps its socket open
+    must not hold the worker, or every session would cost a worker one more round trip."""
+    mail_env.add_user("lena", messages=[make_message()])
+    srv = start(mail_env, *POOL_ARGS, min_servers="1", max_servers="1")
+    try:
+        first = RawClient(srv.port)
+        assert first.login("lena").startswith(b"+OK")
+        assert first.cmd("QUIT").startswith(b"+OK Bye")
+        assert first.closed()  # EOF; the socket stays open on this side
+        began = time.monotonic()
+        second = RawClient(srv.port)  # the only worker greets it
+        waited = time.monotonic() - began
+        assert second.greeting.startswith(b"+OK"), second.greeting
+        assert waited < 0.5, f"greeted after {waited:.2f} s: the worker lingered on the first client"
+        assert second.login("lena").startswith(b"+OK")
+        assert second.cmd("QUIT").startswith(b"+OK Bye")
+        second.close()
+        first.close()
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.output()
+
+
 def test_kill9_busy_and_idle_workers_are_replaced(mail_env: MailEnv) -> None:
     mail_env.add_user("kim", messages=[make_message("one"), make_message("two")])
     srv = start(mail_env, *POOL_ARGS, min_servers="2", max_servers="6")

@@ -263,14 +263,19 @@ class Transport:
         """Called with the octets each write put on the wire: a hook for counting
         subclasses (:class:`tpops.status.CountingTransport`); nothing here."""
 
-    def shut_down(self, linger: float = LINGER_SECONDS, limit: int = LINGER_OCTETS) -> None:
+    def shut_down(self, linger: float = LINGER_SECONDS, limit: int = LINGER_OCTETS, *,
+                  unread: bool = False) -> None:
         """End the server's side of a connection cleanly, before the owner closes the fds.
 
         On a socket: shut down the sending side (the client reads every reply, then
         EOF), then read and discard client input until EOF, at most ``limit`` octets for
         at most ``linger`` seconds. Closing a socket with unread input makes the kernel
         send a reset, and a client that had pipelined more than we read would lose the
-        last replies to ECONNRESET. Plain pipes (inetd) need nothing: replies are
+        last replies to ECONNRESET. The linger happens only when the client is still
+        sending: input waiting in the socket, or ``unread`` (the caller still holds
+        pipelined input it will not execute). A client that sent nothing past its last
+        command (every lockstep client, every QUIT) is not waited for: the worker is
+        free at once, as Dovecot's is. Plain pipes (inetd) need nothing: replies are
         flushed by the caller. Never raises.
         """
         try:
@@ -299,6 +304,8 @@ class Transport:
             try:
                 data = os.read(self.rfd, min(READ_BLOCK, limit - drained))
             except BlockingIOError:
+                if not drained and not unread:
+                    return  # nothing sent past what we read: no reset can overtake a reply
                 try:
                     poller.poll(remaining * 1000.0)
                 except InterruptedError:
@@ -404,7 +411,8 @@ class TLSTransport(Transport):
         the file on the wire unencrypted, so it is read and sent (pread + :meth:`send`)."""
         self._copy_file(fd, 0, count, timeout, deadline)
 
-    def shut_down(self, linger: float = LINGER_SECONDS, limit: int = LINGER_OCTETS) -> None:
+    def shut_down(self, linger: float = LINGER_SECONDS, limit: int = LINGER_OCTETS, *,
+                  unread: bool = False) -> None:
         """Send TLS close_notify (best effort, never waiting for the client's), then as
         :meth:`Transport.shut_down`: shut down the sending side of the socket and drain
         (the still-encrypted) client input briefly. Never raises."""
@@ -412,7 +420,7 @@ class TLSTransport(Transport):
             self.sock.unwrap()
         except (ssl.SSLError, OSError, ValueError):
             pass  # the client's close_notify has not come yet (non-blocking), or it is gone
-        super().shut_down(linger, limit)
+        super().shut_down(linger, limit, unread=unread)
 
 
 def drain(fd: int) -> None:

@@ -305,7 +305,7 @@ class Session:
         unread pipelined input would reset the connection and lose the last replies.
         """
         if self.reason != "client disconnected":
-            self.transport.shut_down()
+            self.transport.shut_down(unread=bool(self.reader.buffer))
 
     def _hard_deadline(self) -> float:
         """When the connection must end whatever the client does: $connection_keep_time, and
