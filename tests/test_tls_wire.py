@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.client import RawClient
-from tests.support.procs import wait_for
+from tests.support.procs import wait_for, worker_titles
 from tests.support.server import IS_ROOT, MAIL_GID, MAIL_UID, MailEnv, Server, chown_tree, free_port, make_message
 from tests.support.tlscerts import CertFiles, issue
 
@@ -220,6 +220,31 @@ def test_a_failed_stls_handshake_ends_only_that_connection(tls: TLSServer) -> No
     assert "disconnect from 127.0.0.1 (TLS handshake failed)" in tls.error_log()
     assert poplib_plain(tls.port)[0]
 
+
+
+def test_sigterm_during_an_stls_handshake_writes_no_clear_text(mail_env: MailEnv) -> None:
+    """After STLS's +OK the client speaks TLS: a stop that cuts the handshake must end
+    the connection without the clear-text "-ERR [SYS/TEMP] Server shutting down." that
+    ends every other interrupted session (the client would read it as a broken record)."""
+    mail_env.add_user("alice", "secret", BODIES)
+    srv = start(mail_env, issue(mail_env.base), min_servers="1", max_servers="1")
+    try:
+        c = RawClient(srv.port)
+        assert c.cmd("STLS").startswith(b"+OK")  # then no ClientHello: the worker waits in the handshake
+        master = srv.server.proc.pid
+        wait_for(lambda: any(t.endswith("(TLS handshake)") for t in worker_titles(master).values()),
+                 what="the worker in the STLS handshake")
+        os.kill(master, signal.SIGTERM)
+        c.sock.settimeout(10)
+        rest = b""
+        while chunk := c.sock.recv(4096):
+            rest += chunk
+        assert rest == b"", rest
+        c.close()
+        assert srv.server.proc.wait(15) == 0
+        assert "disconnect from 127.0.0.1 (server shutdown)" in srv.error_log()
+    finally:
+        srv.server.stop()
 
 # ---------------------------------------------------------------- reload, resumption
 

@@ -202,6 +202,8 @@ class Session:
         self.close_reason = "quit"
         #: Why the session ended, as logged; set when :meth:`run` returns.
         self.reason = ""
+        #: STLS's handshake is running: the client speaks TLS now, so no clear-text last words.
+        self.upgrading = False
         self.record = SessionRecord(peer, time.time(), 0.0, None, False)
 
     @property
@@ -422,7 +424,9 @@ class Session:
     def _upgrade(self, upgrade: Callable[[Transport], Transport]) -> None:
         """Flush, drop buffered client input, and continue on ``upgrade(transport)`` (STLS)."""
         self.writer.flush()
+        self.upgrading = True
         self.transport = upgrade(self.transport)
+        self.upgrading = False
         self.reader = LineReader(self.transport)  # a fresh buffer: pipelined plaintext is discarded
         self.writer = ReplyWriter(self.transport, float(self.config.command_timeout), self._hard_deadline())
 
@@ -431,9 +435,10 @@ class Session:
 
         Nothing is written after a send that failed part-way (the client may hold half a
         reply, a RETR body: our line would read as its data); the client sees the
-        connection end instead.
+        connection end instead. Nor during STLS's handshake (SIGTERM interrupts it): the
+        client expects a TLS record there, and a clear-text line would only be noise.
         """
-        if self.writer.broken:
+        if self.writer.broken or self.upgrading:
             return
         try:
             pending = [*self.writer.queued, self.writer.buffer]  # in the order they were written
