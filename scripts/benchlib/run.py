@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from benchlib.certs import KEY_TYPE, TlsFiles, bench_certificate
@@ -168,6 +169,23 @@ class Bench:
         elif getattr(self, "base", None):
             shutil.rmtree(self.base, ignore_errors=True)
 
+    def repeated(self, order: list[Server], run: Callable[[Server], dict]) -> tuple[dict[str, dict], dict[str, list[float]]]:
+        """``run(server)`` ``reps`` times per server of ``order``, alternating servers run by
+        run, so that one slow stretch of a noisy machine does not decide a ratio: each
+        server's median run (by ``value``), and every run's value."""
+        runs: dict[str, list[dict]] = {s.label: [] for s in order}
+        for _ in range(self.profile.reps):
+            for s in order:
+                runs[s.label].append(run(s))
+        return ({label: median_run(rs) for label, rs in runs.items()},
+                {label: [round(r["value"], 1) for r in rs] for label, rs in runs.items()})
+
+    def runs_params(self, values: dict[str, list[float]], srv: Server) -> dict:
+        """The parameters that say how a row was aggregated, with every run of every server."""
+        return {"repetitions": self.profile.reps, "aggregate": "the median run, by sessions/s",
+                "runs_sessions_per_s": values[srv.label],
+                "other_servers_runs_sessions_per_s": {k: v for k, v in values.items() if k != srv.label}}
+
     # -- 1. logins
     def login_order(self, tpops: list[TpopsServer]) -> list[Server]:
         """``tpops`` and every Dovecot, alternating (the order of one login level's runs)."""
@@ -207,15 +225,15 @@ class Bench:
         refs = {1: "250/s", 32: "360/s"}
         for c in p.login_levels:
             order = self.login_order(self.tpops)
-            results = {srv.label: login_rate(srv.port, creds, c, p.warmup_secs, p.login_secs, rotate=True,
-                                             cpu_of=srv.master_pid())
-                       for srv in order}
+            results, values = self.repeated(order, lambda srv: login_rate(
+                srv.port, creds, c, p.warmup_secs, p.login_secs, rotate=True, cpu_of=srv.master_pid()))
             for srv in self.tpops:
                 r = results[srv.label]
                 variant, factor, goal = LOGIN_GOALS[srv.mode]
                 pair = self.dovecots.get(variant)
                 dv = results[pair.label] if pair else None
                 params = {k: v for k, v in r.items() if k != "value"}
+                params.update(self.runs_params(values, srv))
                 params.update(concurrency=c, duration_s=p.login_secs, warmup_s=p.warmup_secs, mode=srv.mode,
                               session="connect, greeting, USER, PASS, STAT, QUIT, wait for the close",
                               users=f"{len(creds)} ({creds[0][0]}..{creds[-1][0]}), all owned by "
@@ -286,14 +304,15 @@ class Bench:
                  dovecot=dv_first["value"] if dv_first else None, goal="(reported)", server=srv.label)
         for c in p.login_levels:
             order = self.login_order([srv])
-            results = {s.label: login_rate(s.port, creds, c, p.warmup_secs, p.login_secs, rotate=True)
-                       for s in order}
+            results, values = self.repeated(order, lambda s: login_rate(
+                s.port, creds, c, p.warmup_secs, p.login_secs, rotate=True))
             r = results[srv.label]
             ran = [d for d in self.dovecots.values() if d.label in results]
             clean = [d for d in ran if results[d.label]["errors"] == 0] or ran
             best = max(clean, key=lambda d: results[d.label]["value"]) if clean else None
             dv = results[best.label] if best else None
             params = {k: v for k, v in r.items() if k != "value"}
+            params.update(self.runs_params(values, srv))
             params.update(concurrency=c, duration_s=p.login_secs, warmup_s=p.warmup_secs, mode=srv.mode,
                           session="connect, greeting, USER, PASS, STAT, QUIT, wait for the close",
                           users=f"{len(creds)} ({creds[0][0]}..{creds[-1][0]}), user k with uid and gid "
@@ -559,24 +578,15 @@ class Bench:
                     pair = self.paired(srv)
                     if pair and pair.tls_port and pair not in order:
                         order.append(pair)
-                # p.reps runs per server, alternating servers run by run; each server's median
-                # run (by sessions/s) is reported, so that one slow stretch of a noisy machine
-                # does not decide a ratio near 1.
-                runs: dict[str, list[dict]] = {s.label: [] for s in order}
-                for _ in range(p.reps):
-                    for s in order:
-                        runs[s.label].append(tls_login_rate(s.tls_port, ca, creds, c, p.warmup_secs, p.login_secs,
-                                                            resume=resume, cpu_of=s.master_pid()))
-                results = {label: median_run(rs) for label, rs in runs.items()}
+                results, values = self.repeated(order, lambda s: tls_login_rate(
+                    s.tls_port, ca, creds, c, p.warmup_secs, p.login_secs, resume=resume,
+                    cpu_of=s.master_pid()))
                 for srv in servers:
                     r = results[srv.label]
                     pair = self.paired(srv)
                     dv = results.get(pair.label) if pair else None
                     params = {k: v for k, v in r.items() if k != "value"}
-                    params.update(repetitions=p.reps, aggregate="the median run, by sessions/s",
-                                  runs_sessions_per_s=[round(x["value"], 1) for x in runs[srv.label]])
-                    if pair:
-                        params["dovecot_runs_sessions_per_s"] = [round(x["value"], 1) for x in runs[pair.label]]
+                    params.update(self.runs_params(values, srv))
                     params.update(concurrency=c, duration_s=p.login_secs, warmup_s=p.warmup_secs, mode=srv.mode,
                                   handshake=refs[kind], port="implicit TLS ($tls_port / pop3s)",
                                   session="connect, TLS handshake, greeting, USER, PASS, STAT, QUIT, wait for the close")
