@@ -8,6 +8,7 @@ import select
 import signal
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 
 import pytest
 
@@ -132,31 +133,10 @@ def test_heartbeats_are_seen_by_the_master(table: SharedLimits) -> None:
     assert table.last_beat(5) == 0.0
 
 
-def test_a_worker_killed_while_holding_the_lock_does_not_wedge_the_pool(table: SharedLimits) -> None:
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            with table._locked():
-                os.write(ready_w, b"x")
-                time.sleep(60)
-        finally:
-            os._exit(0)
-    os.close(ready_w)
-    assert os.read(ready_r, 1) == b"x"
-    os.close(ready_r)
-    os.kill(pid, signal.SIGKILL)  # the watchdog's way
-    os.waitpid(pid, 0)
-    began = time.monotonic()
-    assert table.record_failure("192.0.2.77") == 1
-    assert time.monotonic() - began < 1.0
-
-
-def test_a_session_end_and_a_clean_login_do_not_wait_for_the_lock(table: SharedLimits) -> None:
-    # With dozens of workers on two cores, a lock held by a preempted worker stalls
-    # every process that asks for it: only counting a connection needs it.
-    assert table.record_failure("192.0.2.80") == 1
-    assert table.enter(3, "192.0.2.81", 0) == 1
+@contextmanager
+def lock_held_in_child(table: SharedLimits, hold: float) -> Iterator[int]:
+    """A child process that holds the table's lock (until the block ends, ``hold`` seconds
+    at most); yields its pid once the lock is held. The block may kill and reap it."""
     ready_r, ready_w = os.pipe()
     release_r, release_w = os.pipe()
     pid = os.fork()
@@ -164,21 +144,40 @@ def test_a_session_end_and_a_clean_login_do_not_wait_for_the_lock(table: SharedL
         try:
             with table._locked():
                 os.write(ready_w, b"x")
-                select.select([release_r], [], [], 3.0)  # held until released, 3 s at most
+                select.select([release_r], [], [], hold)
         finally:
             os._exit(0)
     try:
         assert os.read(ready_r, 1) == b"x"
+        yield pid
+    finally:
+        os.write(release_w, b"x")
+        with suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, release_r, release_w):
+            os.close(fd)
+
+
+def test_a_worker_killed_while_holding_the_lock_does_not_wedge_the_pool(table: SharedLimits) -> None:
+    with lock_held_in_child(table, 60.0) as pid:
+        os.kill(pid, signal.SIGKILL)  # the watchdog's way
+        os.waitpid(pid, 0)
+        began = time.monotonic()
+        assert table.record_failure("192.0.2.77") == 1
+        assert time.monotonic() - began < 1.0
+
+
+def test_a_session_end_and_a_clean_login_do_not_wait_for_the_lock(table: SharedLimits) -> None:
+    # With dozens of workers on two cores, a lock held by a preempted worker stalls
+    # every process that asks for it: only counting a connection needs it.
+    assert table.record_failure("192.0.2.80") == 1
+    assert table.enter(3, "192.0.2.81", 0) == 1
+    with lock_held_in_child(table, 3.0):
         began = time.monotonic()
         table.leave(3)  # the session from 192.0.2.81 ended
         table.record_success("192.0.2.81")  # no failures: nothing to forgive
         assert table.failures("192.0.2.81") == 0
         assert time.monotonic() - began < 0.5
-    finally:
-        os.write(release_w, b"x")
-        os.waitpid(pid, 0)
-        for fd in (ready_r, ready_w, release_r, release_w):
-            os.close(fd)
     assert table.connections("192.0.2.81") == 0
     # An address with failures still goes through the lock, and is forgiven.
     assert table.failures("192.0.2.80") == 1
