@@ -14,7 +14,7 @@ import time
 
 from benchlib.common import CONNECTION_LIMIT, GRACE, TERMINATOR
 from benchlib.servers import Server
-from tests.support.procs import proc_cmdline, proc_status_kib
+from tests.support.procs import proc_cmdline, proc_stat_fields, proc_status_kib
 
 
 class Conn:
@@ -221,16 +221,9 @@ def tree_cpu_s(root: int) -> float:
     """CPU seconds (user + system) of ``root`` and every live descendant, with what each has
     collected from its reaped children (so a process per session is counted too)."""
     stats: dict[int, tuple[int, float]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            text = open(f"/proc/{entry}/stat").read()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
+    for pid, fields in proc_stat_fields():
         ticks = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-        stats[int(entry)] = (int(fields[1]), ticks / os.sysconf("SC_CLK_TCK"))
+        stats[pid] = (int(fields[1]), ticks / os.sysconf("SC_CLK_TCK"))
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in stats.items():
         children.setdefault(ppid, []).append(pid)

@@ -45,8 +45,9 @@ def proc_cmdline(pid: int) -> str:
     return raw.replace(b"\0", b" ").decode(errors="replace").strip()
 
 
-def _proc_stats() -> Iterator[tuple[int, str, int]]:
-    """(pid, state, ppid) of every process in /proc (those gone while reading are skipped)."""
+def proc_stat_fields() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/PID/stat after the command name: state, ppid, ...) of every
+    process (those gone while reading are skipped)."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -54,8 +55,13 @@ def _proc_stats() -> Iterator[tuple[int, str, int]]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        yield int(entry), fields[0], int(fields[1])
+        yield int(entry), stat[stat.rindex(")") + 2:].split()
+
+
+def _proc_stats() -> Iterator[tuple[int, str, int]]:
+    """(pid, state, ppid) of every process in /proc."""
+    for pid, fields in proc_stat_fields():
+        yield pid, fields[0], int(fields[1])
 
 
 def proc_children(pid: int) -> list[int]:
