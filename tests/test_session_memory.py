@@ -823,17 +823,26 @@ def test_progress_is_called_for_every_chunk_of_a_slow_write() -> None:
         beats: list[int] = []
         data = b"z" * (1 << 20)
         received: list[int] = []
+        first_write_done = threading.Event()
 
         def read() -> None:
+            # Reading only after the first write took its part: that write cannot have
+            # taken all 1 MiB (nobody drained the socket meanwhile), so the send needs
+            # more writes, whatever the scheduler does.
+            first_write_done.wait(10)
             while sum(received) < len(data):
                 chunk = client.recv(8192)
                 if not chunk:
                     return
                 received.append(len(chunk))
 
+        def beat() -> None:
+            beats.append(1)
+            first_write_done.set()
+
         reader = threading.Thread(target=read)
         reader.start()
-        Transport(server.fileno(), server.fileno(), progress=lambda: beats.append(1)).send(data, 10.0)
+        Transport(server.fileno(), server.fileno(), progress=beat).send(data, 10.0)
         reader.join(10)
         assert sum(received) == len(data)
         assert len(beats) > 1  # one heartbeat per chunk the kernel took, not one per send
