@@ -320,6 +320,27 @@ def test_openssl_s_client_implicit_and_starttls(tls: TLSServer) -> None:
         assert plain_list.replace(b"\r\n", b"\n") in out and plain_uidl.replace(b"\r\n", b"\n") in out
 
 
+def test_a_fullchain_file_serves_leaf_and_intermediate(mail_env: MailEnv) -> None:
+    """A certificate file as certbot writes it (leaf, then the intermediate): a client that
+    trusts only the root verifies the chain, so tpops sends the intermediate too."""
+    mail_env.add_user("alice", "secret", BODIES)
+    certs = issue(mail_env.base, "rsa", name="chained", intermediate=True)
+    assert certs.cert_file.read_bytes().count(b"-----BEGIN CERTIFICATE-----") == 2
+    srv = start(mail_env, certs, min_servers="1", max_servers="2")
+    try:
+        client = poplib.POP3_SSL("127.0.0.1", srv.tls_port, context=certs.client_context(), timeout=10)
+        client.user("alice")
+        assert client.pass_("secret").startswith(b"+OK Logged in, 3 messages")
+        client.quit()
+        result = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{srv.port}", "-starttls", "pop3",
+                                 "-CAfile", str(certs.ca_file), "-verify_return_error", "-showcerts"],
+                                input=b"QUIT\r\n", capture_output=True, timeout=30)
+        assert b"Verify return code: 0 (ok)" in result.stdout, result
+        assert result.stdout.count(b"-----BEGIN CERTIFICATE-----") == 2  # the chain the server sent
+    finally:
+        srv.server.stop()
+
+
 def curl(*args: str) -> str:
     result = subprocess.run(["curl", "-sS", "--max-time", "20", "-u", "alice:secret", *args],
                             capture_output=True, text=True, timeout=30)

@@ -16,7 +16,7 @@ KEY_TYPE = "rsa"
 
 
 def bench_certificate(base: Path) -> CertFiles:
-    """A CA and a server certificate for 127.0.0.1/localhost in ``base``/tls (leaf + CA chain, 0600 key)."""
+    """A CA and a server certificate for 127.0.0.1/localhost in ``base``/tls (the leaf, signed by the CA the clients trust; 0600 key)."""
     d = base / "tls"
     d.mkdir(mode=0o755)
     return issue(d, KEY_TYPE, name="bench")

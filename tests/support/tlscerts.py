@@ -1,10 +1,12 @@
 """Throwaway TLS certificates for the tests, made with ``trustme`` (no key files in the repository).
 
 ``issue(directory, key_type)`` writes a server certificate for ``localhost`` and
-``127.0.0.1`` (leaf first, then its CA, as certbot's fullchain.pem) and its key into
-``directory`` and returns a :class:`CertFiles` naming them, with the CA that a client
-must trust. The fixtures ``rsa_certs`` and ``ecdsa_certs`` are that, one per test;
-import them into a test module to use them.
+``127.0.0.1`` and its key into ``directory`` and returns a :class:`CertFiles` naming
+them, with the CA that a client must trust. The root CA signs the leaf directly, so the
+certificate file holds the leaf alone; ``intermediate=True`` signs it with an
+intermediate CA instead and writes leaf + intermediate, as certbot's fullchain.pem.
+The fixtures ``rsa_certs`` and ``ecdsa_certs`` are that, one per test; import them
+into a test module to use them.
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ class CertFiles:
 
 
 def issue(directory: Path, key_type: str = "rsa", *, ca: trustme.CA | None = None,
-          name: str = "server") -> CertFiles:
-    """Write ``<name>.crt`` (leaf + CA), ``<name>.key`` and ``<name>-ca.crt`` into ``directory``."""
+          name: str = "server", intermediate: bool = False) -> CertFiles:
+    """Write ``<name>.crt`` (the leaf, then any intermediate), ``<name>.key`` and
+    ``<name>-ca.crt`` (the root a client trusts) into ``directory``."""
     kind = KEY_TYPES[key_type]
     ca = ca or trustme.CA(key_type=kind)
+    signer = ca.create_child_ca(key_type=kind) if intermediate else ca
     # A common name too: fetchmail insists on one (it says "Server name not specified").
-    leaf = ca.issue_cert("localhost", "127.0.0.1", common_name="localhost", key_type=kind)
+    leaf = signer.issue_cert("localhost", "127.0.0.1", common_name="localhost", key_type=kind)
     cert_file = directory / f"{name}.crt"
     key_file = directory / f"{name}.key"
     ca_file = directory / f"{name}-ca.crt"
