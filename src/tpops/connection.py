@@ -31,6 +31,9 @@ class Connection:
     security: str = PLAIN
     end_point: bytes | None = None
     tls_description: str | None = None
+    #: Not a network connection: ``--inetd`` on pipes or a UNIX socket (a local program,
+    #: such as ssh or stunnel, feeds the session). Counts as this host, as in Dovecot.
+    local: bool = False
 
     @property
     def tls(self) -> bool:
@@ -39,7 +42,10 @@ class Connection:
 
     @property
     def loopback(self) -> bool:
-        """The client is on this host (127.0.0.0/8, ::1, or IPv4-mapped loopback)."""
+        """The client is on this host (127.0.0.0/8, ::1, or IPv4-mapped loopback, or
+        :attr:`local`)."""
+        if self.local:
+            return True
         try:
             address = ipaddress.ip_address(self.peer)
         except ValueError:

@@ -53,10 +53,10 @@ from dataclasses import dataclass, field
 
 from setproctitle import setproctitle
 
-from tpops import logs
+from tpops import logs, systemd
 from tpops.auth import make_authenticator
 from tpops.auth.base import Authenticator
-from tpops.authorization import open_transaction
+from tpops.authorization import StartTLS, open_transaction
 from tpops.config import Config
 from tpops.connection import BALANCER_TLS, IMPLICIT_TLS, PLAIN, STARTTLS, Connection
 from tpops.limits import ClientLimits, SharedLimits
@@ -88,7 +88,7 @@ from tpops.protocol import (
 from tpops.proxy import ProxyError, ProxyInfo, TrustedNetworks, read_header
 from tpops.session import Session, SessionRecord, make_timestamp
 from tpops.status import CountingTLSTransport, CountingTransport, Monitor, SessionObserver
-from tpops.tls import ServerTLS, describe_handshake_error, describe_session
+from tpops.tls import ServerTLS, TLSConfigError, describe_handshake_error, describe_session, tls_from_config
 from tpops.transaction import Transaction
 
 log = logs.get("worker")
@@ -597,40 +597,54 @@ class Worker:
 
     def handshake(self, accepted: Accepted, peer: str, wake_r: int,
                   on_sent: Callable[[int], None] | None) -> TLSTransport:
-        """Wrap the accepted socket with the master's context and run the server
-        handshake within ``$command_timeout`` (for the whole handshake); the TLS
-        transport (counting octets for the status board when ``on_sent`` is given).
-
-        A failed handshake is logged (peer and reason) and raised as
-        :class:`~tpops.protocol.HandshakeFailed`; :class:`~tpops.protocol.Interrupted`
-        (SIGTERM) passes through.
-        """
+        """:func:`tls_handshake` on the accepted socket with the master's context, the
+        process title saying so meanwhile."""
         assert self.server_tls is not None
         setproctitle(f"tpops: worker {peer} (TLS handshake)")
-        tls_sock = self.server_tls.context.wrap_socket(accepted.sock, server_side=True,
-                                                      do_handshake_on_connect=False)
-        accepted.sock = tls_sock
-        transport: TLSTransport
-        if on_sent is not None:
-            transport = CountingTLSTransport(tls_sock, wake_r, lambda: self.stop.force, self.progress,
-                                             on_sent=on_sent)
-        else:
-            transport = TLSTransport(tls_sock, wake_r, lambda: self.stop.force, self.progress)
         try:
-            transport.handshake(time.monotonic() + self.config.command_timeout)
-        except (ssl.SSLError, OSError, Timeout) as exc:
-            reason = describe_handshake_error(TimeoutError() if isinstance(exc, Timeout) else exc)
-            log.warning("TLS handshake failed from %s: %s", logs.escape(peer), reason)
-            raise HandshakeFailed(reason) from None
+            return tls_handshake(self.server_tls, accepted, peer, self.config.command_timeout, wake_r,
+                                 lambda: self.stop.force, self.progress, on_sent)
         finally:
             setproctitle(f"tpops: worker {peer}")
-        return transport
 
     def tls_connection(self, before: Connection, security: str, transport: TLSTransport) -> Connection:
         """``before`` after a successful handshake: protection, channel binding, description."""
         assert self.server_tls is not None
-        return before.upgraded(security, end_point=self.server_tls.end_point,
-                               tls_description=describe_session(transport.sock))
+        return secured(before, security, self.server_tls, transport)
+
+
+def tls_handshake(server_tls: ServerTLS, accepted: Accepted, peer: str, timeout: float, wake_r: int | None,
+                  should_stop: Callable[[], bool], progress: Callable[[], None] | None = None,
+                  on_sent: Callable[[int], None] | None = None) -> TLSTransport:
+    """Wrap the accepted socket with ``server_tls``'s context and run the server handshake
+    within ``timeout`` seconds (``$command_timeout``, for the whole handshake); the TLS
+    transport (counting octets for the status board when ``on_sent`` is given).
+
+    ``accepted.sock`` becomes the :class:`ssl.SSLSocket`, so the caller closes the right
+    one. A failed handshake is logged (peer and reason) and raised as
+    :class:`~tpops.protocol.HandshakeFailed`; :class:`~tpops.protocol.Interrupted`
+    (SIGTERM) passes through.
+    """
+    tls_sock = server_tls.context.wrap_socket(accepted.sock, server_side=True, do_handshake_on_connect=False)
+    accepted.sock = tls_sock
+    transport: TLSTransport
+    if on_sent is not None:
+        transport = CountingTLSTransport(tls_sock, wake_r, should_stop, progress, on_sent=on_sent)
+    else:
+        transport = TLSTransport(tls_sock, wake_r, should_stop, progress)
+    try:
+        transport.handshake(time.monotonic() + timeout)
+    except (ssl.SSLError, OSError, Timeout) as exc:
+        reason = describe_handshake_error(TimeoutError() if isinstance(exc, Timeout) else exc)
+        log.warning("TLS handshake failed from %s: %s", logs.escape(peer), reason)
+        raise HandshakeFailed(reason) from None
+    return transport
+
+
+def secured(before: Connection, security: str, server_tls: ServerTLS, transport: TLSTransport) -> Connection:
+    """``before`` after a successful handshake: protection, channel binding, description."""
+    return before.upgraded(security, end_point=server_tls.end_point,
+                           tls_description=describe_session(transport.sock))
 
 
 def listener_poller() -> tuple[select.poll | select.epoll, int]:
@@ -758,34 +772,78 @@ def write_access_log(log_files: logs.LogSetup, line: str) -> None:
 
 
 def serve_inetd(config: Config, log_files: logs.LogSetup) -> int:
-    """``--inetd``: one session on stdin/stdout (a socket from inetd, or plain pipes)."""
+    """``--inetd``: one session on stdin/stdout (a socket from inetd, or plain pipes).
+
+    With a certificate configured and a TCP socket from inetd, TLS works as in the
+    daemon: a connection to ``$tls_port`` (995 unless set, the rule systemd's unnamed
+    listeners follow) speaks implicit TLS, any other port offers STLS. The context is
+    loaded before ``--user`` applies, so a key readable by root only works. Plain pipes
+    cannot carry TLS: no STLS there.
+    """
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     stop = StopRequest()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGTERM, stop.on_term)
     peer = "stdin"
+    sock: socket.socket | None = None
+    local_port: int | None = None
+    network = False  # a TCP connection, not pipes or a UNIX socket from a local program
     try:
         sock = socket.socket(fileno=os.dup(0))
-        try:
-            peer = peer_name(sock.getpeername())
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        finally:
-            sock.close()
+        network = sock.family in (socket.AF_INET, socket.AF_INET6)
+        peer = peer_name(sock.getpeername())
+        if not network:
+            raise OSError("not TCP")  # a socketpair (stunnel's exec mode): no port, no TLS of ours
+        local_port = sock.getsockname()[1]
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
-        pass  # not a socket: plain pipes
+        if sock is not None:  # served as plain pipes on fds 0 and 1
+            sock.close()
+            sock = None
+    tls_port = config.tls_port if config.tls_port is not None else systemd.DEFAULT_TLS_PORT
+    implicit_tls = local_port is not None and local_port == tls_port
     try:
+        server_tls = tls_from_config(config)
+        if implicit_tls and server_tls is None:
+            raise TLSConfigError(f"a connection to the implicit-TLS port {tls_port} ($tls_port), but no "
+                                 "certificate is configured ($tls_cert_file, $tls_key_file)")
         privileges, authenticator = boot(config)
     except Exception as exc:
         log.error("cannot start the session: %s", exc)
-        try:
-            os.write(1, b"-ERR [SYS/TEMP] Server not available.\r\n")
-        except OSError:
-            pass
+        if not implicit_tls:  # a TLS client would read a clear-text line as a broken record
+            try:
+                os.write(1, b"-ERR [SYS/TEMP] Server not available.\r\n")
+            except OSError:
+                pass
+        if sock is not None:
+            sock.close()
         return EXIT_BOOT_FAILED
     setproctitle(f"tpops: inetd {peer}")
+    accepted = Accepted(sock) if sock is not None else None
     try:
-        transport = Transport(0, 1, wake_r, lambda: stop.force)
+        connection = Connection(peer, local=not network)
+        transport: Transport
+        if implicit_tls:
+            assert accepted is not None and server_tls is not None
+            try:
+                transport = tls_handshake(server_tls, accepted, peer, config.command_timeout, wake_r,
+                                          lambda: stop.force)
+            except (HandshakeFailed, Interrupted):
+                return 0  # logged by tls_handshake; SIGTERM during it: nothing to say in clear text
+            connection = secured(connection, IMPLICIT_TLS, server_tls, transport)
+        else:
+            transport = Transport(0, 1, wake_r, lambda: stop.force)
+        start_tls: StartTLS | None = None
+        if server_tls is not None and accepted is not None and not implicit_tls:
+            tls = server_tls
+            tls_accepted = accepted
+
+            def start_tls(plain: Transport, before: Connection) -> tuple[Transport, Connection]:
+                upgraded = tls_handshake(tls, tls_accepted, peer, config.command_timeout, wake_r,
+                                         lambda: stop.force)
+                return upgraded, secured(before, STARTTLS, tls, upgraded)
+
         session = Session(
             transport,
             peer,
@@ -793,11 +851,15 @@ def serve_inetd(config: Config, log_files: logs.LogSetup) -> int:
             authenticator,
             serve_as=privileges,
             timestamp=make_timestamp(config.hostname, 1),
+            connection=connection,
+            start_tls=start_tls,
         )
         record = session.run()
         write_access_log(log_files, record.access_log_line())
         session.finish()
     finally:
         authenticator.close()
+        if accepted is not None:
+            accepted.sock.close()
         sys.stdout.flush()
     return 0
