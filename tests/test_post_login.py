@@ -13,8 +13,10 @@ from __future__ import annotations
 import base64
 import os
 import poplib
+import shutil
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -287,6 +289,42 @@ def test_any_worker_reuses_the_owners_process_and_it_outlives_its_worker(mail_en
         srv.stop()
     wait_for(lambda: gone(process), what="the post-login process to end with the server")
     assert not mine[0].exists()  # the socket directory goes with the master
+
+
+def test_a_killed_masters_socket_directory_is_removed_at_the_next_start(mail_env: MailEnv) -> None:
+    """A master ended by SIGKILL cannot remove its ``postlogin.PID.*`` directory; the next
+    master removes those whose pid is gone, and leaves a running one's alone."""
+    mail_env.add_user("stale", messages=[make_message()])
+    run = Path("/run/tpops")
+    run.mkdir(mode=0o755, exist_ok=True)
+    victim = subprocess.Popen(["sleep", "60"])  # a master, killed as SIGKILL would
+    victim.kill()
+    victim.wait()
+    dead = run / f"postlogin.{victim.pid}.k1ll3d"
+    alive = run / f"postlogin.{os.getpid()}.l1v1ng"  # this test process stands for another tpops
+    for d in (dead, alive):
+        d.mkdir(mode=0o700)
+        leftover = socket.socket(socket.AF_UNIX)
+        leftover.bind(str(d / f"{MAIL_UID}.{MAIL_UID}.123"))
+        leftover.close()
+    try:
+        srv = start(mail_env)
+        try:
+            master = srv.proc.pid
+            c = RawClient(srv.port)
+            assert c.login("stale").startswith(b"+OK")
+            assert c.cmd("QUIT").startswith(b"+OK Bye")
+            c.close()
+            assert not dead.exists()
+            assert alive.exists() and any(alive.iterdir())
+            assert [p.name.split(".")[1] for p in run.glob(f"postlogin.{master}.*")] == [str(master)]
+            wait_for(lambda: f"removed {dead}, left by tpops master {victim.pid}, which is gone" in srv.output(),
+                     what="the log line")
+        finally:
+            srv.stop()
+    finally:
+        shutil.rmtree(alive, ignore_errors=True)
+        shutil.rmtree(dead, ignore_errors=True)
 
 
 def test_a_reload_ends_the_post_login_processes(mail_env: MailEnv) -> None:

@@ -62,7 +62,9 @@ from __future__ import annotations
 import ctypes
 import os
 import pickle
+import re
 import select
+import shutil
 import signal
 import socket
 import stat
@@ -340,7 +342,9 @@ class Registry(SharedTable):
 
 def make_directory() -> str:
     """A new directory for post-login sockets that only root can enter (mode 0700, in
-    root's ``/run/tpops`` when it can be made, else in the temporary directory)."""
+    root's ``/run/tpops`` when it can be made, else in the temporary directory), named
+    ``postlogin.MASTERPID.RANDOM``; those a master left when it was killed go first
+    (:func:`remove_stale_directories`)."""
     parent: str | None = RUN_DIR
     try:
         os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
@@ -349,7 +353,51 @@ def make_directory() -> str:
             parent = None
     except OSError:
         parent = None
-    return tempfile.mkdtemp(prefix="postlogin.", dir=parent)
+    if parent is not None:
+        for path, pid in remove_stale_directories(parent):
+            log.info("removed %s, left by tpops master %d, which is gone", path, pid)
+    return tempfile.mkdtemp(prefix=f"postlogin.{os.getpid()}.", dir=parent)
+
+
+_STALE_NAME = re.compile(r"postlogin\.([0-9]+)\.[A-Za-z0-9_]+")
+
+
+def remove_stale_directories(parent: str) -> list[tuple[str, int]]:
+    """Remove the post-login socket directories in ``parent`` whose master is not running
+    (a master killed with SIGKILL cannot remove its own); (path, master pid) of each.
+
+    Only root's own directories named by :func:`make_directory` go; one whose pid runs
+    (another tpops, or the pid reused) stays. Never raises.
+    """
+    removed: list[tuple[str, int]] = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        match = _STALE_NAME.fullmatch(name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # running
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue  # exists, not ours to judge
+        path = os.path.join(parent, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append((path, pid))
+    return removed
 
 
 def remove_socket(path: str) -> None:
