@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="log the protocol trace, secrets masked ($debug)")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("--inetd", action="store_true",
-                        help="serve one session on stdin/stdout, as started by inetd ($with_inetd)")
+                        help="serve one session on stdin/stdout, as started by inetd ($with_inetd); with a "
+                             "certificate, implicit TLS when the local port is $tls_port, else STLS")
     parser.add_argument("--user", metavar="USER", help="run the workers as USER, name or number ($user)")
     parser.add_argument("--group", metavar="GROUP", help="run the workers as GROUP, name or number ($group)")
     parser.add_argument("--pidfile", metavar="FILE", help="write the master's pid to FILE ($pid_file)")
