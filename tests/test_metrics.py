@@ -77,6 +77,7 @@ def test_counters_move_by_what_the_sessions_did(mail_env: MailEnv) -> None:
         srv.stop()
     with pytest.raises(urllib.error.URLError):  # the exporter stopped with the master
         scrape(mport)
+    assert not os.path.exists(metrics_dir(srv.port))  # its files went with it (the next start empties it anyway)
 
 
 def test_a_killed_worker_counts_as_a_restart_and_totals_survive_it(mail_env: MailEnv) -> None:

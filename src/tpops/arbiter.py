@@ -218,6 +218,7 @@ class Arbiter:
             self.monitor.close()  # first: it reaps its exporter by pid, before shutdown reaps any child
             self.shutdown()
             self.stop_post_login()
+            self.monitor.remove_files()  # last: no process that could still open one is left
         return self.exit_status
 
     # -- systemd -------------------------------------------------------------

@@ -8,7 +8,7 @@ How, and why:
   ``<type>_<pid>.db`` file in ``PROMETHEUS_MULTIPROC_DIR``; a scrape sums them. The
   directory is private to this master: ``/run/tpops/metrics-<port>`` as root
   (``/var/tmp/tpops-<uid>.metrics-<port>`` otherwise), emptied at start, mode 2750,
-  group = the exporter's group. Counters of dead workers stay in their files (the
+  group = the exporter's group, removed at stop. Counters of dead workers stay in their files (the
   totals must not drop when a worker is recycled); :func:`mark_process_dead` removes
   a reaped worker's live-gauge files.
 * **Privileges**: workers drop to ``--user`` or to each mailbox's owner. A directory
@@ -271,6 +271,11 @@ class Metrics:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.exporter_pid, 0)
             self.exporter_pid = 0
+
+    def remove_files(self) -> None:
+        """Remove the directory (the master at exit, once its processes are gone): the
+        next start would empty it anyway, and a stopped server leaves nothing in /run."""
+        shutil.rmtree(self.path, ignore_errors=True)  # never follows a symlink
 
 
 def _readable(path: str) -> bool:

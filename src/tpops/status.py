@@ -410,6 +410,11 @@ class Monitor:
         if self.metrics is not None:
             self.metrics.close()
 
+    def remove_files(self) -> None:
+        """At exit, after every worker and post-login process is gone: the metrics files."""
+        if self.metrics is not None:
+            self.metrics.remove_files()
+
 
 # ---------------------------------------------------------------------------
 # tpops --status
