@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.client import check_stls_discards_pipelined_input
 from tests.support.server import TPOPS, MailEnv, free_port, make_message, run_inetd
 from tests.support.tlscerts import CertFiles, issue
 
@@ -137,19 +138,7 @@ def test_stls_injection_is_discarded_under_inetd(mail_env: MailEnv, certs: CertF
     """``STLS\\r\\nCAPA\\r\\n`` in one packet: the CAPA typed in clear is never answered."""
     configure(mail_env, certs, free_port())
     inetd.start()
-    raw = socket.create_connection(("127.0.0.1", inetd.port), timeout=10)
-    file = raw.makefile("rb")
-    assert file.readline().startswith(b"+OK")
-    raw.sendall(b"STLS\r\nCAPA\r\n")
-    assert file.readline() == b"+OK Begin TLS negotiation.\r\n"
-    tls_sock = certs.client_context().wrap_socket(raw, server_hostname="localhost")
-    tls_file = tls_sock.makefile("rb")
-    tls_sock.sendall(b"NOOP\r\n")
-    first = tls_file.readline()
-    assert first.startswith(b"-ERR") and b"Capability" not in first, first
-    tls_sock.sendall(b"QUIT\r\n")
-    assert tls_file.readline().startswith(b"+OK")
-    tls_sock.close()
+    check_stls_discards_pipelined_input(inetd.port, certs.client_context())
     assert inetd.stop() == [0]
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.client import RawClient
+from tests.support.client import RawClient, check_stls_discards_pipelined_input
 from tests.support.procs import wait_for, worker_titles
 from tests.support.server import IS_ROOT, MAIL_GID, MAIL_UID, MailEnv, Server, chown_tree, free_port, make_message
 from tests.support.tlscerts import CertFiles, issue
@@ -133,30 +133,7 @@ def test_a_second_stls_and_stls_on_the_tls_port_are_refused(tls: TLSServer) -> N
 
 def test_stls_injection_pipelined_commands_are_discarded(tls: TLSServer) -> None:
     """``STLS\\r\\nCAPA\\r\\n`` in one packet: CAPA is never answered, inside TLS or before it."""
-    raw = socket.create_connection(("127.0.0.1", tls.port), timeout=10)
-    file = raw.makefile("rb")
-    assert file.readline().startswith(b"+OK")
-    raw.sendall(b"STLS\r\nCAPA\r\n")
-    assert file.readline() == b"+OK Begin TLS negotiation.\r\n"
-    raw.settimeout(0.5)
-    with pytest.raises(TimeoutError):  # nothing follows the +OK in the clear
-        raw.recv(1, socket.MSG_PEEK)
-    raw.settimeout(10)
-    tls_sock = tls.context().wrap_socket(raw, server_hostname="localhost")
-    tls_file = tls_sock.makefile("rb")
-    tls_sock.sendall(b"NOOP\r\n")
-    # The first line inside TLS answers NOOP (an -ERR: wrong state), not the injected CAPA.
-    first = tls_file.readline()
-    assert first.startswith(b"-ERR") and b"Capability" not in first, first
-    tls_sock.sendall(b"CAPA\r\n")
-    assert tls_file.readline() == b"+OK Capability list follows\r\n"
-    caps = []
-    while (line := tls_file.readline()) != b".\r\n":
-        caps.append(line.strip())
-    assert b"USER" in caps and b"STLS" not in caps
-    tls_sock.sendall(b"QUIT\r\n")
-    assert tls_file.readline().startswith(b"+OK")
-    tls_sock.close()
+    check_stls_discards_pipelined_input(tls.port, tls.context())
 
 
 # ---------------------------------------------------------------- handshake failures

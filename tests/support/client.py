@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 
 
 class RawClient:
@@ -64,3 +65,35 @@ def unstuff(body: bytes) -> bytes:
     """Undo byte-stuffing of a multi-line body."""
     lines = body.split(b"\r\n")
     return b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
+
+
+def check_stls_discards_pipelined_input(port: int, context: ssl.SSLContext) -> None:
+    """``STLS\\r\\nCAPA\\r\\n`` in one packet (the STARTTLS command-injection class): CAPA
+    is never answered, in the clear after the ``+OK`` or inside TLS; the session goes on."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    file = raw.makefile("rb")
+    assert file.readline().startswith(b"+OK")
+    raw.sendall(b"STLS\r\nCAPA\r\n")
+    assert file.readline() == b"+OK Begin TLS negotiation.\r\n"
+    raw.settimeout(0.5)
+    try:
+        peeked = raw.recv(1, socket.MSG_PEEK)
+    except TimeoutError:
+        peeked = None
+    assert peeked is None, f"the server wrote {peeked!r} in the clear after +OK"
+    raw.settimeout(10)
+    tls_sock = context.wrap_socket(raw, server_hostname="localhost")
+    tls_file = tls_sock.makefile("rb")
+    tls_sock.sendall(b"NOOP\r\n")
+    # The first line inside TLS answers NOOP (an -ERR: wrong state), not the injected CAPA.
+    first = tls_file.readline()
+    assert first.startswith(b"-ERR") and b"Capability" not in first, first
+    tls_sock.sendall(b"CAPA\r\n")
+    assert tls_file.readline() == b"+OK Capability list follows\r\n"
+    caps = []
+    while (line := tls_file.readline()) != b".\r\n":
+        caps.append(line.strip())
+    assert b"USER" in caps and b"STLS" not in caps
+    tls_sock.sendall(b"QUIT\r\n")
+    assert tls_file.readline().startswith(b"+OK")
+    tls_sock.close()
