@@ -279,7 +279,7 @@ def take_inherited_listeners(config: Config, tls: bool) -> tuple[list[socket.soc
     """
     from tpops.arbiter import address_of
 
-    tls_port = config.tls_port if config.tls_port is not None else systemd.DEFAULT_TLS_PORT
+    tls_port = systemd.implicit_tls_port(config.tls_port)
     inherited = systemd.inherited_listeners(tls_port)
     tls_kind = [i for i in inherited if i.kind == systemd.TLS]
     if tls_kind and not tls:

@@ -36,6 +36,12 @@ PLAIN, TLS = "pop3", "pop3s"
 DEFAULT_TLS_PORT = 995
 
 
+def implicit_tls_port(tls_port: int | None) -> int:
+    """The local port that means implicit TLS on a socket tpops did not bind (systemd's
+    unnamed listeners, ``--inetd`` connections): ``$tls_port``, 995 when it is nil."""
+    return tls_port if tls_port is not None else DEFAULT_TLS_PORT
+
+
 class Notifier:
     """``sd_notify()``: sends state changes to systemd when ``NOTIFY_SOCKET`` is set, else does nothing.
 

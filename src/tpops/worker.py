@@ -801,7 +801,7 @@ def serve_inetd(config: Config, log_files: logs.LogSetup) -> int:
         if sock is not None:  # served as plain pipes on fds 0 and 1
             sock.close()
             sock = None
-    tls_port = config.tls_port if config.tls_port is not None else systemd.DEFAULT_TLS_PORT
+    tls_port = systemd.implicit_tls_port(config.tls_port)
     implicit_tls = local_port is not None and local_port == tls_port
     try:
         server_tls = tls_from_config(config)
