@@ -4,8 +4,11 @@ lines, secrets never written, client control characters escaped, reopened on sig
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import re
 import signal
+import sys
 import threading
 import time
 
@@ -215,6 +218,49 @@ def test_nothing_python_splits_a_line_on_survives_escape() -> None:
     for ch in breakers:
         assert len(logs.escape(f"a{ch}b").splitlines()) == 1, hex(ord(ch))
         assert len(logs.one_line(f"a{ch}b").splitlines()) == 1, hex(ord(ch))
+
+
+def test_the_fast_path_of_escape_skips_only_text_the_patterns_leave_alone() -> None:
+    # escape() and one_line() return printable text unchanged without running their
+    # patterns: that is right only if no printable character is one the patterns escape.
+    printable = "".join(ch for ch in map(chr, range(0x110000)) if ch.isprintable())
+    assert logs._UNSAFE.findall(printable) == ["\\"]  # the backslash, which escape() checks for
+    assert logs._CONTROL.search(printable) is None
+    for text in ("caf\u00e9 \u00a0 plain", "a\\b", "a\x85b", "a\u2028b", "\udc85", "a\u200bb"):
+        assert logs.escape(text) == logs._UNSAFE.sub(logs._escape_char, text)
+        assert logs.one_line(text) == logs._CONTROL.sub(logs._escape_char, text)
+
+
+def _records() -> list[logging.LogRecord]:
+    """Records of every shape a tpops line takes: arguments, a forged line break, a traceback, a stack."""
+    try:
+        raise ValueError("bad\nvalue")
+    except ValueError:
+        exc_info = sys.exc_info()
+    out = [
+        logging.LogRecord("tpops.session", logging.INFO, "(unknown file)", 0,
+                          "login: %s has %d messages (%d octets) from %s", ("l000", 5, 10663, "127.0.0.1"), None),
+        logging.LogRecord("tpops.session", logging.WARNING, "(unknown file)", 0, "forged\r\nline %s", ("\x85",), None),
+        logging.LogRecord("tpops.worker", logging.ERROR, "(unknown file)", 0, "internal error", None, exc_info),
+        logging.LogRecord("tpops.worker", logging.ERROR, "(unknown file)", 0, "with stack", None, None,
+                          sinfo="Stack (most recent call last):\n  File x"),
+        logging.LogRecord("tpops.cli", logging.DEBUG, "(unknown file)", 0, "", None, None),
+    ]
+    out[0].created, out[0].msecs = 1764583443.9996, 999.6  # msecs are truncated, never rounded up
+    return out
+
+
+def test_line_formatter_writes_what_the_logging_formatter_writes() -> None:
+    fast = logs._LineFormatter()
+    for record in _records():
+        reference = logging.makeLogRecord(record.__dict__)
+        reference.process = os.getpid()
+        expected = logs._OneLineFormatter(logs._LINE_FORMAT).format(reference)
+        assert fast.format(record) == expected
+        assert fast.format(record) == expected  # the cached date and time part, and a cached traceback
+    assert "\nTraceback (most recent call last):\n" in fast.format(_records()[2])
+    assert fast.format(_records()[1]).endswith(" WARNING forged\\x0d\\x0aline \\u0085")
+    assert ",999 tpops[" in fast.format(_records()[0])
 
 
 def test_unicode_line_breaks_from_a_client_are_escaped_in_files(mail_env: MailEnv) -> None:

@@ -96,15 +96,24 @@ class Transport:
         self.wake_fd = wake_fd
         self.should_stop = should_stop or (lambda: False)
         self.progress = progress or (lambda: None)
+        #: One poll object per (fd, event) waited for, made at the first wait: a session
+        #: waits a few times per command, always for the same few things.
+        self._pollers: dict[tuple[int, int], select.poll] = {}
         for fd in {rfd, wfd}:
             os.set_blocking(fd, False)
 
+    def _poller(self, fd: int, event: int) -> select.poll:
+        poller = self._pollers.get((fd, event))
+        if poller is None:
+            poller = self._pollers[fd, event] = select.poll()
+            poller.register(fd, event)
+            if self.wake_fd is not None:
+                poller.register(self.wake_fd, select.POLLIN)
+        return poller
+
     def _wait(self, fd: int, event: int, deadline: float) -> None:
         """Block until ``fd`` is ready for ``event``; raise Timeout/Interrupted."""
-        poller = select.poll()
-        poller.register(fd, event)
-        if self.wake_fd is not None:
-            poller.register(self.wake_fd, select.POLLIN)
+        poller = self._poller(fd, event)
         while True:
             if self.should_stop():
                 raise Interrupted
