@@ -35,7 +35,7 @@ from passlib import hash as ph
 from tests.support import mariadb
 from tests.support.client import RawClient
 from tests.support.marks import root_only
-from tests.support.procs import proc_ids, wait_for, worker_serving
+from tests.support.procs import idle_workers, post_login_processes, proc_ids, wait_for, worker_serving
 from tests.support.server import IS_ROOT, MAIL_GID, MAIL_UID, MailEnv, Server, make_message
 from tests.support.users import Accounts, run, shadow_hash
 
@@ -425,6 +425,59 @@ def test_injection_attempts_are_refused(request: pytest.FixtureRequest, schema: 
     login_works(site.port, good, "okpw")
     assert site.row_count() == rows
     assert "Traceback" not in site.env.error_log.read_text(errors="replace")
+
+
+def database_sockets(pid: int, port: int) -> list[str]:
+    """The TCP sockets of ``pid`` connected to ``port`` on the loopback (the database's)."""
+    inodes = set()
+    for name in ("tcp", "tcp6"):
+        with open(f"/proc/net/{name}") as table:
+            for row in list(table)[1:]:
+                fields = row.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    held = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target in inodes:
+            held.append(target)
+    return held
+
+
+@root_only("post-login processes are root mode's")
+def test_post_login_processes_hold_no_database_connection() -> None:
+    """A post-login process serves a mailbox as its owner and never authenticates: the
+    worker's connection (tpops's database credentials) must not live on in it. Letting go
+    of it must not end the worker's: the worker's next login needs no reconnect.
+    (File locks: a ``GET_LOCK`` lives on the worker's connection, so such a session is
+    never handed off, it is served in the worker.)"""
+    with mariadb.temp_database() as (srv, db):
+        mariadb.load_sql(srv, db, str(NEW_SQL))
+        site = MySQLSite(srv, db, None)
+        try:
+            site.add("owner1", "{PLAIN}pw1", NEW_MSGS)
+            site.env.write_conf(min_servers="1", max_servers="1", post_login_workers="4", mailbox_lock="'local'")
+            master = site.start().proc
+            assert master is not None
+            (worker,) = wait_for(lambda: idle_workers(master.pid), what="the idle worker")
+            c, reply = user_pass(site.port, "owner1", "pw1")
+            assert reply.startswith(b"+OK Logged in")
+            assert database_sockets(worker, srv.port), "the worker's own connection (the test's premise)"
+            quit_and_wait(c)
+            # The owner's process took a spare; after the session the worker forks another,
+            # its connection open then: every one of them must have let go of it.
+            kept = wait_for(lambda: len(post_login_processes(master.pid)) >= 3 and post_login_processes(master.pid),
+                            what="the owner's process and two spares")
+            assert any(title.endswith(f"uid {MAIL_UID} idle") for title in kept.values()), kept
+            for pid, title in kept.items():
+                assert database_sockets(pid, srv.port) == [], f"{title} ({pid}) holds a database connection"
+            login_works(site.port, "owner1", "pw1", messages=1)
+            assert "reconnecting" not in site.tpops.output() + site.env.error_log.read_text()
+        finally:
+            site.close()
 
 
 def test_two_instances_share_the_mailbox_lock(new_site: MySQLSite) -> None:

@@ -135,6 +135,9 @@ class FakeAuthenticator:
     def close(self) -> None:
         self.calls.append("close")
 
+    def detach(self) -> None:
+        self.calls.append("detach")
+
 
 # ---------------------------------------------------------------------------
 # The harness

@@ -458,6 +458,8 @@ class Worker:
         if self.report_fd is not None:
             os.close(self.report_fd)
             self.report_fd = None
+        if self.authenticator is not None:  # never used here: no database handle as the mailbox owner
+            self.authenticator.detach()
         self.post_login = None
         self.stop = StopRequest()
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -49,6 +49,11 @@ Methods the session calls
     database down) is only logged. File and Passwd have nothing to check here yet.
 ``close()``
     Release backend resources (a database connection). Called when the worker exits.
+``detach()``
+    In a forked child that will never authenticate (root mode's post-login process,
+    which serves a mailbox as its owner): let go of connections inherited from the
+    parent without disturbing the parent's use of them (MySQL: nothing is sent on the
+    shared socket). The child then holds no handle with tpops's database credentials.
 
 Methods a backend may rely on
 -----------------------------
@@ -144,6 +149,8 @@ class Authenticator(Protocol):
 
     def close(self) -> None: ...
 
+    def detach(self) -> None: ...
+
 
 def file_key(st: os.stat_result) -> tuple[int, ...]:
     """What tells a changed file from the one a backend read (its reload key): identity,
@@ -202,6 +209,8 @@ class LockConnection(Protocol):
 
     def close(self) -> None: ...
 
+    def detach(self) -> None: ...
+
 
 class LockingAuthenticator:
     """Base for backends without a lock of their own (File, Passwd).
@@ -250,3 +259,9 @@ class LockingAuthenticator:
         """Close the lock connection, if any (file locks die with their holder)."""
         if self._mysql is not None:
             self._mysql.close()
+
+    def detach(self) -> None:
+        """In a forked child that never authenticates (a post-login process): let go of
+        the lock connection inherited from the parent, leaving the parent's intact."""
+        if self._mysql is not None:
+            self._mysql.detach()

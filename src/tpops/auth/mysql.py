@@ -294,11 +294,35 @@ class MySQLConnection:
     # -- the connection -------------------------------------------------------------
 
     def _current(self) -> Any:
-        """This process's open connection, or None (a connection inherited over fork is dropped, not closed)."""
+        """This process's open connection, or None (a connection inherited over fork is let go
+        of, see :meth:`detach`)."""
         if self._conn is not None and self._conn_pid != os.getpid():
-            self._conn = None
-            self._held.clear()
+            self.detach()
         return self._conn
+
+    def detach(self) -> None:
+        """Let go of a connection inherited over fork without touching it: its descriptor
+        is pointed at /dev/null first, so the ``COM_QUIT`` that closing (or collecting)
+        the driver's object sends goes nowhere instead of ending the parent's session
+        (and the ``GET_LOCK`` locks the parent holds on it)."""
+        conn, self._conn = self._conn, None
+        self._held.clear()
+        if conn is None:
+            return
+        try:
+            fd = conn.fileno()
+        except MySQLdb.Error:
+            fd = -1
+        if fd >= 0:
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                os.dup2(null, fd, inheritable=False)
+            finally:
+                os.close(null)
+        try:
+            conn.close()
+        except MySQLdb.Error:
+            pass
 
     def _drop(self) -> None:
         """Forget the connection (its locks are gone with it)."""
