@@ -102,6 +102,66 @@ def test_a_killed_worker_counts_as_a_restart_and_totals_survive_it(mail_env: Mai
         srv.stop()
 
 
+def _finished_process_files(directory: str) -> list[str]:
+    """Counter and histogram files of processes that no longer exist (the archive, pid 0, aside)."""
+    out = []
+    for name in os.listdir(directory):
+        kind, _, rest = name.partition("_")
+        if kind in ("counter", "histogram") and rest.endswith(".db") and rest[:-3].isdigit() and rest != "0.db":
+            try:
+                os.kill(int(rest[:-3]), 0)
+            except ProcessLookupError:
+                out.append(name)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_files_of_finished_workers_are_folded_and_no_total_ever_drops(mail_env: MailEnv) -> None:
+    """With ``$max_use = 1`` every session ends its worker, which leaves a counter and a
+    histogram file behind. The master folds them into one archive per type; the totals
+    are the same afterwards, and no scrape meanwhile sees one drop."""
+    mail_env.add_user("tommy", messages=[MESSAGE])
+    mport = free_port()
+    mail_env.write_conf(metrics_address=f"'127.0.0.1:{mport}'", max_use="1", min_servers="2", max_servers="4")
+    srv = Server(mail_env).start()
+    watched = ("tpops_connections_total", 'tpops_logins_total{result="ok"}', 'tpops_commands_total{verb="QUIT"}',
+               "tpops_session_duration_seconds_count", 'tpops_session_duration_seconds_bucket{le="+Inf"}',
+               "tpops_auth_duration_seconds_count", "tpops_sent_octets_total")
+    try:
+        directory = metrics_dir(srv.port)
+        before = wait_for(lambda: scrape(mport))
+        last = before
+
+        def no_drop() -> dict[str, float]:
+            nonlocal last
+            now = scrape(mport)
+            for name in watched:
+                assert now.get(name, 0.0) >= last.get(name, 0.0), (name, last.get(name), now.get(name))
+            last = now
+            return now
+
+        sessions = 8
+        for _ in range(sessions):
+            c = RawClient(srv.port)
+            assert c.login("tommy").startswith(b"+OK")
+            assert c.cmd("QUIT").startswith(b"+OK")
+            assert c.closed()
+            c.close()
+            no_drop()
+        assert wait_for(lambda: _finished_process_files(directory), what="files of finished workers")
+        wait_for(lambda: no_drop() and not _finished_process_files(directory), timeout=40,
+                 what="the master folding the files of finished workers")
+        assert {"counter_0.db", "histogram_0.db"} <= set(os.listdir(directory))
+        after = wait_for(lambda: (s := no_drop())["tpops_session_duration_seconds_count"]
+                         - before.get("tpops_session_duration_seconds_count", 0.0) >= sessions and s)
+        for name in watched[:-1]:
+            assert delta(after, before, name) == sessions, name
+        assert delta(after, before, "tpops_sent_octets_total") > 0
+        assert delta(after, before, "tpops_session_duration_seconds_sum") > 0
+    finally:
+        srv.stop()
+
+
 def test_a_scrape_survives_a_process_creating_its_file(mail_env: MailEnv) -> None:
     """A new process (a worker, a post-login spare) creates its multiprocess file empty
     and sizes it a moment later; a scrape in between used to fail (the exporter closed

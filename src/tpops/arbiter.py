@@ -207,6 +207,7 @@ class Arbiter:
                 self.murder_stuck()
                 self.retire_idle()
                 self.monitor.pool(*self.busy_idle())
+                self.monitor.maintain(time.monotonic())
                 self.report_status()
                 self.refresh_backend()
                 if ready == [self.report_r] and not self.signals:

@@ -8,9 +8,15 @@ How, and why:
   ``<type>_<pid>.db`` file in ``PROMETHEUS_MULTIPROC_DIR``; a scrape sums them. The
   directory is private to this master: ``/run/tpops/metrics-<port>`` as root
   (``/var/tmp/tpops-<uid>.metrics-<port>`` otherwise), emptied at start, mode 2750,
-  group = the exporter's group, removed at stop. Counters of dead workers stay in their files (the
-  totals must not drop when a worker is recycled); :func:`mark_process_dead` removes
-  a reaped worker's live-gauge files.
+  group = the exporter's group, removed at stop. :func:`mark_process_dead` removes a
+  reaped worker's live-gauge files. Counters and histograms of processes that are gone
+  must not vanish (the totals would drop when a worker is recycled), nor pile up (one
+  pair of files per worker ever recycled and per post-login process ever ended, each
+  read by every scrape): :meth:`Metrics.compact`, every :data:`COMPACT_INTERVAL`
+  seconds in the master, folds them into ``counter_0.db`` and ``histogram_0.db`` (pid
+  0 is no process's). It swaps the new archive in and removes the folded files under
+  an exclusive ``flock`` of :data:`SCRAPE_LOCK`, which the exporter holds shared while
+  it reads, so no scrape sees a file counted twice or not at all.
 * **Privileges**: workers drop to ``--user`` or to each mailbox's owner. A directory
   they could write would let a local user forge or delete everyone's numbers, so they
   never create files after the drop: :meth:`Metrics.in_worker`, called in the fresh
@@ -36,6 +42,7 @@ histograms, pool busy/idle gauges (the master's), worker restarts.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import os
 import pwd
@@ -43,6 +50,7 @@ import shutil
 import signal
 import socket
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +61,14 @@ from tpops.mailbox.lock import DEFAULT_LOCK_PARENT
 log = logs.get("metrics")
 
 #: Verbs and login results labelled (every value is created in the master: see the module docstring).
+#: How often the master folds the files of processes that are gone (see the module docstring).
+COMPACT_INTERVAL = 10.0
+#: The lock file that keeps scrapes and the master's swaps apart.
+SCRAPE_LOCK = "scrape.lock"
+#: The types whose files outlive their process (gauges are the master's or live ones).
+_ARCHIVED_TYPES = ("counter", "histogram")
+_ARCHIVE_PID = 0
+
 VERBS = ("USER", "PASS", "APOP", "AUTH", "CAPA", "STLS", "QUIT", "STAT", "LIST", "RETR", "TOP",
          "DELE", "NOOP", "RSET", "UIDL", "other")
 LOGIN_RESULTS = ("ok", "auth", "in-use", "sys")
@@ -95,6 +111,7 @@ def _fresh_dir(path: str, gid: int | None) -> None:
     if gid is not None:
         os.chown(path, 0, gid)
     os.chmod(path, 0o2750 if gid is not None else 0o700)
+    os.close(os.open(os.path.join(path, SCRAPE_LOCK), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640))
 
 
 @dataclass
@@ -222,8 +239,9 @@ class Metrics:
             """prometheus-client's multiprocess collector over the files that read whole."""
 
             def collect(self) -> Any:
-                files = [f for f in glob.glob(os.path.join(self._path, "*.db")) if _readable(f)]
-                return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+                with _scrape_lock(self._path, fcntl.LOCK_SH):  # the master's swaps wait for it
+                    files = [f for f in glob.glob(os.path.join(self._path, "*.db")) if _readable(f)]
+                    return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
 
         Collector(registry, path=self.path)  # type: ignore[no-untyped-call]
 
@@ -259,6 +277,48 @@ class Metrics:
         if failed:
             self.objects["restarts"].inc()
 
+    def compact(self) -> int:
+        """Fold the counter and histogram files of processes that are gone into the
+        archives (see the module docstring); the number of files folded. A scrape in
+        progress makes this pass fold nothing: the next one will."""
+        from prometheus_client.mmap_dict import MmapedDict, mmap_key
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        folded = 0
+        for kind in _ARCHIVED_TYPES:
+            gone = [path for path in glob.glob(os.path.join(self.path, f"{kind}_*.db")) if _gone(path)]
+            if not gone:
+                continue
+            archive = os.path.join(self.path, f"{kind}_{_ARCHIVE_PID}.db")
+            fresh = archive + ".new"  # not *.db: no scrape reads it before the swap
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(fresh)
+            # A process that died before sizing its file left nothing to fold (see _readable).
+            sources = [path for path in [archive, *gone] if os.path.exists(path) and _readable(path)]
+            old_umask = os.umask(0o027)
+            try:
+                values = MmapedDict(fresh)  # type: ignore[no-untyped-call]
+                try:
+                    for metric in MultiProcessCollector.merge(sources, accumulate=False):  # type: ignore[no-untyped-call]
+                        for sample in metric.samples:
+                            key = mmap_key(metric.name, sample.name, list(sample.labels),
+                                           list(sample.labels.values()), metric.documentation)
+                            values.write_value(key, sample.value, 0.0)  # type: ignore[no-untyped-call]
+                finally:
+                    values.close()  # type: ignore[no-untyped-call]
+            finally:
+                os.umask(old_umask)
+            with _scrape_lock(self.path, fcntl.LOCK_EX | fcntl.LOCK_NB) as locked:
+                if not locked:
+                    os.unlink(fresh)
+                    continue
+                os.rename(fresh, archive)
+                for path in gone:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+            folded += len(gone)
+        return folded
+
     def pool(self, busy: int, idle: int) -> None:
         self.objects["busy"].set(busy)
         self.objects["idle"].set(idle)
@@ -276,6 +336,40 @@ class Metrics:
         """Remove the directory (the master at exit, once its processes are gone): the
         next start would empty it anyway, and a stopped server leaves nothing in /run."""
         shutil.rmtree(self.path, ignore_errors=True)  # never follows a symlink
+
+
+def _gone(path: str) -> bool:
+    """Whether the file ``<type>_<pid>.db`` belongs to a process that no longer exists.
+
+    The archive (pid 0) is no process's. A pid is taken again only after the kernel
+    wrapped around ``pid_max``; a new process of that pid continues the old file, and is
+    alive, so its file is left alone."""
+    digits = os.path.basename(path).rsplit("_", 1)[-1].removesuffix(".db")
+    if not digits.isdigit() or int(digits) == _ARCHIVE_PID:
+        return False
+    try:
+        os.kill(int(digits), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's (tpops without root)
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def _scrape_lock(directory: str, operation: int) -> Iterator[bool]:
+    """:data:`SCRAPE_LOCK` held with ``operation`` (``LOCK_SH``, or ``LOCK_EX | LOCK_NB``:
+    then False when a scrape holds it)."""
+    fd = os.open(os.path.join(directory, SCRAPE_LOCK), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, operation)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _readable(path: str) -> bool:

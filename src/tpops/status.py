@@ -361,13 +361,15 @@ class Monitor:
 
     The arbiter makes one at start (:meth:`start`), passes it to each worker, and calls
     :meth:`fds` / :meth:`handle` in its loop, :meth:`worker_gone` on each reap,
-    :meth:`pool` after each change of the pool and :meth:`close` at exit.
+    :meth:`pool` after each change of the pool, :meth:`maintain` on each pass and
+    :meth:`close` at exit.
     """
 
     def __init__(self, config: Config, slots: int) -> None:
         self.board = SessionBoard(slots)
         self.control = ControlSocket(config.control_socket or default_control_socket())
         self.metrics: Metrics | None = None
+        self.next_compact = 0.0
         if config.metrics_address:
             from tpops.metrics import Metrics
 
@@ -404,6 +406,19 @@ class Monitor:
     def pool(self, busy: int, idle: int) -> None:
         if self.metrics is not None:
             self.metrics.pool(busy, idle)
+
+    def maintain(self, now: float) -> None:
+        """The master's periodic chores (each pass of its loop; ``now`` is monotonic): every
+        ``COMPACT_INTERVAL`` s, fold the metrics files of processes that are gone."""
+        if self.metrics is None or now < self.next_compact:
+            return
+        from tpops.metrics import COMPACT_INTERVAL
+
+        self.next_compact = now + COMPACT_INTERVAL
+        try:
+            self.metrics.compact()
+        except (OSError, ValueError) as exc:  # a full /run: the files stay, scrapes go on
+            log.warning("cannot fold the metrics files of finished processes: %s", exc)
 
     def close(self) -> None:
         self.control.close()
