@@ -78,11 +78,11 @@ class Backend:
         login = self._login(login, "clear_secret")
         return (self.users[login], self.clear[login]) if login in self.clear else None
 
-    def scram_credentials(self, login: str) -> tuple[MailUser, sasl.ScramCredentials] | None:
+    def scram_credentials(self, login: str) -> tuple[MailUser, sasl.ScramCredentials | bytes] | None:
         login = self._login(login, "scram_credentials")
-        if login not in self.scram:
-            return None
-        return self.users[login], sasl.parse_dovecot_scram(self.scram[login])
+        if login in self.scram:
+            return self.users[login], sasl.parse_dovecot_scram(self.scram[login])
+        return (self.users[login], self.clear[login]) if login in self.clear else None
 
 
 Client = Callable[[bytes], bytes]
@@ -299,10 +299,12 @@ def scram_client(login: str, password: str, *, mechanism: str = "SCRAM-SHA-256",
 ])
 def test_scram_right(login: str, password: str, user: MailUser) -> None:
     client, answer = scram_client(login, password)
-    outcome, challenges = exchange("SCRAM-SHA-256", None, answer)
+    backend = Backend()
+    outcome, challenges = exchange("SCRAM-SHA-256", None, answer, backend=backend)
     assert outcome == Success(user)
     assert len(challenges) == 3 and challenges[2].startswith(b"v=")  # server-final, then +OK
     assert client.stage == scramp.core.ClientStage.set_server_final
+    assert backend.calls == [("scram_credentials", login)]  # one lookup, whichever kind of secret
 
 
 def test_scram_with_initial_response() -> None:
@@ -328,8 +330,10 @@ def test_scram_with_initial_response() -> None:
 ])
 def test_scram_wrong(login: str, reason: str) -> None:
     _, answer = scram_client(login, "wrong")
-    outcome, challenges = exchange("SCRAM-SHA-256", None, answer)
+    backend = Backend()
+    outcome, challenges = exchange("SCRAM-SHA-256", None, answer, backend=backend)
     assert outcome == Failure(reason, login)
+    assert backend.calls == [("scram_credentials", login)]  # an unknown user is looked up (and logged) once
     # An unknown user is not revealed by the first step: salt and iterations come back.
     assert re.fullmatch(rb"r=[^,]+,s=[A-Za-z0-9+/=]{24},i=4096", challenges[1])
 

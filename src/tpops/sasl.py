@@ -161,18 +161,20 @@ class SaslBackend(Protocol):
     ``authenticate(login, password)``
         The existing USER/PASS check (PLAIN, LOGIN).
     ``clear_secret(login)``
-        The user and their clear-text secret, for CRAM-MD5 and for SCRAM when no SCRAM
-        credentials are stored ({PLAIN} entries, clear MySQL rows, the APOP file).
+        The user and their clear-text secret, for CRAM-MD5 ({PLAIN} entries, clear MySQL
+        rows, the APOP file).
     ``scram_credentials(login)``
-        The user and stored SCRAM-SHA-256 credentials (a ``{SCRAM-SHA-256}`` value, see
-        :func:`parse_dovecot_scram`); ``None`` lets SCRAM fall back to ``clear_secret``.
+        The user and what SCRAM-SHA-256 needs, from one lookup: stored credentials (a
+        ``{SCRAM-SHA-256}`` value, see :func:`parse_dovecot_scram`), or else the
+        clear-text secret (bytes) to derive them from; ``None`` when the user has
+        neither (unknown, or a hashed password).
     """
 
     def authenticate(self, login: str, password: bytes) -> MailUser | None: ...
 
     def clear_secret(self, login: str) -> tuple[MailUser, bytes] | None: ...
 
-    def scram_credentials(self, login: str) -> tuple[MailUser, ScramCredentials] | None: ...
+    def scram_credentials(self, login: str) -> tuple[MailUser, ScramCredentials | bytes] | None: ...
 
 
 def mechanisms_for(caps: BackendCaps, *, plaintext_allowed: bool,
@@ -382,8 +384,8 @@ class Scram:
     """SCRAM-SHA-256 (RFC 5802, RFC 7677) and, with ``end_point``, SCRAM-SHA-256-PLUS
     with ``tls-server-end-point`` channel binding (RFC 5929), on top of ``scramp``.
 
-    Credentials come from ``scram_credentials()``, else are derived from
-    ``clear_secret()`` (with a salt fixed per user for the life of the master). An
+    Credentials come from ``scram_credentials()``: stored ones, or derived from the
+    clear secret it returns (with a salt fixed per user for the life of the master). An
     unknown user gets mock credentials and fails at the proof, like a wrong password,
     so the first step does not reveal whether a user exists.
 
@@ -412,15 +414,17 @@ class Scram:
         self._login = login
         creds: ScramCredentials | None = None
         try:
-            stored = self._backend.scram_credentials(login)
-            if stored is not None:
-                self._user, creds = stored
-            else:
-                creds = self._from_secret(login)
+            found = self._backend.scram_credentials(login)
         except BaseException as e:  # scramp would hide AuthUnavailable as NO_RESOURCES
             self._backend_error = e
             raise
-        if self._user is None or stored is not None:
+        stored = found is not None and isinstance(found[1], ScramCredentials)
+        if found is not None:
+            user, secret = found
+            creds = secret if isinstance(secret, ScramCredentials) else self._derive(secret, login)
+            if creds is not None:
+                self._user = user
+        if self._user is None or stored:
             # Deriving from a clear secret costs one PBKDF2; stored credentials and
             # unknown users pay the same, so the timing tells no kind of user apart.
             make_scram_credentials(_DUMMY_SECRET, salt=_keyed_salt(b"dummy", login))
@@ -429,16 +433,12 @@ class Scram:
                                      secrets.token_bytes(32), secrets.token_bytes(32))
         return creds.salt, creds.stored_key, creds.server_key, creds.iterations
 
-    def _from_secret(self, login: str) -> ScramCredentials | None:
-        found = self._backend.clear_secret(login)
-        if found is None:
-            return None
+    @staticmethod
+    def _derive(secret: bytes, login: str) -> ScramCredentials | None:
         try:
-            creds = make_scram_credentials(found[1], salt=_keyed_salt(b"derived", login))
+            return make_scram_credentials(secret, salt=_keyed_salt(b"derived", login))
         except (ValueError, UnicodeDecodeError):
             return None  # a secret SASLprep refuses cannot be used with SCRAM
-        self._user = found[0]
-        return creds
 
     def _fail(self, error: scramp.ScramException) -> Failure:
         if self._backend_error is not None:

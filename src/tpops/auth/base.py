@@ -18,8 +18,9 @@ Methods the session calls
     APOP timestamp only then.
 ``clear_secret(login)`` / ``scram_credentials(login)``
     For SASL AUTH (:class:`tpops.sasl.SaslBackend`): the user and the clear-text secret
-    (CRAM-MD5, SCRAM), or stored SCRAM-SHA-256 credentials; None for an unknown user or
-    one without that kind of secret. ``$default_domain`` applies as for ``authenticate``.
+    (CRAM-MD5); for SCRAM, stored SCRAM-SHA-256 credentials or else that clear-text
+    secret, from one lookup. None for an unknown user or one without that kind of
+    secret. ``$default_domain`` applies as for ``authenticate``.
 ``sasl_caps``
     A :class:`~tpops.auth.credentials.BackendCaps`: which of those two can answer for
     some users, so CAPA and AUTH offer only mechanisms that can work.
@@ -139,7 +140,7 @@ class Authenticator(Protocol):
 
     def clear_secret(self, login: str) -> tuple[MailUser, bytes] | None: ...
 
-    def scram_credentials(self, login: str) -> tuple[MailUser, ScramCredentials] | None: ...
+    def scram_credentials(self, login: str) -> tuple[MailUser, ScramCredentials | bytes] | None: ...
 
     def lock(self, user: MailUser) -> MailboxLock: ...
 

@@ -57,7 +57,7 @@ class BackendCaps:
     """Which secrets a backend, as configured, can produce for at least some users.
 
     ``clear_secrets``: ``clear_secret()`` can answer (CRAM-MD5; SCRAM from the secret).
-    ``scram``: ``scram_credentials()`` can answer (stored ``{SCRAM-SHA-256}`` values).
+    ``scram``: ``scram_credentials()`` can answer with stored ``{SCRAM-SHA-256}`` values.
     """
 
     clear_secrets: bool = False

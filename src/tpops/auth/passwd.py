@@ -340,6 +340,6 @@ class PasswdAuthenticator(LockingAuthenticator):
             return None
         return self._user(account), secret.encode("utf-8", "surrogateescape")
 
-    def scram_credentials(self, login: str) -> tuple[MailUser, ScramCredentials] | None:
-        """Never stored here: SCRAM derives them from :meth:`clear_secret`."""
-        return None
+    def scram_credentials(self, login: str) -> tuple[MailUser, ScramCredentials | bytes] | None:
+        """Never stored here: the :meth:`clear_secret`, which SCRAM derives them from."""
+        return self.clear_secret(login)

@@ -14,8 +14,9 @@ lives here once, so the timing defence cannot drift between them:
 * APOP compares MD5 digests in constant time and works only for clear-text entries;
 * SASL (:mod:`tpops.sasl`): :meth:`~StoredPasswordAuthenticator.clear_secret` gives
   CRAM-MD5 and SCRAM the clear text of ``{PLAIN}`` entries (and MySQL's clear rows),
-  :meth:`~StoredPasswordAuthenticator.scram_credentials` the credentials of
-  ``{SCRAM-SHA-256}`` entries; the mechanisms do the unknown user's dummy work.
+  :meth:`~StoredPasswordAuthenticator.scram_credentials` SCRAM's, from the same one
+  lookup: those of ``{SCRAM-SHA-256}`` entries, else that clear text; the mechanisms
+  do the unknown user's dummy work.
 
 A backend supplies :meth:`StoredPasswordAuthenticator.lookup` (and its own
 ``lock``/``prepare``/``close``); it logs why a login has no usable entry.
@@ -121,12 +122,20 @@ class StoredPasswordAuthenticator:
             return None
         return entry.user(), secret.encode("utf-8", "surrogateescape")
 
-    def scram_credentials(self, login: str) -> tuple[MailUser, ScramCredentials] | None:
-        """SASL SCRAM-SHA-256: the credentials of a ``{SCRAM-SHA-256}`` entry; None for any
-        other entry (SCRAM then asks :meth:`clear_secret`) and for unknown users."""
+    def scram_credentials(self, login: str) -> tuple[MailUser, ScramCredentials | bytes] | None:
+        """SASL SCRAM-SHA-256, in one lookup: the credentials of a ``{SCRAM-SHA-256}``
+        entry, else the clear-text password to derive them from; None for hashes and
+        unknown users."""
         login = apply_default_domain(login, self._domain)
         entry = self.lookup(login)
         if entry is None:
             return None
         found = hashes.scram_secret(entry.stored)
-        return None if found is None else (entry.user(), found)
+        if found is not None:
+            return entry.user(), found
+        secret = hashes.plain_secret(entry.stored, plain_ok=self.plain_ok)
+        if secret is None:
+            self._log.info("SASL login %s: the stored password is a hash, SCRAM-SHA-256 needs clear text "
+                           "({PLAIN}) or {SCRAM-SHA-256}", escape(login))
+            return None
+        return entry.user(), secret.encode("utf-8", "surrogateescape")
