@@ -4,8 +4,8 @@ A root worker authenticates, then hands the connection, its lock and the Maildir
 post-login process of the mailbox owner that it keeps for that owner's next login.
 Checked here in /proc and on the wire: the lock moves and ends with the session, the
 client's pipelined input survives the hand-off, SIGTERM and SIGKILL reach the session,
-the bounds ($post_login_workers, $post_login_idle) hold, TLS sessions stay in the
-worker, and the access log has one line per session.
+the bounds ($post_login_workers, $post_login_idle) hold, TLS sessions go on in a child
+the worker forks (and the worker serves on), and the access log has one line per session.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.support.client import RawClient
 from tests.support.marks import root_only
 from tests.support.procs import (
@@ -29,13 +31,15 @@ from tests.support.procs import (
     parent_of,
     post_login_processes,
     post_login_serving,
+    proc_children,
     proc_ids,
+    proc_title,
     wait_for,
     worker_serving,
     worker_titles,
 )
 from tests.support.server import MAIL_UID, MailEnv, Server, free_port, make_message
-from tests.support.tlscerts import issue
+from tests.support.tlscerts import CertFiles, issue
 
 pytestmark = root_only("changes identities")
 
@@ -230,29 +234,100 @@ def test_an_idle_post_login_process_ends_after_post_login_idle(mail_env: MailEnv
         srv.stop()
 
 
-def test_a_stls_session_is_served_in_the_worker_which_then_ends(mail_env: MailEnv, tmp_path: Path) -> None:
-    """An OpenSSL connection cannot move between processes: over TLS the worker drops
-    privileges itself, as before the split, and ends after the session."""
-    mail_env.add_user("tess", messages=[make_message()])
+def tls_server(env: MailEnv, tmp_path: Path, **settings: str) -> tuple[Server, CertFiles, int]:
     certs = issue(tmp_path, "rsa", name="rsa")
     tls_port = free_port()
-    srv = start(mail_env, max_servers="2", tls_cert_file=repr(str(certs.cert_file)),
-                tls_key_file=repr(str(certs.key_file)), tls_port=str(tls_port))
+    srv = start(env, tls_cert_file=repr(str(certs.cert_file)), tls_key_file=repr(str(certs.key_file)),
+                tls_port=str(tls_port), **settings)
+    return srv, certs, tls_port
+
+
+def session_child(worker: int, who: str) -> int:
+    """The child of ``worker`` titled as serving ``who``."""
+    def find() -> int | None:
+        for pid in proc_children(worker):
+            if proc_title(pid) == f"tpops: worker {who}":
+                return pid
+        return None
+    return int(wait_for(find, what=f"the session child serving {who}"))
+
+
+def test_a_tls_session_goes_on_in_a_child_and_the_worker_serves_the_next(mail_env: MailEnv, tmp_path: Path) -> None:
+    """An OpenSSL connection cannot be sent to a post-login process, but a fork carries
+    it: over TLS (STLS and implicit) the worker forks, the child drops to the owner and
+    serves the session, and the worker, still root, serves the next client (before, it
+    dropped itself and ended: a new worker per TLS session)."""
+    mail_env.add_user("tess", messages=[make_message()])
+    srv, certs, tls_port = tls_server(mail_env, tmp_path)
     master = srv.proc.pid
     try:
+        worker = the_worker(master)
         client = poplib.POP3("127.0.0.1", srv.port, timeout=10)
         client.stls(certs.client_context())
         client.user("tess")
         client.pass_("secret")
-        pid = worker_serving(master, "tess@127.0.0.1")
-        assert pid in worker_titles(master)  # the worker itself, not a post-login process
-        assert proc_ids(pid)["Uid"] == [MAIL_UID] * 4
-        assert kept_processes(master) == {}
+        child = session_child(worker, "tess@127.0.0.1")
+        assert proc_ids(child)["Uid"] == [MAIL_UID] * 4
+        assert proc_ids(worker)["Uid"] == [0] * 4  # the worker did not drop
+        assert kept_processes(master) == {}  # no post-login process: a TLS session stays in this family
+        lock_file = [f for f in open_files(child) if f.startswith(str(mail_env.lock_dir))]
+        assert lock_file and not [f for f in open_files(worker) if f.startswith(str(mail_env.lock_dir))]
         assert client.stat()[0] == 1
         client.quit()
-        wait_for(lambda: gone(pid), what="the worker to end after its TLS session")
+        wait_for(lambda: gone(child), what="the session child to end")
+        implicit = poplib.POP3_SSL("127.0.0.1", tls_port, context=certs.client_context(), timeout=10)
+        implicit.user("tess")
+        implicit.pass_("secret")
+        second = session_child(worker, "tess@127.0.0.1")  # the same worker, still there
+        assert second != child and parent_of(second) == worker
+        assert implicit.retr(1)[0].startswith(b"+OK")
+        implicit.quit()
+        wait_for(lambda: gone(second), what="the second session child to end")
+        assert set(worker_titles(master)) == {worker}
+        assert len(access_lines(mail_env, "tess")) == 2  # one line per session, written by the child
     finally:
         srv.stop()
+
+
+def test_a_killed_tls_session_child_frees_the_lock_and_the_worker_goes_on(mail_env: MailEnv, tmp_path: Path) -> None:
+    mail_env.add_user("tess", messages=[make_message()])
+    srv, certs, tls_port = tls_server(mail_env, tmp_path)
+    master = srv.proc.pid
+    try:
+        worker = the_worker(master)
+        client = poplib.POP3_SSL("127.0.0.1", tls_port, context=certs.client_context(), timeout=10)
+        client.user("tess")
+        client.pass_("secret")
+        child = session_child(worker, "tess@127.0.0.1")
+        os.kill(child, signal.SIGKILL)
+        wait_for(lambda: gone(child) and proc_title(worker) == "tpops: worker idle", what="the worker idle again")
+        again = poplib.POP3_SSL("127.0.0.1", tls_port, context=certs.client_context(), timeout=10)
+        again.user("tess")
+        assert again.pass_("secret").startswith(b"+OK")  # the lock died with the child
+        again.quit()
+        assert set(worker_titles(master)) == {worker}
+    finally:
+        srv.stop()
+
+
+def test_sigterm_ends_a_forked_tls_session_and_leaves_no_process(mail_env: MailEnv, tmp_path: Path) -> None:
+    mail_env.add_user("tess", messages=[make_message()])
+    srv, certs, tls_port = tls_server(mail_env, tmp_path)
+    master = srv.proc.pid
+    worker = the_worker(master)
+    client = poplib.POP3_SSL("127.0.0.1", tls_port, context=certs.client_context(), timeout=10)
+    client.user("tess")
+    client.pass_("secret")
+    assert client.dele(1).startswith(b"+OK")
+    child = session_child(worker, "tess@127.0.0.1")
+    os.kill(master, signal.SIGTERM)
+    wait_for(lambda: gone(child), what="the session child to end")
+    with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\] Server shutting down"):
+        client.stat()  # the farewell the child wrote when its session was cut
+    assert srv.proc.wait(timeout=20) == 0
+    wait_for(lambda: gone(worker), what="the worker gone")
+    assert len(mail_env.messages("tess")) == 1  # cut before UPDATE: nothing deleted
+    srv.stop()
 
 
 def test_any_worker_reuses_the_owners_process_and_it_outlives_its_worker(mail_env: MailEnv) -> None:

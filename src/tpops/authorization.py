@@ -31,7 +31,7 @@ from tpops import logs, sasl_exchange
 from tpops.auth.base import Authenticator, AuthUnavailable, MailboxInUse, MailUser
 from tpops.commands import Arg, Command, capabilities, dispatch
 from tpops.config import Config
-from tpops.connection import BALANCER_TLS, PLAIN, Connection
+from tpops.connection import PLAIN, Connection
 from tpops.mailbox.lock import MailboxLock
 from tpops.mailbox.maildir import Maildir, MaildirRoot
 from tpops.postlogin import HandOff, transferable
@@ -172,7 +172,7 @@ class Authorization:
         except (AuthUnavailable, OSError) as exc:
             log.error("cannot lock for %s from %s: %s", name, self.peer, exc)
             return err("Cannot lock the mailbox, try again later.", "SYS/TEMP")
-        if self.hand_off and self.connection.security in (PLAIN, BALANCER_TLS) and transferable(lock):
+        if self.hand_off and transferable(lock):
             return self._prepare_hand_off(user, lock)
         return self.serve_here(user, lock)
 

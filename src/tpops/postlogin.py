@@ -50,11 +50,12 @@ The rules that keep this as safe as the in-worker drop:
 * A post-login process outlives the worker that forked it (the master adopts it as
   a subreaper), so a worker retiring never cuts a session it did not hand off.
 
-What is not handed off (served in the worker, which then ends, as before): a session
-over TLS that tpops terminates (an OpenSSL connection cannot move between processes;
-Dovecot keeps its login process as a TLS proxy instead), a lock that lives in a
-database connection (``$mailbox_lock = 'mysql'``), and any hand-off that fails (every
-entry busy, no fork, a process that died): the login is then served in the worker.
+What is not handed off: a session over TLS that tpops terminates (an OpenSSL
+connection cannot move between processes; Dovecot keeps its login process as a TLS
+proxy instead) goes on in a child the worker forks (:meth:`tpops.worker.Worker.fork_session`);
+a lock that lives in a database connection (``$mailbox_lock = 'mysql'``) and any
+hand-off that fails (every entry busy, no fork, a process that died) are served in
+the worker, which then ends.
 """
 
 from __future__ import annotations

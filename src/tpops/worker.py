@@ -37,6 +37,7 @@ throw-away child (:func:`preflight`) before detaching and before accepting a rel
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import os
@@ -60,7 +61,7 @@ from tpops.authorization import StartTLS, open_transaction
 from tpops.config import Config
 from tpops.connection import BALANCER_TLS, IMPLICIT_TLS, PLAIN, STARTTLS, Connection
 from tpops.limits import ClientLimits, SharedLimits
-from tpops.mailbox.lock import check_lock_dir, lock_kind, prepare_lock_dir
+from tpops.mailbox.lock import DescriptorLock, check_lock_dir, lock_kind, prepare_lock_dir
 from tpops.mailbox.maildir import MaildirRoot
 from tpops.postlogin import (
     DONE,
@@ -370,7 +371,10 @@ class Worker:
                 return upgraded, self.tls_connection(before, STARTTLS, upgraded)
 
             def hand_off(handoff: HandOff, resume: Resume) -> bool:
-                assert self.post_login is not None
+                if isinstance(accepted.sock, ssl.SSLSocket):  # OpenSSL's state cannot be sent: fork it
+                    return self.fork_session(handoff, peer, wake_r)
+                if self.post_login is None:
+                    return False  # $post_login_workers = 0: the login is served here
                 setproctitle(f"tpops: worker {peer} (post-login uid {handoff.identity.uid})")
                 return self.post_login.serve(handoff, resume, conn.fileno(), wake_r, lambda: self.stop.force)
 
@@ -386,7 +390,7 @@ class Worker:
                 penalty=self.client_limits(peer),
                 connection=connection,
                 start_tls=start_tls if self.server_tls is not None else None,
-                hand_off=hand_off if self.post_login is not None else None,
+                hand_off=hand_off if privileges.switch_per_session else None,
             )
             record = session.run()
             if session.handed_off:  # the post-login process accounted for it
@@ -415,6 +419,55 @@ class Worker:
             setproctitle("tpops: worker idle")
             self.report(IDLE)
 
+
+    def fork_session(self, handoff: HandOff, peer: str, wake_r: int) -> bool:
+        """Root mode over TLS: the logged-in session goes on in a child of this worker
+        (OpenSSL's state is in memory, so a fork carries it), which drops to the owner,
+        serves the session and ends; this worker waits for it and serves the next
+        client, instead of dropping itself and ending (a fork by the master and a cold
+        worker per session). In the child this returns False (the caller then serves
+        the login, switching identity); here True once the child has ended. A failed
+        fork returns False here: the worker serves the login itself, as before."""
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log.error("cannot fork for the TLS session of %s from %s: %s", logs.escape(handoff.user.login), peer, exc)
+            return False
+        if pid == 0:
+            self._in_session_child()
+            return False
+        # The child holds the lock's open file description and the Maildir now.
+        if isinstance(handoff.lock, DescriptorLock):
+            handoff.lock.hand_over()
+        if handoff.root is not None:
+            handoff.root.close()
+        setproctitle(f"tpops: worker {peer} (session in {pid})")
+        wait_session_child(pid, wake_r, self.stop, self.progress)
+        return True
+
+    def _in_session_child(self) -> None:
+        """The child of :meth:`fork_session`, still root: nothing of the worker's that
+        serves other clients stays here (listeners, the master's pipe, spares to fork,
+        the database connection), and its metrics files are opened before the drop."""
+        for listener in self.listeners:
+            listener.close()
+        if self.report_fd is not None:
+            os.close(self.report_fd)
+            self.report_fd = None
+        if self.poller_fd >= 0:
+            os.close(self.poller_fd)
+            self.poller_fd = -1
+        self.post_login = None
+        if self.authenticator is not None:
+            self.authenticator.detach()
+        if self.monitor is not None:
+            self.monitor.in_worker()
+        # A wake-up pipe of its own under the same numbers (the session's transports and
+        # the signal wake-up hold the numbers): the worker drains the one they shared.
+        fresh = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        for new, old in zip(fresh, self.wake_fds, strict=True):
+            os.dup2(new, old, inheritable=False)
+            os.close(new)
 
     def conclude(self, session: Session, record: SessionRecord, observer: SessionObserver | None,
                  before_close: Callable[[], None] | None = None) -> None:
@@ -613,6 +666,42 @@ class Worker:
         """``before`` after a successful handshake: protection, channel binding, description."""
         assert self.server_tls is not None
         return secured(before, security, self.server_tls, transport)
+
+
+def wait_session_child(pid: int, wake_r: int, stop: StopRequest, progress: Callable[[], None]) -> None:
+    """Wait for the session child of :meth:`Worker.fork_session` to end, and reap it.
+
+    SIGTERM to the worker is passed on once (the child's session then ends as the
+    worker's own would); SIGUSR1 is not (a graceful stop lets the session finish). The
+    heartbeat goes on meanwhile, for the master's watchdog."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
+        forwarded = False
+        while True:
+            ready = [fd for fd, _ in poller.poll(1000)]
+            if pidfd in ready and _exited(pid):
+                return
+            if wake_r in ready:
+                drain(wake_r)
+            progress()
+            if stop.force and not forwarded:
+                forwarded = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+    finally:
+        os.close(pidfd)
+
+
+def _exited(pid: int) -> bool:
+    """Reap ``pid`` if it has ended (True); False while it runs."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return done == pid
 
 
 def tls_handshake(server_tls: ServerTLS, accepted: Accepted, peer: str, timeout: float, wake_r: int | None,
