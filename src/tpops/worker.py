@@ -442,7 +442,7 @@ class Worker:
         if handoff.root is not None:
             handoff.root.close()
         setproctitle(f"tpops: worker {peer} (session in {pid})")
-        wait_session_child(pid, wake_r, self.stop, self.progress)
+        wait_session_child(pid, wake_r, self.stop)
         return True
 
     def _in_session_child(self) -> None:
@@ -668,12 +668,13 @@ class Worker:
         return secured(before, security, self.server_tls, transport)
 
 
-def wait_session_child(pid: int, wake_r: int, stop: StopRequest, progress: Callable[[], None]) -> None:
+def wait_session_child(pid: int, wake_r: int, stop: StopRequest) -> None:
     """Wait for the session child of :meth:`Worker.fork_session` to end, and reap it.
 
     SIGTERM to the worker is passed on once (the child's session then ends as the
     worker's own would); SIGUSR1 is not (a graceful stop lets the session finish). The
-    heartbeat goes on meanwhile, for the master's watchdog."""
+    heartbeat in the worker's slot is the child's (its transport's), so a stuck session
+    gets its worker killed by the master's watchdog as before."""
     pidfd = os.pidfd_open(pid)
     try:
         poller = select.poll()
@@ -686,7 +687,6 @@ def wait_session_child(pid: int, wake_r: int, stop: StopRequest, progress: Calla
                 return
             if wake_r in ready:
                 drain(wake_r)
-            progress()
             if stop.force and not forwarded:
                 forwarded = True
                 with contextlib.suppress(ProcessLookupError):
