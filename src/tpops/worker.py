@@ -675,15 +675,19 @@ def wait_session_child(pid: int, wake_r: int, stop: StopRequest) -> None:
     worker's own would); SIGUSR1 is not (a graceful stop lets the session finish). The
     heartbeat in the worker's slot is the child's (its transport's), so a stuck session
     gets its worker killed by the master's watchdog as before."""
-    pidfd = os.pidfd_open(pid)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # a kernel before 5.3: look every 100 ms instead
+        pidfd = -1
     try:
         poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
+        if pidfd >= 0:
+            poller.register(pidfd, select.POLLIN)
         poller.register(wake_r, select.POLLIN)
         forwarded = False
         while True:
-            ready = [fd for fd, _ in poller.poll(1000)]
-            if pidfd in ready and _exited(pid):
+            ready = [fd for fd, _ in poller.poll(1000 if pidfd >= 0 else 100)]
+            if (pidfd < 0 or pidfd in ready) and _exited(pid):
                 return
             if wake_r in ready:
                 drain(wake_r)
@@ -692,7 +696,8 @@ def wait_session_child(pid: int, wake_r: int, stop: StopRequest) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
     finally:
-        os.close(pidfd)
+        if pidfd >= 0:
+            os.close(pidfd)
 
 
 def _exited(pid: int) -> bool:
