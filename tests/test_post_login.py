@@ -235,11 +235,21 @@ def test_an_idle_post_login_process_ends_after_post_login_idle(mail_env: MailEnv
 
 
 def tls_server(env: MailEnv, tmp_path: Path, **settings: str) -> tuple[Server, CertFiles, int]:
+    """Root mode with a certificate (STLS on the port, implicit TLS on the returned one) and tess's mailbox."""
+    env.add_user("tess", messages=[make_message()])
     certs = issue(tmp_path, "rsa", name="rsa")
     tls_port = free_port()
     srv = start(env, tls_cert_file=repr(str(certs.cert_file)), tls_key_file=repr(str(certs.key_file)),
                 tls_port=str(tls_port), **settings)
     return srv, certs, tls_port
+
+
+def pop3s_login(port: int, certs: CertFiles, login: str = "tess") -> poplib.POP3_SSL:
+    """A POP3S client logged in as ``login`` (password ``secret``)."""
+    client = poplib.POP3_SSL("127.0.0.1", port, context=certs.client_context(), timeout=10)
+    client.user(login)
+    assert client.pass_("secret").startswith(b"+OK")
+    return client
 
 
 def session_child(worker: int, who: str) -> int:
@@ -257,7 +267,6 @@ def test_a_tls_session_goes_on_in_a_child_and_the_worker_serves_the_next(mail_en
     it: over TLS (STLS and implicit) the worker forks, the child drops to the owner and
     serves the session, and the worker, still root, serves the next client (before, it
     dropped itself and ended: a new worker per TLS session)."""
-    mail_env.add_user("tess", messages=[make_message()])
     srv, certs, tls_port = tls_server(mail_env, tmp_path)
     master = srv.proc.pid
     try:
@@ -275,9 +284,7 @@ def test_a_tls_session_goes_on_in_a_child_and_the_worker_serves_the_next(mail_en
         assert client.stat()[0] == 1
         client.quit()
         wait_for(lambda: gone(child), what="the session child to end")
-        implicit = poplib.POP3_SSL("127.0.0.1", tls_port, context=certs.client_context(), timeout=10)
-        implicit.user("tess")
-        implicit.pass_("secret")
+        implicit = pop3s_login(tls_port, certs)
         second = session_child(worker, "tess@127.0.0.1")  # the same worker, still there
         assert second != child and parent_of(second) == worker
         assert implicit.retr(1)[0].startswith(b"+OK")
@@ -290,34 +297,25 @@ def test_a_tls_session_goes_on_in_a_child_and_the_worker_serves_the_next(mail_en
 
 
 def test_a_killed_tls_session_child_frees_the_lock_and_the_worker_goes_on(mail_env: MailEnv, tmp_path: Path) -> None:
-    mail_env.add_user("tess", messages=[make_message()])
     srv, certs, tls_port = tls_server(mail_env, tmp_path)
     master = srv.proc.pid
     try:
         worker = the_worker(master)
-        client = poplib.POP3_SSL("127.0.0.1", tls_port, context=certs.client_context(), timeout=10)
-        client.user("tess")
-        client.pass_("secret")
+        pop3s_login(tls_port, certs)
         child = session_child(worker, "tess@127.0.0.1")
         os.kill(child, signal.SIGKILL)
         wait_for(lambda: gone(child) and proc_title(worker) == "tpops: worker idle", what="the worker idle again")
-        again = poplib.POP3_SSL("127.0.0.1", tls_port, context=certs.client_context(), timeout=10)
-        again.user("tess")
-        assert again.pass_("secret").startswith(b"+OK")  # the lock died with the child
-        again.quit()
+        pop3s_login(tls_port, certs).quit()  # the lock died with the child
         assert set(worker_titles(master)) == {worker}
     finally:
         srv.stop()
 
 
 def test_sigterm_ends_a_forked_tls_session_and_leaves_no_process(mail_env: MailEnv, tmp_path: Path) -> None:
-    mail_env.add_user("tess", messages=[make_message()])
     srv, certs, tls_port = tls_server(mail_env, tmp_path)
     master = srv.proc.pid
     worker = the_worker(master)
-    client = poplib.POP3_SSL("127.0.0.1", tls_port, context=certs.client_context(), timeout=10)
-    client.user("tess")
-    client.pass_("secret")
+    client = pop3s_login(tls_port, certs)
     assert client.dele(1).startswith(b"+OK")
     child = session_child(worker, "tess@127.0.0.1")
     os.kill(master, signal.SIGTERM)
