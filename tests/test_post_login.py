@@ -301,12 +301,13 @@ def test_a_killed_tls_session_child_frees_the_lock_and_the_worker_goes_on(mail_e
     master = srv.proc.pid
     try:
         worker = the_worker(master)
-        pop3s_login(tls_port, certs)
+        client = pop3s_login(tls_port, certs)  # kept open: a collected client would end the session
         child = session_child(worker, "tess@127.0.0.1")
         os.kill(child, signal.SIGKILL)
         wait_for(lambda: gone(child) and proc_title(worker) == "tpops: worker idle", what="the worker idle again")
         pop3s_login(tls_port, certs).quit()  # the lock died with the child
         assert set(worker_titles(master)) == {worker}
+        client.close()
     finally:
         srv.stop()
 
