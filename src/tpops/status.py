@@ -417,7 +417,7 @@ class Monitor:
         self.next_compact = now + COMPACT_INTERVAL
         try:
             self.metrics.compact()
-        except (OSError, ValueError) as exc:  # a full /run: the files stay, scrapes go on
+        except Exception as exc:  # a full /run, a damaged file: they stay, scrapes go on, the master too
             log.warning("cannot fold the metrics files of finished processes: %s", exc)
 
     def close(self) -> None:
