@@ -315,18 +315,20 @@ def test_a_killed_tls_session_child_frees_the_lock_and_the_worker_goes_on(mail_e
 def test_sigterm_ends_a_forked_tls_session_and_leaves_no_process(mail_env: MailEnv, tmp_path: Path) -> None:
     srv, certs, tls_port = tls_server(mail_env, tmp_path)
     master = srv.proc.pid
-    worker = the_worker(master)
-    client = pop3s_login(tls_port, certs)
-    assert client.dele(1).startswith(b"+OK")
-    child = session_child(worker, "tess@127.0.0.1")
-    os.kill(master, signal.SIGTERM)
-    wait_for(lambda: gone(child), what="the session child to end")
-    with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\] Server shutting down"):
-        client.stat()  # the farewell the child wrote when its session was cut
-    assert srv.proc.wait(timeout=20) == 0
-    wait_for(lambda: gone(worker), what="the worker gone")
-    assert len(mail_env.messages("tess")) == 1  # cut before UPDATE: nothing deleted
-    srv.stop()
+    try:
+        worker = the_worker(master)
+        client = pop3s_login(tls_port, certs)
+        assert client.dele(1).startswith(b"+OK")
+        child = session_child(worker, "tess@127.0.0.1")
+        os.kill(master, signal.SIGTERM)
+        wait_for(lambda: gone(child), what="the session child to end")
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\] Server shutting down"):
+            client.stat()  # the farewell the child wrote when its session was cut
+        assert srv.proc.wait(timeout=20) == 0
+        wait_for(lambda: gone(worker), what="the worker gone")
+        assert len(mail_env.messages("tess")) == 1  # cut before UPDATE: nothing deleted
+    finally:
+        srv.stop()  # also when a check failed: no master left running
 
 
 def test_any_worker_reuses_the_owners_process_and_it_outlives_its_worker(mail_env: MailEnv) -> None:
