@@ -165,19 +165,21 @@ def test_sigterm_reaches_a_handed_off_session_and_leaves_no_process(mail_env: Ma
     mail_env.add_user("tom", messages=[make_message()])
     srv = start(mail_env)
     master = srv.proc.pid
-    c = RawClient(srv.port)
-    assert c.login("tom").startswith(b"+OK Logged in, 1 messages")
-    assert c.cmd("DELE 1").startswith(b"+OK")
-    worker = worker_serving(master, "tom@127.0.0.1")
-    processes = {worker, *post_login_processes(master), *worker_titles(master)}
-    srv.proc.send_signal(signal.SIGTERM)
-    assert c.readline() == b"-ERR [SYS/TEMP] Server shutting down."
-    assert c.closed()
-    c.close()
-    assert srv.proc.wait(timeout=15) == 0
-    wait_for(lambda: all(gone(p) for p in processes), what="every worker and post-login process gone")
-    assert len(mail_env.messages("tom")) == 1  # cut before UPDATE: nothing deleted
-    srv.stop()
+    try:
+        c = RawClient(srv.port)
+        assert c.login("tom").startswith(b"+OK Logged in, 1 messages")
+        assert c.cmd("DELE 1").startswith(b"+OK")
+        worker = worker_serving(master, "tom@127.0.0.1")
+        processes = {worker, *post_login_processes(master), *worker_titles(master)}
+        srv.proc.send_signal(signal.SIGTERM)
+        assert c.readline() == b"-ERR [SYS/TEMP] Server shutting down."
+        assert c.closed()
+        c.close()
+        assert srv.proc.wait(timeout=15) == 0
+        wait_for(lambda: all(gone(p) for p in processes), what="every worker and post-login process gone")
+        assert len(mail_env.messages("tom")) == 1  # cut before UPDATE: nothing deleted
+    finally:
+        srv.stop()
 
 
 def test_post_login_workers_bounds_the_kept_processes(mail_env: MailEnv) -> None:
