@@ -390,7 +390,9 @@ class Worker:
                 penalty=self.client_limits(peer),
                 connection=connection,
                 start_tls=start_tls if self.server_tls is not None else None,
-                hand_off=hand_off if privileges.switch_per_session else None,
+                # root mode: to a post-login process, or over TLS to a forked child
+                hand_off=hand_off if privileges.switch_per_session and (
+                    self.post_login is not None or self.server_tls is not None) else None,
             )
             record = session.run()
             if session.handed_off:  # the post-login process accounted for it
